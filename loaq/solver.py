@@ -1,0 +1,197 @@
+"""The one GPTQ solver every method shares (Frantar et al. 2023; LoaQ Appendix B.1).
+
+It minimizes ``||X̂ (Q - W̃)||²`` over grid points ``Q`` given ``H = X̂ᵀX̂`` and a target ``W̃``
+(rows = output channels, as stored by ``nn.Linear``). Methods differ only in the target
+(:mod:`loaq.targets`) and, for GPTAQ, in an extra asymmetric term ``P`` added to the error feedback.
+
+Steps: dead columns -> damping (1 % of mean(diag H), escalated on a failed Cholesky) -> act-order
+permutation -> upper Cholesky factor ``U`` of ``H⁻¹`` -> column blocks with lazy updates (eq. 32).
+Group parameters are fitted once on ``W̃`` in the original column order ("static groups"), so act-order
+never changes which columns share a scale and every result exports as contiguous groups.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from loaq.grids import GridSpec, column_groups, dequantize, fit_groups, quantize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """GPTQ settings: block size of lazy updates, act-order, initial relative damping."""
+
+    blocksize: int = 128
+    act_order: bool = True
+    percdamp: float = 0.01
+
+
+@dataclass
+class Factor:
+    """Damped ``H`` (float64) with its Cholesky factor; ``dead`` marks columns no token ever touched."""
+
+    H: torch.Tensor
+    L: torch.Tensor
+    dead: torch.Tensor
+    damp: float
+
+    def solve(self, B: torch.Tensor) -> torch.Tensor:
+        """``H⁻¹ B`` for ``B`` of shape [N, k] (float64)."""
+        return torch.cholesky_solve(B.double(), self.L)
+
+    def inverse(self) -> torch.Tensor:
+        return torch.cholesky_inverse(self.L)
+
+
+def factorize(H: torch.Tensor, percdamp: float, name: str = "", max_tries: int = 12) -> Factor:
+    """Dampen ``H`` by ``percdamp · mean(diag H)`` and Cholesky-factor it.
+
+    A failed factorization multiplies the damping by 10 and tries again, with a warning naming the
+    layer, instead of crashing (GPTQ's reference crashes; silently falling back to RTN hides it).
+    """
+    H = H.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    mean_diag = torch.mean(torch.diag(H)).item()
+    damp = percdamp * mean_diag
+    for attempt in range(max_tries):
+        Hd = H.clone()
+        Hd.diagonal().add_(damp)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info.item() == 0:
+            if attempt:
+                log.warning("%s: H not positive definite; damping raised to %.3g x mean(diag H)", name, damp / mean_diag)
+            return Factor(Hd, L, dead, damp)
+        damp = damp * 10 if damp > 0 else 1e-6 * mean_diag
+    raise RuntimeError(f"{name}: H is not positive definite even with damping {damp:.3g}")
+
+
+@dataclass
+class QuantResult:
+    """Integer codes [out, in] (uint8, original column order), scales and zeros [out, n_groups], and Q = dequant."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    Q: torch.Tensor
+
+
+def _columns(W: torch.Tensor, U: torch.Tensor, col_scale: torch.Tensor, col_zero: torch.Tensor, maxq: int,
+             blocksize: int, P: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column loop (eq. 32) on ``W`` [out, n] in processing order, ``U`` = upper Cholesky of ``H⁻¹``.
+
+    With GPTAQ's ``P`` each column ``i`` also feeds ``w_i · P[i, j]`` forward to the columns ``j > i``,
+    where ``w_i`` is the column as it stood just before it was quantized (inside a block and across
+    blocks alike, so the result does not depend on ``blocksize``). Returns (codes, Q).
+    """
+    W = W.clone()
+    codes = torch.zeros_like(W)
+    Q = torch.zeros_like(W)
+    n = W.shape[1]
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        W1 = W[:, i1:i2].clone()
+        Wpre = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            s, z = col_scale[:, i1 + i], col_zero[:, i1 + i]
+            q = quantize(w, s, z, maxq)
+            qd = dequantize(q, s, z)
+            codes[:, i1 + i], Q[:, i1 + i], Wpre[:, i] = q, qd, w
+            err = (w - qd) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            if P is not None:
+                W1[:, i:] += Wpre[:, i, None] * P[i1 + i, i1 + i : i2][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        if P is not None:
+            W[:, i2:] += Wpre @ P[i1:i2, i2:]
+    return codes, Q
+
+
+@dataclass
+class _Prepared:
+    W: torch.Tensor          # target, permuted columns, dead columns zeroed
+    perm: torch.Tensor
+    U: torch.Tensor          # upper Cholesky factor of the permuted H⁻¹ (float64)
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    col_scale: torch.Tensor  # per permuted column
+    col_zero: torch.Tensor
+
+
+def _prepare(W: torch.Tensor, factor: Factor, spec: GridSpec, opts: SolverOptions) -> _Prepared:
+    W = W.float().clone()
+    in_f = W.shape[1]
+    W[:, factor.dead] = 0
+    scales, zeros = fit_groups(W, spec)
+    groups = column_groups(in_f, spec)
+    perm = torch.argsort(torch.diag(factor.H), descending=True, stable=True) if opts.act_order else torch.arange(in_f)
+    U = torch.linalg.cholesky(factor.inverse()[perm][:, perm], upper=True)
+    return _Prepared(W[:, perm], perm, U, scales, zeros, scales[:, groups[perm]], zeros[:, groups[perm]])
+
+
+def _finish(prep: _Prepared, codes: torch.Tensor, Q: torch.Tensor) -> QuantResult:
+    inv = torch.argsort(prep.perm)
+    return QuantResult(codes[:, inv].to(torch.uint8), prep.scales, prep.zeros, Q[:, inv].contiguous())
+
+
+def gptq_solve(W: torch.Tensor, factor: Factor, spec: GridSpec, opts: SolverOptions = SolverOptions(),
+               dXXT: torch.Tensor | None = None, gptaq_alpha: float = 0.25) -> QuantResult:
+    """Quantize target ``W`` ([out, in]) column by column with GPTQ's error feedback.
+
+    With ``dXXT = (X - X̂)ᵀX̂`` (i.e. ``Cᵀ``) this is GPTAQ (Li et al. 2025, "asymmetric calibration"):
+    it minimizes ``||X̂Qᵀ - XWᵀ||`` column by column through ``P = α · triu₁(dXXT Uᵀ) U`` (their
+    ``fasterquant``, default ``α = 0.25``), all in act-order.
+    """
+    prep = _prepare(W, factor, spec, opts)
+    P = None
+    if dXXT is not None:
+        D = dXXT.double().clone()
+        D[:, factor.dead] = 0
+        D = D[prep.perm][:, prep.perm]
+        P = (gptaq_alpha * torch.triu(D @ prep.U.T, diagonal=1) @ prep.U).float()
+    codes, Q = _columns(prep.W, prep.U.float(), prep.col_scale, prep.col_zero, spec.maxq, opts.blocksize, P)
+    return _finish(prep, codes, Q)
+
+
+def qronos_solve(W: torch.Tensor, factor: Factor, C: torch.Tensor, spec: GridSpec,
+                 opts: SolverOptions = SolverOptions()) -> QuantResult:
+    """Qronos (Zhang et al. 2025): correct the past on the first column, then GPTQ shapes the future.
+
+    In processing order, with ``X̂ᵀX = H + C``:
+    1. the first weight is the least-squares fit of ``Xw`` with the other weights fixed,
+       ``v₀ = ((H + C)[0] w - H[0, 1:] w₁) / H₀₀`` (undamped), and is quantized to ``q₀``;
+    2. all remaining weights are re-solved at once against the float target,
+       ``(Ĥ₁₁) v₁ = (H + C)[1:] w - H[1:, 0] q₀ + λ w₁`` with ``Ĥ = H + λI``;
+    3. plain GPTQ quantizes columns 1..n-1 of ``v`` with ``Ĥ₁₁⁻¹``, whose upper Cholesky factor is
+       the trailing block of the full ``U``.
+    ``λ`` is the shared solver's damping (Qronos' own code uses ``1e-6 σ_max(H)``).
+    """
+    prep = _prepare(W, factor, spec, opts)
+    p = prep.perm
+    Hd = factor.H[p][:, p]
+    H = Hd - factor.damp * torch.eye(Hd.shape[0], dtype=Hd.dtype)
+    C = C.double().clone()
+    C[factor.dead] = 0
+    C[:, factor.dead] = 0
+    G = H + C[p][:, p]  # X̂ᵀX in processing order
+    w = prep.W.double()
+    v0 = (w @ G[0] - w[:, 1:] @ H[0, 1:]) / H[0, 0]
+    s0, z0 = prep.col_scale[:, 0], prep.col_zero[:, 0]
+    c0 = quantize(v0.float(), s0, z0, spec.maxq)
+    q0 = dequantize(c0, s0, z0)
+    rhs = w @ G[1:].T - q0.double()[:, None] * H[1:, 0][None, :] + factor.damp * w[:, 1:]
+    Hinv = factor.inverse()[p][:, p]
+    iH1 = Hinv[1:, 1:] - torch.outer(Hinv[1:, 0], Hinv[0, 1:]) / Hinv[0, 0]
+    v1 = (rhs @ iH1).float()
+    codes, Q = _columns(v1, prep.U[1:, 1:].float(), prep.col_scale[:, 1:], prep.col_zero[:, 1:], spec.maxq,
+                        opts.blocksize)
+    return _finish(prep, torch.cat([c0[:, None], codes], 1), torch.cat([q0[:, None], Q], 1))

@@ -1,0 +1,117 @@
+import torch
+
+from loaq.grids import GridSpec, dequantize, expand, rtn
+from loaq.solver import SolverOptions, factorize, gptq_solve, qronos_solve
+from loaq.stats import Stats
+from loaq.targets import output_target
+
+
+def correlated(T, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(N, N, generator=g) / N**0.5 + torch.eye(N)
+    scales = torch.logspace(-1, 1, N)
+    return (torch.randn(T, N, generator=g) @ A) * scales
+
+
+def out_err(X, W, Q):
+    return torch.linalg.norm(X.double() @ (Q.double() - W.double()).T).item()
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    X = correlated(2048, 64)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    spec = GridSpec(bits=3, group_size=0, symmetric=False)
+    st = Stats(64)
+    st.add(X)
+    res = gptq_solve(W, factorize(st.H, 0.01), spec)
+    codes, s, z = rtn(W, spec)
+    Q_rtn = dequantize(codes.float(), expand(s, spec, 64), expand(z, spec, 64))
+    e_gptq, e_rtn = out_err(X, W, res.Q), out_err(X, W, Q_rtn)
+    assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_codes_reproduce_Q_and_stay_on_grid():
+    X = correlated(512, 96, seed=3)
+    W = torch.randn(16, 96)
+    for spec in (GridSpec(2, 32, False), GridSpec(4, 0, True), GridSpec(3, 48, True)):
+        st = Stats(96)
+        st.add(X)
+        res = gptq_solve(W, factorize(st.H, 0.01), spec, SolverOptions(blocksize=32))
+        assert res.codes.dtype == torch.uint8 and int(res.codes.max()) <= spec.maxq
+        Q = dequantize(res.codes.float(), expand(res.scales, spec, 96), expand(res.zeros, spec, 96))
+        assert torch.equal(Q, res.Q)
+
+
+def test_act_order_and_blocksize_change_only_the_order_of_work():
+    X = correlated(512, 64, seed=5)
+    W = torch.randn(8, 64)
+    st = Stats(64)
+    st.add(X)
+    f = factorize(st.H, 0.01)
+    spec = GridSpec(4, 0, False)
+    a = gptq_solve(W, f, spec, SolverOptions(blocksize=128, act_order=False))
+    b = gptq_solve(W, f, spec, SolverOptions(blocksize=16, act_order=False))
+    assert (a.codes != b.codes).float().mean() < 0.01  # lazy blocks are exact up to float rounding
+
+
+def test_dead_columns_and_singular_H_are_handled():
+    X = correlated(256, 32)
+    X[:, 5] = 0
+    X[:, 7] = X[:, 6]  # rank deficient
+    st = Stats(32)
+    st.add(X)
+    f = factorize(st.H, 0.0)  # no damping: the first Cholesky fails and damping escalates
+    assert bool(f.dead[5]) and f.damp > 0
+    res = gptq_solve(torch.randn(4, 32), f, GridSpec(4, 0, False))
+    assert torch.all(res.Q[:, 5] == dequantize(res.codes[:, 5].float(), res.scales[:, 0], res.zeros[:, 0]))
+
+
+def mismatched(seed=7, T=4096, N=64, M=32):
+    """A full-precision input X and a quantized-stream input X̂ carrying a correlated error."""
+    X = correlated(T, N, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    X_hat = X + 0.3 * correlated(T, N, seed + 2) * X.std(0) / 3 + 0.05 * torch.randn(T, N, generator=g)
+    W = torch.randn(M, N, generator=g)
+    st = Stats(N, cross=True)
+    st.add(X_hat, X)
+    return X, X_hat, W, st
+
+
+def fp_err(X, X_hat, W, Q):
+    """|| X̂ Qᵀ - X Wᵀ ||: error of the quantized layer's output to the full-precision output."""
+    return torch.linalg.norm(X_hat.double() @ Q.double().T - X.double() @ W.double().T).item()
+
+
+def test_error_compensation_methods_beat_gptq_on_mismatched_streams():
+    X, X_hat, W, st = mismatched()
+    spec = GridSpec(4, 0, False)
+    f = factorize(st.H, 0.01)
+    e_gptq = fp_err(X, X_hat, W, gptq_solve(W, f, spec).Q)
+    e_lloa = fp_err(X, X_hat, W, gptq_solve(output_target(W, f, st.C, 1.0), f, spec).Q)
+    e_gptaq = fp_err(X, X_hat, W, gptq_solve(W, f, spec, dXXT=st.C.T, gptaq_alpha=1.0).Q)
+    e_qronos = fp_err(X, X_hat, W, qronos_solve(W, f, st.C, spec).Q)
+    assert e_lloa < 0.9 * e_gptq, (e_lloa, e_gptq)
+    assert e_gptaq < 0.98 * e_gptq, (e_gptaq, e_gptq)  # GPTAQ only feeds the correction forward (triu)
+    assert e_qronos < 0.9 * e_gptq, (e_qronos, e_gptq)
+
+
+def test_gptaq_is_blocksize_invariant_and_zero_alpha_is_gptq():
+    _, _, W, st = mismatched()
+    f = factorize(st.H, 0.01)
+    spec = GridSpec(3, 0, False)
+    a = gptq_solve(W, f, spec, SolverOptions(blocksize=128), dXXT=st.C.T)
+    b = gptq_solve(W, f, spec, SolverOptions(blocksize=8), dXXT=st.C.T)
+    assert (a.codes != b.codes).float().mean() < 0.01
+    assert torch.equal(gptq_solve(W, f, spec, dXXT=st.C.T, gptaq_alpha=0.0).codes, gptq_solve(W, f, spec).codes)
+
+
+def test_qronos_without_mismatch_is_gptq():
+    """With X = X̂ (C = 0) Qronos' first-column least squares is GPTQ's own first step."""
+    X = correlated(2048, 64, seed=11)
+    W = torch.randn(16, 64)
+    st = Stats(64, cross=True)
+    st.add(X, X)
+    f = factorize(st.H, 0.01)
+    spec = GridSpec(4, 0, False)
+    a, b = qronos_solve(W, f, st.C, spec), gptq_solve(W, f, spec)
+    assert (a.codes != b.codes).float().mean() < 0.01
