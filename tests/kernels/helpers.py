@@ -25,6 +25,7 @@ def make_packed(bits: int, n: int, k: int, group: int | None, asym: bool,
         weight_zero_point=None if zp is None else pack_to_int32(zp, bits, packed_dim=0).to(device),
         bits=bits,
         shape=(n, k),
+        group_size=group,
     )
 
 

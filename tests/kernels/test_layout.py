@@ -50,7 +50,7 @@ def test_reference_dequant_equals_compressed_tensors(bits, strategy, group, symm
     packed = PackedQuantizationCompressor.compress(state, scheme)
     expected = PackedQuantizationCompressor.decompress(packed, scheme)["weight"]
     w = PackedLinear(packed["weight_packed"], packed["weight_scale"],
-                     packed.get("weight_zero_point"), bits, (n, k))
+                     packed.get("weight_zero_point"), bits, (n, k), group)
     assert torch.equal(dequantize_ref(w), expected)
     assert w.group_size == group
     assert unpack_codes(packed["weight_packed"], bits, k).max() < 1 << bits

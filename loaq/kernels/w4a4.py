@@ -1,0 +1,179 @@
+"""Triton W4A4: fused per-token 4-bit activation quantizer and int8-tensor-core GEMM.
+
+Semantics are those of :mod:`loaq.kernels.w4a4_ref` (read its docstring for the
+quantizer formulas and the exact zero-point correction). Weights use the 4-bit
+``pack_kmajor`` layout; codes are unpacked to signed int8 in registers, activation
+codes are stored as int8 (one per byte). ``tl.dot`` accumulates in int32, which is
+exact: |a·b| <= 64 per term, so |acc| < 2**31 for any K < 3.3e7.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from loaq.kernels.layout import PackedLinear, pack_kmajor, unpack_codes, unpack_zero_points
+from loaq.kernels.w4a4_ref import ActQuant
+from loaq.kernels.wna16 import _load_codes
+
+__all__ = ["W4A4Weight", "prepare_w4a4", "quantize_activations", "w4a4_matmul"]
+
+_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds fp32 |v| < 2**22 half-to-even
+
+
+@dataclass(frozen=True)
+class W4A4Weight:
+    """Kernel-ready 4-bit per-channel weight."""
+
+    qweight: torch.Tensor  # int32 [Kp/8, N], pack_kmajor
+    scale: torch.Tensor  # fp32 [N]
+    zero: torch.Tensor  # int32 [N], signed zero point (0 when symmetric)
+    colsum: torch.Tensor  # int32 [N], sum over K of the signed codes
+    n: int
+    k: int
+
+
+def prepare_w4a4(w: PackedLinear) -> W4A4Weight:
+    """One-time repack of a 4-bit per-channel checkpoint weight."""
+    assert w.bits == 4 and w.weight_scale.shape[1] == 1, "W4A4 needs 4-bit per-channel weights"
+    n, k = w.shape
+    codes = unpack_codes(w.weight_packed, 4, k)
+    zero = unpack_zero_points(w.weight_zero_point, 4, n, 1)[:, 0].to(codes.device) - 8
+    return W4A4Weight(
+        qweight=pack_kmajor(codes, 4),
+        scale=w.weight_scale[:, 0].float().contiguous(),
+        zero=zero.to(torch.int32).contiguous(),
+        colsum=(codes - 8).sum(-1, dtype=torch.int32),
+        n=n,
+        k=k,
+    )
+
+
+@triton.jit
+def _round(v):
+    return (v + _MAGIC) - _MAGIC
+
+
+@triton.jit
+def _quantize_tile(x, mask, SYM: tl.constexpr):
+    """Quantize one token held in any-shaped fp32 tile x; returns (codes, scale, zero)."""
+    if SYM:
+        amax = tl.max(tl.max(tl.reshape(tl.abs(x), (1, x.numel)), 1), 0)
+        scale = tl.math.div_rn(amax, 7.0)
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        q = tl.clamp(_round(tl.math.div_rn(x, scale)), -8.0, 7.0)
+        zero = 0.0
+    else:
+        flat = tl.reshape(tl.where(mask, x, 0.0), (1, x.numel))
+        lo = tl.minimum(tl.min(tl.min(flat, 1), 0), 0.0)
+        hi = tl.maximum(tl.max(tl.max(flat, 1), 0), 0.0)
+        scale = tl.math.div_rn(hi - lo, 15.0)
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        z = _round(tl.math.div_rn(-lo, scale))
+        q = tl.clamp(_round(tl.math.div_rn(x, scale)) + z, 0.0, 15.0) - 8.0
+        zero = z - 8.0
+    codes = tl.where(mask, q, 0.0).to(tl.int8)
+    return codes, scale, zero
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, r_ptr, stride_x,
+    K: tl.constexpr, BLOCK: tl.constexpr, SYM: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    codes, scale, zero = _quantize_tile(x, mask, SYM)
+    tl.store(q_ptr + row * K + offs, codes, mask=mask)
+    tl.store(s_ptr + row, scale)
+    tl.store(z_ptr + row, zero.to(tl.int32))
+    tl.store(r_ptr + row, tl.sum(codes.to(tl.int32), 0))
+
+
+def _empty_act(m: int, k: int, device: torch.device) -> ActQuant:
+    return ActQuant(
+        codes=torch.empty((m, k), device=device, dtype=torch.int8),
+        scale=torch.empty(m, device=device, dtype=torch.float32),
+        zero=torch.empty(m, device=device, dtype=torch.int32),
+        rowsum=torch.empty(m, device=device, dtype=torch.int32),
+    )
+
+
+def quantize_activations(x: torch.Tensor, sym: bool) -> ActQuant:
+    """Per-token 4-bit quantization of x [M, K] (any float dtype)."""
+    m, k = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = _empty_act(m, k, x.device)
+    block = triton.next_power_of_2(k)
+    _act_quant_kernel[(m,)](
+        x, out.codes, out.scale, out.zero, out.rowsum, x.stride(0),
+        K=k, BLOCK=block, SYM=sym, num_warps=min(16, max(1, block // 512)),
+    )
+    return out
+
+
+@triton.jit
+def _w4a4_kernel(
+    a_ptr, q_ptr, sx_ptr, zx_ptr, rx_ptr, sw_ptr, zw_ptr, cw_ptr, y_ptr,
+    M, N, stride_ym,
+    K: tl.constexpr, KP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for i in range(0, tl.cdiv(K, BLOCK_K)):
+        offs_k = i * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0)
+        codes = _load_codes(q_ptr, offs_k, offs_n, (offs_k[:, None] < KP) & mask_n[None, :], N, 4)
+        acc += tl.dot(a, (codes - 8).to(tl.int8), out_dtype=tl.int32)
+
+    zx = tl.load(zx_ptr + offs_m, mask=mask_m, other=0)
+    rx = tl.load(rx_ptr + offs_m, mask=mask_m, other=0)
+    zw = tl.load(zw_ptr + offs_n, mask=mask_n, other=0)
+    cw = tl.load(cw_ptr + offs_n, mask=mask_n, other=0)
+    acc = acc - zw[None, :] * rx[:, None] - zx[:, None] * cw[None, :] + K * zx[:, None] * zw[None, :]
+    sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=mask_n, other=0.0)
+    y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _config(m: int) -> dict:
+    if m <= 64:
+        return dict(BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=64, BLOCK_K=128,
+                    GROUP_M=1, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+def w4a4_matmul(act: ActQuant, w: W4A4Weight, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """``y [M, N]`` from quantized activations and a prepared 4-bit weight."""
+    m, k = act.codes.shape
+    assert k == w.k, f"activations have K={k}, weight has K={w.k}"
+    cfg = dict(config or _config(m))
+    y = torch.empty((m, w.n), device=act.codes.device, dtype=out_dtype)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(w.n, cfg["BLOCK_N"]),)
+    _w4a4_kernel[grid](
+        act.codes, w.qweight, act.scale, act.zero, act.rowsum, w.scale, w.zero, w.colsum, y,
+        m, w.n, y.stride(0), K=k, KP=w.qweight.shape[0] * 8, **cfg,
+    )
+    return y

@@ -1,0 +1,184 @@
+"""Triton weight-only GEMM, W{2,3,4}A16: ``y = x @ W.T`` with W in the ``pack_kmajor`` layout.
+
+Checkpoint layout vs kernel layout: see :mod:`loaq.kernels.layout`. :func:`prepare_wna16`
+repacks once at load time; :func:`wna16_matmul` is the per-call entry point.
+
+K is a compile-time constant (one per layer shape): besides letting the compiler
+unroll, it keeps the K loop's trip count a Python int under ``TRITON_INTERPRET=1``,
+whose runtime-bounded loops fail with NumPy >= 2.4.
+
+One kernel, two regimes picked by M in :func:`_config`:
+
+* decode (M <= 16): BLOCK_M = 16, split-K over programs, fp32 atomics into the output,
+  so that enough programs stream the packed weight to saturate memory bandwidth;
+* prefill: 2-D tiles with grouped ordering, dequantized weight tiles fed to ``tl.dot``.
+
+In both, a K tile lies inside one quantization group (BLOCK_K divides the group
+size), so the tile is ``dot(x, u - uz)`` in exact small integers and the group's
+scale multiplies the fp32 partial sum once per tile.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from loaq.kernels.layout import PackedLinear, pack_kmajor, unpack_codes, unpack_zero_points
+
+__all__ = ["WNA16Weight", "prepare_wna16", "wna16_matmul"]
+
+
+@dataclass(frozen=True)
+class WNA16Weight:
+    """Kernel-ready weight: ``qweight`` int32 [Kp*bits/32, N], ``scales``/``zeros`` [G, N]."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None  # unsigned zero points, int32; None when symmetric
+    bits: int
+    n: int
+    k: int
+    group_size: int  # 0 when per-channel
+
+
+def prepare_wna16(w: PackedLinear) -> WNA16Weight:
+    """One-time repack of checkpoint tensors into the kernel layout."""
+    n, k = w.shape
+    g = w.weight_scale.shape[1]
+    codes = unpack_codes(w.weight_packed, w.bits, k)
+    zeros = None
+    if w.weight_zero_point is not None:
+        zeros = unpack_zero_points(w.weight_zero_point, w.bits, n, g).t().contiguous()
+        zeros = zeros.to(w.weight_packed.device)
+    return WNA16Weight(
+        qweight=pack_kmajor(codes, w.bits),
+        scales=w.weight_scale.t().contiguous(),
+        zeros=zeros,
+        bits=w.bits,
+        n=n,
+        k=k,
+        group_size=w.group_size or 0,
+    )
+
+
+@triton.jit
+def _load_codes(q_ptr, offs_k, offs_n, mask, N, BITS: tl.constexpr):
+    """Unsigned codes [BLOCK_K, BLOCK_N] of the ``pack_kmajor`` layout."""
+    if BITS == 3:
+        lo_row = (offs_k // 32) * 3 + (offs_k % 32) // 16
+        hi_row = (offs_k // 32) * 3 + 2
+        lo = tl.load(q_ptr + lo_row[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        hi = tl.load(q_ptr + hi_row[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        codes = ((lo >> ((offs_k % 16) * 2)[:, None]) & 3) | (((hi >> (offs_k % 32)[:, None]) & 1) << 2)
+    else:
+        row = offs_k * BITS // 32
+        word = tl.load(q_ptr + row[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        codes = (word >> ((offs_k * BITS) % 32)[:, None]) & ((1 << BITS) - 1)
+    return codes
+
+
+@triton.jit
+def _wna16_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, y_ptr,
+    M, N, stride_xm, stride_ym,
+    K: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
+        t = i * SPLIT_K + pid_k
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+            mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0,
+        )
+        codes = _load_codes(q_ptr, offs_k, offs_n, (offs_k[:, None] < KP) & mask_n[None, :], N, BITS)
+        g = (t * BLOCK_K) // GROUP_SIZE
+        mask_g = mask_n & (t * BLOCK_K < K)  # a split's last tile may lie past K
+        if HAS_ZP:
+            zero = tl.load(z_ptr + g * N + offs_n, mask=mask_g, other=0)
+        else:
+            zero = 1 << (BITS - 1)
+        scale = tl.load(s_ptr + g * N + offs_n, mask=mask_g, other=0.0).to(tl.float32)
+        if UPCAST:
+            w = (codes - zero).to(tl.float32)
+            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee") * scale[None, :]
+        else:
+            w = (codes - zero).to(x.dtype)
+            acc += tl.dot(x, w) * scale[None, :]
+    out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out, acc, mask=mask)
+
+
+def _interpreting() -> bool:
+    """Triton's interpreter computes bf16 ``tl.dot`` wrongly; it then runs in fp32."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _block_k(cap: int, group: int) -> int:
+    """Largest power of two <= cap dividing the group size (any, per-channel)."""
+    return cap if group == 0 else min(cap, group & -group)
+
+
+def _config(m: int, n: int, k: int, group: int) -> dict:
+    """Tile sizes by regime; BLOCK_K must divide the group size."""
+    if m <= 16:
+        block_k = _block_k(128, group)
+        block_n = 64
+        programs_n = triton.cdiv(n, block_n)
+        k_tiles = triton.cdiv(k, block_k)
+        split_k = max(1, min(k_tiles, 4 * 132 // programs_n)) if torch.cuda.is_available() else 2
+        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, GROUP_M=1,
+                    num_warps=4, num_stages=4)
+    block_m = 64 if m <= 64 else 128
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=_block_k(64, group), SPLIT_K=1, GROUP_M=8,
+                num_warps=4 if block_m == 64 else 8, num_stages=4)
+
+
+def wna16_matmul(x: torch.Tensor, w: WNA16Weight, config: dict | None = None) -> torch.Tensor:
+    """``x @ W.T`` for x [..., K] in fp16/bf16; returns [..., N] in x.dtype."""
+    assert x.shape[-1] == w.k, f"x has K={x.shape[-1]}, weight has K={w.k}"
+    assert x.dtype in (torch.float16, torch.bfloat16), x.dtype
+    x2 = x.reshape(-1, w.k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    cfg = dict(config or _config(m, w.n, w.k, w.group_size))
+    assert w.group_size % cfg["BLOCK_K"] == 0, "BLOCK_K must divide the group size"
+    group = w.group_size or 1 << 30
+    split_k = cfg["SPLIT_K"]
+    if split_k == 1:
+        y = torch.empty((m, w.n), device=x.device, dtype=x.dtype)
+    else:
+        y = torch.zeros((m, w.n), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(w.n, cfg["BLOCK_N"]), split_k)
+    _wna16_kernel[grid](
+        x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, y,
+        m, w.n, x2.stride(0), y.stride(0),
+        K=w.k, KP=w.qweight.shape[0] * 32 // w.bits, BITS=w.bits, GROUP_SIZE=group, HAS_ZP=w.zeros is not None,
+        UPCAST=_interpreting() and x.dtype == torch.bfloat16, **cfg,
+    )
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.n)

@@ -1,0 +1,55 @@
+"""CPU kernels (compiled C++, fused unpack-and-FMA / dequantize + oneDNN) vs the references.
+
+Tolerances: with fp32 activations and fp32 scales everything is fp32 arithmetic in a
+different order: 1e-5 of max |y|. With bf16 activations the reference rounds the
+dequantized weight and the output to bf16 (eps 2**-8): 2e-2.
+"""
+
+import pytest
+import torch
+
+from loaq.kernels.cpu import DEQUANT_MIN_M, cpu_w4a4_matmul, cpu_wna16_matmul, prepare_cpu
+from loaq.kernels.w4a4_ref import quantize_activations_ref, w4a4_int_accum_ref, w4a4_matmul_ref
+from loaq.kernels.wna16_ref import wna16_matmul_ref
+from tests.kernels.helpers import make_packed, rel_err
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [None, 32, 128])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_wna16_matches_reference(bits, group, asym, dtype):
+    n, k = 37, 352  # K: partial last group of 128 and partial lane block for every width
+    w = make_packed(bits, n, k, group, asym, dtype, seed=bits, device="cpu")
+    prepared = prepare_cpu(w)
+    gen = torch.Generator().manual_seed(0)
+    for m in (1, 6, DEQUANT_MIN_M + 1):  # 1 and 4+2 token blocks, then the dequant path
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        y = cpu_wna16_matmul(x, prepared)
+        assert y.dtype == dtype
+        assert rel_err(y, wna16_matmul_ref(x, w)) < TOL[dtype], m
+
+
+def test_cpu_fp16_activations_run_through_fp32():
+    w = make_packed(4, 16, 64, 32, True, torch.float16, device="cpu")
+    x = torch.randn(3, 64).half()
+    y = cpu_wna16_matmul(x, prepare_cpu(w))
+    assert y.dtype == torch.float16 and rel_err(y, wna16_matmul_ref(x.float(), w)) < 2e-3
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("asym_w", [False, True])
+def test_cpu_w4a4_exact_and_scaled(sym, asym_w):
+    n, k, m = 24, 200, 5
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(4))
+    act = quantize_activations_ref(x, sym)
+    w = make_packed(4, n, k, None, asym_w, torch.float32, device="cpu")
+    unit = make_packed(4, n, k, None, asym_w, torch.float32, device="cpu")
+    unit = type(unit)(unit.weight_packed, torch.ones_like(unit.weight_scale), unit.weight_zero_point, 4, (n, k), None)
+    unit_act = type(act)(act.codes, torch.ones_like(act.scale), act.zero, act.rowsum)
+    exact = cpu_w4a4_matmul(unit_act, prepare_cpu(unit), torch.float32)
+    assert torch.equal(exact.double(), w4a4_int_accum_ref(act, unit).double())
+    y = cpu_w4a4_matmul(act, prepare_cpu(w), torch.bfloat16)
+    assert rel_err(y, w4a4_matmul_ref(act, w, torch.bfloat16)) < 1e-2
