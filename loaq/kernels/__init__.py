@@ -1,0 +1,7 @@
+"""Quantized-linear kernels for serving LoaQ checkpoints (``pack-quantized`` format).
+
+Entry points live in :mod:`loaq.kernels.dispatch` (``prepare_linear``, ``apply_linear``).
+Each kernel ``<k>.py`` has a plain-torch ``<k>_ref.py`` of identical semantics; weight
+layouts are documented in :mod:`loaq.kernels.layout`. Nothing here imports Triton or
+compiles C++ at import time.
+"""
