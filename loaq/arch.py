@@ -89,6 +89,8 @@ def rms_factor(h: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + eps)
 
 
-def in_features_by_linear(model: nn.Module, arch: Arch) -> dict[str, int]:
-    layer = arch.decoder_layers(model)[0]
-    return {n: layer.get_submodule(n).in_features for n in arch.linear_names()}
+def input_widths(config) -> dict[str, int]:
+    """Input width of every quantized linear, from the config alone (checked before weights load)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {"q/k/v/gate/up": config.hidden_size, "o_proj": config.num_attention_heads * head_dim,
+            "down_proj": config.intermediate_size}

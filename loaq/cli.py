@@ -84,7 +84,7 @@ def cmd_quantize(a) -> int:
     import torch
 
     from loaq import data
-    from loaq.arch import in_features_by_linear
+    from loaq.arch import input_widths
     from loaq.checkpoint import LayerStore, check_output, save_native
     from loaq.evaluate import perplexity
     from loaq.grids import check_group_size
@@ -103,14 +103,15 @@ def cmd_quantize(a) -> int:
         shutil.rmtree(work)
     cfg = _quant_config(a)
     src = resolve(a.model)
-    arch_of(load_config(src))
+    config = load_config(src)
+    arch_of(config)
+    check_group_size(cfg.spec, input_widths(config))
     text = _calib_text(a.calib)
 
     from loaq.models import load_model
 
     t0 = time.time()
     model, tok, arch, src = load_model(a.model)
-    check_group_size(cfg.spec, in_features_by_linear(model, arch))
     ids = data.tokenize(tok, text)
     calib = data.random_windows(ids, a.nsamples, a.seqlen, a.seed)
     calib_hash = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]
@@ -249,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
     try:
         return a.func(a)
     except LoaQError as exc:

@@ -22,7 +22,7 @@ def _floats(s: str) -> list[float]:
 
 def search(a) -> dict:
     from loaq import data
-    from loaq.arch import in_features_by_linear
+    from loaq.arch import input_widths
     from loaq.cli import _calib_text, _quant_config
     from loaq.evaluate import perplexity
     from loaq.grids import check_group_size
@@ -35,7 +35,7 @@ def search(a) -> dict:
     alphas, betas = _floats(a.alphas), _floats(a.betas)
     text = _calib_text(a.calib)
     model, tok, arch, _ = load_model(a.model)
-    check_group_size(cfg.spec, in_features_by_linear(model, arch))
+    check_group_size(cfg.spec, input_widths(model.config))
     train, held = data.split_tokens(data.tokenize(tok, text), a.holdout)
     calib = data.random_windows(train, a.nsamples, a.seqlen, a.seed)
     windows = data.eval_windows(held, a.seqlen, a.holdout_tokens)

@@ -13,9 +13,10 @@ CONFIGS = {
 }
 
 
-def tiny_model(kind: str = "llama", seed: int = 0):
+def tiny_model(kind: str = "llama", seed: int = 0, vocab: int = 96):
     torch.manual_seed(seed)
     cfg = CONFIGS[kind]()
+    cfg.vocab_size = vocab
     cfg.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                           "qwen3": "Qwen3ForCausalLM"}[kind]]
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -33,3 +34,29 @@ def tiny_model(kind: str = "llama", seed: int = 0):
 def tokens(n: int = 8, L: int = 32, vocab: int = 96, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, L), generator=g)
+
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Quantization maps weights to a small grid. "
+        "Layer-wise methods calibrate one layer at a time on real activations. ") * 20
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained on a few sentences (vocab <= 320)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>")
+
+
+def tiny_model_dir(path, kind: str = "llama"):
+    """Save a tiny model with a tokenizer as a Hugging Face directory."""
+    model = tiny_model(kind, vocab=320)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,103 @@
+"""The `loaq` command line end to end on a tiny model directory, and its refusals."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from loaq.cli import main
+from tests.tiny import TEXT, tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(str(tmp_path_factory.mktemp("m") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    p = tmp_path_factory.mktemp("c") / "calib.txt"
+    p.write_text(TEXT * 4)
+    return str(p)
+
+
+def quantize(model_dir, calib, out, *extra):
+    return main(["-q", "quantize", "--model", model_dir, "--calib", calib, "--nsamples", "4", "--seqlen", "32",
+                 "--batch-size", "2", "--out", str(out), *extra])
+
+
+def one_line_error(capsys, rc):
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_quantize_eval_and_checkpoint_contents(model_dir, calib, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert quantize(model_dir, calib, out, "--method", "loaq", "--bits", "4", "--group-size", "32",
+                    "--eval", "--eval-text", calib, "--eval-tokens", "256", "--eval-seqlen", "32") == 0
+    printed = capsys.readouterr().out
+    assert "quantized  loaq" in printed and "fp32" in printed
+    meta = json.load(open(out / "loaq.json"))
+    assert meta["config"]["method"]["name"] == "loaq" and meta["config"]["spec"]["group_size"] == 32
+    assert len(meta["quantized"]) == 14 and meta["eval"]["ppl"] > 1
+    assert {"config.json", "model.safetensors", "quantized.safetensors", "tokenizer.json"} <= set(os.listdir(out))
+    assert not os.path.exists(f"{out}.partial")
+    assert main(["-q", "eval", "--quantized", str(out), "--eval-text", calib, "--eval-tokens", "256",
+                 "--eval-seqlen", "32", "--json", str(tmp_path / "e.json")]) == 0
+    assert json.load(open(tmp_path / "e.json"))["ppl"] == pytest.approx(meta["eval"]["ppl"], rel=1e-6)
+
+
+def test_resume_flag_finishes_an_interrupted_run(model_dir, calib, tmp_path, monkeypatch):
+    import loaq.checkpoint as ck
+
+    real = ck.LayerStore.save_layer
+
+    def die_after_first(self, i, res, streams):
+        real(self, i, res, streams)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.LayerStore, "save_layer", die_after_first)
+    assert quantize(model_dir, calib, tmp_path / "r", "--method", "gptq") == 130
+    monkeypatch.setattr(ck.LayerStore, "save_layer", real)
+    assert os.path.exists(tmp_path / "r.partial") and not os.path.exists(tmp_path / "r")
+    assert quantize(model_dir, calib, tmp_path / "r", "--method", "gptq") == 2  # refuses without --resume
+    assert quantize(model_dir, calib, tmp_path / "r", "--method", "gptq", "--resume") == 0
+    assert quantize(model_dir, calib, tmp_path / "full", "--method", "gptq") == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "r" / "quantized.safetensors"), load_file(tmp_path / "full" / "quantized.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("case", ["missing", "arch", "bits", "group", "empty", "exists"])
+def test_bad_inputs_give_one_line_and_leave_nothing(case, model_dir, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = dict(model=model_dir, calib=calib)
+    extra = []
+    if case == "missing":
+        args["model"] = str(tmp_path / "nope")
+    elif case == "arch":
+        bad = tmp_path / "gpt2"
+        bad.mkdir()
+        (bad / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+        args["model"] = str(bad)
+    elif case == "bits":
+        extra = ["--bits", "5"]
+    elif case == "group":
+        extra = ["--group-size", "48"]  # does not divide 64 or 128
+    elif case == "empty":
+        args["calib"] = str(tmp_path / "empty.txt")
+        open(args["calib"], "w").close()
+    elif case == "exists":
+        out.mkdir()
+        (out / "keep").write_text("x")
+    before = set(os.listdir(tmp_path))
+    err = one_line_error(capsys, quantize(args["model"], args["calib"], out, *extra))
+    expect = {"missing": "does not exist", "arch": "supported: LlamaForCausalLM", "bits": "--bits 5",
+              "group": "valid group sizes: 16, 32, 64", "empty": "is empty", "exists": "--force"}[case]
+    assert expect in err, err
+    assert set(os.listdir(tmp_path)) == before
+    if case == "exists":
+        assert os.listdir(out) == ["keep"]
