@@ -18,7 +18,8 @@ The library is built with ``g++ -O3 -march=native -fopenmp`` into
 flags and CPU model; it links the OpenMP runtime that torch has already loaded.
 Activations are bf16 or fp32 (fp16 is computed via fp32). W4A4 on CPU quantizes
 activations with the reference quantizer and runs the same GEMV on the integer
-codes: products and sums of integers below 2**24 are exact in fp32.
+codes (products and sums of integers below 2**24 are exact in fp32), or for large M
+a bf16 GEMM on them (the weight rounded to bf16).
 """
 
 from __future__ import annotations
@@ -272,5 +273,9 @@ def cpu_wna16_matmul(x: torch.Tensor, w: CpuWeight) -> torch.Tensor:
 def cpu_w4a4_matmul(act: ActQuant, w: CpuWeight, out_dtype: torch.dtype) -> torch.Tensor:
     """W4A4 on CPU: ``sx * ((a - za) @ ((b - zb) * sw).T)``, exact integer sums in fp32."""
     assert w.bits == 4 and w.scales.shape[1] == 1, "W4A4 needs 4-bit per-channel weights"
-    xq = (act.codes.float() - act.zero.float()[:, None])
-    return (_gemv(xq, w) * act.scale[:, None]).to(out_dtype)
+    xq = act.codes.float() - act.zero.float()[:, None]
+    if xq.shape[0] >= DEQUANT_MIN_M:  # integers |xq| <= 16 are exact in bf16
+        y = torch.nn.functional.linear(xq.bfloat16(), _dequantize(w, torch.bfloat16)).float()
+    else:
+        y = _gemv(xq, w)
+    return (y * act.scale[:, None]).to(out_dtype)

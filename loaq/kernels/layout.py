@@ -37,6 +37,7 @@ import torch
 
 __all__ = [
     "PackedLinear",
+    "pack_codes",
     "unpack_codes",
     "unpack_zero_points",
     "pack_kmajor",
@@ -65,6 +66,15 @@ class PackedLinear:
                 f"weight_scale has shape {tuple(self.weight_scale.shape)}, expected {(n, g)} for "
                 f"shape {self.shape} and group_size {self.group_size}"
             )
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Checkpoint ``weight_packed`` from unsigned codes [N, K] (same bits as ``pack_to_int32``)."""
+    n, k = codes.shape
+    pf = 32 // bits
+    u = torch.nn.functional.pad(codes.to(torch.int64), (0, -k % pf)).reshape(n, -1, pf)
+    shifts = torch.arange(pf, device=codes.device, dtype=torch.int64) * bits
+    return _to_int32((u << shifts).sum(-1))
 
 
 def unpack_codes(weight_packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:

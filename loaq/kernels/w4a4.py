@@ -17,11 +17,11 @@ import triton.language as tl
 
 from loaq.kernels.layout import PackedLinear, pack_kmajor, unpack_codes, unpack_zero_points
 from loaq.kernels.w4a4_ref import ActQuant
-from loaq.kernels.wna16 import _load_codes
+from loaq.kernels.wna16 import _load_codes, _load_codes3
 
 __all__ = ["W4A4Weight", "prepare_w4a4", "quantize_activations", "w4a4_matmul"]
 
-_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds fp32 |v| < 2**22 half-to-even
+_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds fp32 |v| < 2**22 half-to-even
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,7 @@ def _w4a4_kernel(
     M, N, stride_ym,
     K: tl.constexpr, KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EXPAND: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -143,7 +144,11 @@ def _w4a4_kernel(
         offs_k = i * BLOCK_K + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0)
-        codes = _load_codes(q_ptr, offs_k, offs_n, (offs_k[:, None] < KP) & mask_n[None, :], N, 4)
+        if EXPAND:
+            codes = tl.reshape(_load_codes3(q_ptr, i * BLOCK_K, offs_n, mask_n, N, KP, 4, BLOCK_K, BLOCK_N),
+                               (BLOCK_K, BLOCK_N))
+        else:
+            codes = _load_codes(q_ptr, offs_k, offs_n, (offs_k[:, None] < KP) & mask_n[None, :], N, 4)
         acc += tl.dot(a, (codes - 8).to(tl.int8), out_dtype=tl.int32)
 
     zx = tl.load(zx_ptr + offs_m, mask=mask_m, other=0)
@@ -161,8 +166,8 @@ def _w4a4_kernel(
 def _config(m: int) -> dict:
     if m <= 64:
         return dict(BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=64, BLOCK_K=128,
-                    GROUP_M=1, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+                    GROUP_M=1, EXPAND=True, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, EXPAND=True, num_warps=8, num_stages=4)
 
 
 def w4a4_matmul(act: ActQuant, w: W4A4Weight, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:

@@ -7,15 +7,20 @@ K is a compile-time constant (one per layer shape): besides letting the compiler
 unroll, it keeps the K loop's trip count a Python int under ``TRITON_INTERPRET=1``,
 whose runtime-bounded loops fail with NumPy >= 2.4.
 
-One kernel, two regimes picked by M in :func:`_config`:
+Regimes picked by M in :func:`_config`:
 
-* decode (M <= 16): BLOCK_M = 16, split-K over programs, fp32 atomics into the output,
-  so that enough programs stream the packed weight to saturate memory bandwidth;
-* prefill: 2-D tiles with grouped ordering, dequantized weight tiles fed to ``tl.dot``.
+* M <= GEMV_MAX_M, ``_gemv_kernel``: one token per program, fp32 FMAs on CUDA cores
+  into a [R, C, BLOCK_N] accumulator reduced once at the end, split-K over programs
+  (fp32 atomics) so that enough programs stream the packed weight;
+* M <= 16, ``_wna16_kernel`` with BLOCK_M = 16 and split-K (tensor cores);
+* prefill: ``_wna16_kernel`` with 2-D tiles in grouped order, dequantized weight
+  tiles fed to ``tl.dot``.
 
-In both, a K tile lies inside one quantization group (BLOCK_K divides the group
-size), so the tile is ``dot(x, u - uz)`` in exact small integers and the group's
-scale multiplies the fp32 partial sum once per tile.
+Packed words are loaded once per tile and expanded by broadcast shifts
+(``_load_codes3``; ``EXPAND=False`` selects the older per-element gather). A K tile
+lies inside one quantization group (BLOCK_K divides the group size), so in the dot
+kernel the tile is ``dot(x, u - uz)`` in exact small integers and the group's scale
+multiplies the fp32 partial sum once per tile.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import triton.language as tl
 
 from loaq.kernels.layout import PackedLinear, pack_kmajor, unpack_codes, unpack_zero_points
 
-__all__ = ["WNA16Weight", "prepare_wna16", "wna16_matmul"]
+__all__ = ["WNA16Weight", "prepare_wna16", "wna16_matmul", "GEMV_MAX_M"]
+
+GEMV_MAX_M = 2  # up to this many tokens: CUDA-core GEMV, one token per program
 
 
 @dataclass(frozen=True)
@@ -82,12 +89,78 @@ def _load_codes(q_ptr, offs_k, offs_n, mask, N, BITS: tl.constexpr):
 
 
 @triton.jit
+def _load_codes3(q_ptr, k0, offs_n, mask_n, N, KP: tl.constexpr, BITS: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Unsigned codes of K tile ``k0`` as [R, C, BLOCK_N], k = k0 + r*C + c.
+
+    Each packed word is loaded once and expanded by broadcasting shifts: C = 32 // BITS
+    for 2/4 bits (one word row per r), C = 16 for the 3-bit planes (two low-plane rows
+    and one high-plane row per 32 values)."""
+    if BITS == 3:
+        B32: tl.constexpr = BLOCK_K // 32
+        blk = k0 // 32 + tl.arange(0, B32)
+        valid = (blk * 32 < KP)[:, None] & mask_n[None, :]
+        lo_rows = blk[:, None] * 3 + tl.arange(0, 2)[None, :]
+        lo = tl.load(q_ptr + lo_rows[:, :, None] * N + offs_n[None, None, :], mask=valid[:, None, :], other=0)
+        lo = (lo[:, :, None, :] >> (tl.arange(0, 16) * 2)[None, None, :, None]) & 3
+        hi = tl.load(q_ptr + (blk * 3 + 2)[:, None] * N + offs_n[None, :], mask=valid, other=0)
+        hi = (hi[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 1
+        codes = tl.reshape(lo, (2 * B32, 16, BLOCK_N)) | (tl.reshape(hi, (2 * B32, 16, BLOCK_N)) << 2)
+    else:
+        PF: tl.constexpr = 32 // BITS
+        rows = k0 // PF + tl.arange(0, BLOCK_K // PF)
+        mask = (rows * PF < KP)[:, None] & mask_n[None, :]
+        word = tl.load(q_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        codes = (word[:, None, :] >> (tl.arange(0, PF) * BITS)[None, :, None]) & ((1 << BITS) - 1)
+    return codes
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, y_ptr,
+    N, stride_xm, stride_ym,
+    K: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """One token per program (grid axis 2): fp32 FMAs on CUDA cores, no tensor cores."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    C: tl.constexpr = 16 if BITS == 3 else 32 // BITS
+    R: tl.constexpr = BLOCK_K // C
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_kx = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    acc = tl.zeros((R, C, BLOCK_N), dtype=tl.float32)
+    for i in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
+        t = i * SPLIT_K + pid_k
+        k0 = t * BLOCK_K
+        x = tl.load(x_ptr + m * stride_xm + k0 + offs_kx, mask=k0 + offs_kx < K, other=0.0)
+        codes = _load_codes3(q_ptr, k0, offs_n, mask_n, N, KP, BITS, BLOCK_K, BLOCK_N)
+        g = k0 // GROUP_SIZE
+        mask_g = mask_n & (k0 < K)
+        scale = tl.load(s_ptr + g * N + offs_n, mask=mask_g, other=0.0).to(tl.float32)
+        if HAS_ZP:
+            zero = tl.load(z_ptr + g * N + offs_n, mask=mask_g, other=0).to(tl.float32)
+        else:
+            zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
+        w = codes.to(tl.float32) * scale[None, None, :] - (zero * scale)[None, None, :]
+        acc += x.to(tl.float32)[:, :, None] * w
+    y = tl.sum(tl.sum(acc, 0), 0)
+    out = y_ptr + m * stride_ym + offs_n
+    if SPLIT_K == 1:
+        tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(out, y, mask=mask_n)
+
+
+@triton.jit
 def _wna16_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr,
     M, N, stride_xm, stride_ym,
     K: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr, EXPAND: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -111,7 +184,11 @@ def _wna16_kernel(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
             mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0,
         )
-        codes = _load_codes(q_ptr, offs_k, offs_n, (offs_k[:, None] < KP) & mask_n[None, :], N, BITS)
+        if EXPAND:
+            codes = tl.reshape(_load_codes3(q_ptr, t * BLOCK_K, offs_n, mask_n, N, KP, BITS, BLOCK_K, BLOCK_N),
+                               (BLOCK_K, BLOCK_N))
+        else:
+            codes = _load_codes(q_ptr, offs_k, offs_n, (offs_k[:, None] < KP) & mask_n[None, :], N, BITS)
         g = (t * BLOCK_K) // GROUP_SIZE
         mask_g = mask_n & (t * BLOCK_K < K)  # a split's last tile may lie past K
         if HAS_ZP:
@@ -143,19 +220,27 @@ def _block_k(cap: int, group: int) -> int:
     return cap if group == 0 else min(cap, group & -group)
 
 
+def _split_k(programs: int, k_tiles: int) -> int:
+    """Enough programs for ~4 per SM on an H100-class GPU (2 under the interpreter, for coverage)."""
+    if not torch.cuda.is_available():
+        return min(2, k_tiles)
+    return max(1, min(k_tiles, 4 * 132 // programs))
+
+
 def _config(m: int, n: int, k: int, group: int) -> dict:
-    """Tile sizes by regime; BLOCK_K must divide the group size."""
+    """Kernel and tile sizes by regime (tuned on H100, see benchmarks/results/kernels.md)."""
+    if m <= GEMV_MAX_M:
+        block_n, block_k = 64, _block_k(128, group)
+        split_k = _split_k(triton.cdiv(n, block_n) * m, triton.cdiv(k, block_k))
+        return dict(KERNEL="gemv", BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=4)
     if m <= 16:
-        block_k = _block_k(128, group)
-        block_n = 64
-        programs_n = triton.cdiv(n, block_n)
-        k_tiles = triton.cdiv(k, block_k)
-        split_k = max(1, min(k_tiles, 4 * 132 // programs_n)) if torch.cuda.is_available() else 2
-        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, GROUP_M=1,
-                    num_warps=4, num_stages=4)
+        block_n, block_k = 64, _block_k(128, group)
+        split_k = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+        return dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, GROUP_M=1,
+                    EXPAND=True, num_warps=4, num_stages=4)
     block_m = 64 if m <= 64 else 128
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=_block_k(64, group), SPLIT_K=1, GROUP_M=8,
-                num_warps=4 if block_m == 64 else 8, num_stages=4)
+    return dict(KERNEL="dot", BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=_block_k(64, group), SPLIT_K=1, GROUP_M=8,
+                EXPAND=True, num_warps=4 if block_m == 64 else 8, num_stages=4)
 
 
 def wna16_matmul(x: torch.Tensor, w: WNA16Weight, config: dict | None = None) -> torch.Tensor:
@@ -167,18 +252,21 @@ def wna16_matmul(x: torch.Tensor, w: WNA16Weight, config: dict | None = None) ->
         x2 = x2.contiguous()
     m = x2.shape[0]
     cfg = dict(config or _config(m, w.n, w.k, w.group_size))
+    kernel = cfg.pop("KERNEL")
     assert w.group_size % cfg["BLOCK_K"] == 0, "BLOCK_K must divide the group size"
-    group = w.group_size or 1 << 30
     split_k = cfg["SPLIT_K"]
     if split_k == 1:
         y = torch.empty((m, w.n), device=x.device, dtype=x.dtype)
     else:
         y = torch.zeros((m, w.n), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(w.n, cfg["BLOCK_N"]), split_k)
-    _wna16_kernel[grid](
-        x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, y,
-        m, w.n, x2.stride(0), y.stride(0),
-        K=w.k, KP=w.qweight.shape[0] * 32 // w.bits, BITS=w.bits, GROUP_SIZE=group, HAS_ZP=w.zeros is not None,
-        UPCAST=_interpreting() and x.dtype == torch.bfloat16, **cfg,
-    )
+    args = (x2, w.qweight, w.scales, w.zeros if w.zeros is not None else w.scales, y)
+    meta = dict(K=w.k, KP=w.qweight.shape[0] * 32 // w.bits, BITS=w.bits, GROUP_SIZE=w.group_size or 1 << 30,
+                HAS_ZP=w.zeros is not None)
+    if kernel == "gemv":
+        grid = (triton.cdiv(w.n, cfg["BLOCK_N"]), split_k, m)
+        _gemv_kernel[grid](*args, w.n, x2.stride(0), y.stride(0), **meta, **cfg)
+    else:
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(w.n, cfg["BLOCK_N"]), split_k)
+        _wna16_kernel[grid](*args, m, w.n, x2.stride(0), y.stride(0), **meta,
+                            UPCAST=_interpreting() and x.dtype == torch.bfloat16, **cfg)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.n)

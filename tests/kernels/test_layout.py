@@ -6,7 +6,7 @@ from compressed_tensors.compressors.pack_quantized.base import PackedQuantizatio
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
 from loaq.kernels.layout import (
-    PackedLinear, pack_kmajor, pack_lanes, unpack_codes, unpack_kmajor, unpack_lanes,
+    PackedLinear, pack_codes, pack_kmajor, pack_lanes, unpack_codes, unpack_kmajor, unpack_lanes,
 )
 from loaq.kernels.wna16_ref import dequantize_ref
 
@@ -17,6 +17,16 @@ def test_kernel_layouts_round_trip_bit_exactly(bits, shape):
     codes = torch.randint(0, 1 << bits, shape, dtype=torch.int32, generator=torch.Generator().manual_seed(bits))
     assert torch.equal(unpack_kmajor(pack_kmajor(codes, bits), bits, shape[1]), codes)
     assert torch.equal(unpack_lanes(pack_lanes(codes, bits), bits, shape[1]), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pack_codes_equals_compressed_tensors_packing(bits):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (7, 45), dtype=torch.int8)
+    packed = pack_to_int32(q, bits)
+    assert torch.equal(pack_codes(q.int() + (1 << (bits - 1)), bits), packed)
+    assert torch.equal(unpack_codes(packed, bits, 45), q.int() + (1 << (bits - 1)))
 
 
 def test_3bit_layout_is_two_low_planes_and_one_high_plane():

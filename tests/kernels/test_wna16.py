@@ -28,7 +28,7 @@ def test_wna16_matches_reference(bits, group, asym, dtype):
     w = make_packed(bits, n, k, group, asym, dtype, seed=bits)
     prepared = prepare_wna16(w)
     gen = torch.Generator().manual_seed(1)
-    for m in (1, 7, 33):  # decode (split-K, atomics) and prefill (2-D tiles) regimes
+    for m in (1, 2, 7, 33):  # GEMV, split-K tensor-core decode and prefill regimes
         x = torch.randn(m, k, generator=gen).to(device=DEVICE, dtype=dtype)
         y = wna16_matmul(x, prepared)
         assert y.dtype == dtype and y.shape == (m, n)
@@ -39,6 +39,10 @@ def test_wna16_accepts_batched_input_and_explicit_config():
     w = make_packed(4, 64, 128, 32, False, torch.float16)
     prepared = prepare_wna16(w)
     x = torch.randn(2, 3, 128).to(device=DEVICE, dtype=torch.float16)
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, GROUP_M=1, num_warps=4, num_stages=2)
-    y = wna16_matmul(x, prepared, config=cfg)
-    assert rel_err(y, wna16_matmul_ref(x, w)) < TOL[torch.float16]
+    for cfg in (
+        dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, GROUP_M=1, EXPAND=False,
+             num_warps=4, num_stages=2),
+        dict(KERNEL="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=2),
+    ):
+        y = wna16_matmul(x, prepared, config=cfg)
+        assert rel_err(y, wna16_matmul_ref(x, w)) < TOL[torch.float16], cfg["KERNEL"]

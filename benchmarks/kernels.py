@@ -1,0 +1,260 @@
+"""Benchmark the quantized-linear kernels against the dense torch matmul of the same run.
+
+    python benchmarks/kernels.py                 # CPU section (always available)
+    python benchmarks/kernels.py --device cuda   # GPU section (needs a CUDA device)
+    python benchmarks/kernels.py --device cuda --tune   # print a config sweep, write nothing
+
+For every kernel and shape: time, TFLOP/s (2·M·N·K / t), GB/s of weight traffic
+(packed weight + scales + zero points, read once), and the speedup over the dense
+baseline (fp16 ``F.linear`` on GPU, bf16 on CPU) measured in the same process.
+The GPU section also measures device-to-device copy bandwidth (read + write bytes).
+Results are merged by device into ``<out>/kernels.json`` and rendered to ``kernels.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# run as a script: import loaq from the checkout, and keep this file from shadowing a
+# package named "kernels" (transformers probes for one)
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from loaq.kernels.layout import PackedLinear, pack_codes  # noqa: E402
+
+GPU_MS = [1, 4, 16, 64, 256, 2048]
+GPU_SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]
+CPU_MS = [1, 16, 256]
+CPU_SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096)]
+GROUP = 128
+
+
+def random_linear(bits: int, n: int, k: int, group: int | None, device: str) -> PackedLinear:
+    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.int32)
+    g = 1 if group is None else -(-k // group)
+    scale = torch.rand(n, g, dtype=torch.float16) * 0.01 + 0.001
+    return PackedLinear(pack_codes(codes, bits).to(device), scale.to(device), None, bits, (n, k), group)
+
+
+def weight_bytes(w: PackedLinear) -> int:
+    zp = 0 if w.weight_zero_point is None else w.weight_zero_point.numel() * 4
+    return w.weight_packed.numel() * 4 + w.weight_scale.numel() * w.weight_scale.element_size() + zp
+
+
+def time_cpu(fn, batch_time: float = 0.05, batches: int = 5) -> float:
+    """Seconds per call: the best of a few batches of calls (robust to a shared, busy host)."""
+    fn()
+    t = time.perf_counter()
+    fn()
+    reps = max(1, int(batch_time / max(time.perf_counter() - t, 1e-6)))
+    best = float("inf")
+    for _ in range(batches):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best
+
+
+def time_gpu(fn) -> float:
+    """Seconds per call, replayed in a CUDA graph (as vLLM decodes) to exclude launch cost."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=50) * 1e-3
+
+
+def row(kernel: str, m: int, n: int, k: int, t: float, wbytes: int, t_dense: float) -> dict:
+    return dict(kernel=kernel, M=m, N=n, K=k, time_us=t * 1e6, tflops=2 * m * n * k / t / 1e12,
+                weight_gbs=wbytes / t / 1e9, speedup=t_dense / t)
+
+
+def bench_cpu() -> tuple[dict, list[dict]]:
+    import torch.nn.functional as F
+
+    from loaq.kernels.cpu import cpu_w4a4_matmul, cpu_wna16_matmul, prepare_cpu
+    from loaq.kernels.w4a4_ref import quantize_activations_ref
+
+    rows = []
+    for n, k in CPU_SHAPES:
+        dense = torch.randn(n, k).bfloat16()
+        layers = {b: random_linear(b, n, k, GROUP, "cpu") for b in (2, 3, 4)}
+        prepared = {b: prepare_cpu(w) for b, w in layers.items()}
+        w4pc = random_linear(4, n, k, None, "cpu")
+        w4a4 = prepare_cpu(w4pc)
+        for m in CPU_MS:
+            x = torch.randn(m, k).bfloat16()
+            t_dense = time_cpu(lambda: F.linear(x, dense))
+            rows.append(row("bf16 F.linear", m, n, k, t_dense, dense.numel() * 2, t_dense))
+            for b in (4, 3, 2):
+                t = time_cpu(lambda: cpu_wna16_matmul(x, prepared[b]))
+                rows.append(row(f"W{b}A16 g{GROUP}", m, n, k, t, weight_bytes(layers[b]), t_dense))
+            t = time_cpu(lambda: cpu_w4a4_matmul(quantize_activations_ref(x, True), w4a4, x.dtype))
+            rows.append(row("W4A4 (quant+gemm)", m, n, k, t, weight_bytes(w4pc), t_dense))
+            for r in rows[-5:]:
+                print_row(r)
+    cpu = platform.processor() or platform.machine()
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    load = " ".join(open("/proc/loadavg").read().split()[:3])
+    meta = dict(device_name=cpu, threads=torch.get_num_threads(), baseline="bf16 F.linear",
+                load_average_at_end=load)
+    return meta, rows
+
+
+def bench_cuda() -> tuple[dict, list[dict]]:
+    import torch.nn.functional as F
+
+    from loaq.kernels.hadamard import hadamard_quantize
+    from loaq.kernels.w4a4 import prepare_w4a4, quantize_activations, w4a4_matmul
+    from loaq.kernels.wna16 import prepare_wna16, wna16_matmul
+
+    buf = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(buf)
+    t_copy = time_gpu(lambda: dst.copy_(buf))
+    copy_gbs = 2 * buf.numel() / t_copy / 1e9
+    del buf, dst
+    print(f"copy bandwidth: {copy_gbs:.0f} GB/s")
+    rows = []
+    for n, k in GPU_SHAPES:
+        dense = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        layers = {b: random_linear(b, n, k, GROUP, "cuda") for b in (2, 3, 4)}
+        prepared = {b: prepare_wna16(w) for b, w in layers.items()}
+        w4pc = random_linear(4, n, k, None, "cuda")
+        w4a4 = prepare_w4a4(w4pc)
+        had_k = (torch.randint(0, 2, (28, 28), device="cuda") * 2 - 1).float() if k == 14336 else None
+        for m in GPU_MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            t_dense = time_gpu(lambda: F.linear(x, dense))
+            rows.append(row("fp16 F.linear", m, n, k, t_dense, dense.numel() * 2, t_dense))
+            for b in (4, 3, 2):
+                t = time_gpu(lambda: wna16_matmul(x, prepared[b]))
+                rows.append(row(f"W{b}A16 g{GROUP}", m, n, k, t, weight_bytes(layers[b]), t_dense))
+            act = quantize_activations(x, True)
+            t = time_gpu(lambda: w4a4_matmul(act, w4a4, x.dtype))
+            rows.append(row("W4A4 gemm", m, n, k, t, weight_bytes(w4pc), t_dense))
+            t = time_gpu(lambda: w4a4_matmul(quantize_activations(x, True), w4a4, x.dtype))
+            rows.append(row("W4A4 quant+gemm", m, n, k, t, weight_bytes(w4pc), t_dense))
+            t = time_gpu(lambda: w4a4_matmul(hadamard_quantize(x, had_k, True), w4a4, x.dtype))
+            rows.append(row("W4A4 had+quant+gemm", m, n, k, t, weight_bytes(w4pc), t_dense))
+            for r in rows[-7:]:
+                print_row(r, copy_gbs)
+        del dense, layers, prepared
+    meta = dict(device_name=torch.cuda.get_device_name(), copy_gbs=copy_gbs, baseline="fp16 F.linear",
+                torch=torch.__version__)
+    return meta, rows
+
+
+def tune_cuda() -> None:
+    """Print the time of candidate configs on the 8192² goal shape; writes nothing."""
+    import torch.nn.functional as F
+
+    from loaq.kernels.w4a4 import prepare_w4a4, quantize_activations, w4a4_matmul
+    from loaq.kernels.wna16 import prepare_wna16, wna16_matmul
+
+    n = k = 8192
+
+    def show(label, fn):
+        try:
+            print(f"tune {label} {time_gpu(fn) * 1e6:.1f} us", flush=True)
+        except Exception as e:  # noqa: BLE001 - a config may not fit in shared memory
+            print(f"tune {label} failed: {type(e).__name__}", flush=True)
+
+    dense = torch.randn(n, k, device="cuda", dtype=torch.float16)
+    for m in (1, 16, 2048):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        show(f"fp16 M={m}", lambda: F.linear(x, dense))
+    gemv = [dict(KERNEL="gemv", BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=3)
+            for bn in (16, 32, 64, 128) for sk in (1, 2, 4, 8) for w in (4,)]
+    gemv += [dict(KERNEL="gemv", BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=8, num_stages=3),
+             dict(KERNEL="gemv", BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, num_warps=2, num_stages=4)]
+    small = [dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, GROUP_M=1, EXPAND=e,
+                  num_warps=4, num_stages=3) for bn, sk, e in ((64, 4, False), (32, 4, True), (64, 4, True),
+                                                               (64, 1, True), (128, 2, True), (64, 8, True))]
+    prefill = [dict(KERNEL="dot", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, GROUP_M=8, EXPAND=e,
+                    num_warps=w, num_stages=s)
+               for bm, bn, bk, w, s, e in ((128, 128, 64, 8, 4, False), (128, 128, 64, 8, 4, True),
+                                           (128, 256, 64, 8, 3, True), (128, 128, 128, 8, 3, True),
+                                           (128, 64, 64, 4, 4, True), (64, 128, 64, 4, 4, True),
+                                           (128, 128, 64, 4, 4, True), (128, 256, 64, 8, 4, True))]
+    for b in (4, 3, 2):
+        p = prepare_wna16(random_linear(b, n, k, GROUP, "cuda"))
+        for m, cfgs in ((1, gemv + small[:3]), (16, small), (2048, prefill)):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            for cfg in cfgs:
+                show(f"W{b} M={m} {cfg}", lambda: wna16_matmul(x, p, cfg))
+    p = prepare_w4a4(random_linear(4, n, k, None, "cuda"))
+    x = torch.randn(2048, k, device="cuda", dtype=torch.float16)
+    act = quantize_activations(x, True)
+    show("W4A4 act-quant M=2048", lambda: quantize_activations(x, True))
+    for bm, bn, bk, w, s, e in ((128, 128, 128, 8, 4, False), (128, 128, 128, 8, 4, True),
+                                (128, 256, 128, 8, 3, True), (128, 128, 64, 4, 4, True),
+                                (256, 128, 128, 8, 3, True), (128, 256, 64, 8, 4, True)):
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EXPAND=e, num_warps=w, num_stages=s)
+        show(f"W4A4 M=2048 {cfg}", lambda: w4a4_matmul(act, p, x.dtype, cfg))
+
+
+def print_row(r: dict, copy_gbs: float | None = None) -> None:
+    pct = f" {100 * r['weight_gbs'] / copy_gbs:5.1f}%copy" if copy_gbs else ""
+    print(f"{r['kernel']:22s} M={r['M']:5d} N={r['N']:6d} K={r['K']:6d} {r['time_us']:10.1f} us "
+          f"{r['tflops']:8.2f} TFLOP/s {r['weight_gbs']:8.1f} GB/s{pct} x{r['speedup']:.2f}", flush=True)
+
+
+def render(results: dict) -> str:
+    lines = ["# Kernel benchmarks", "", "Generated by `benchmarks/kernels.py`; speedup is against the "
+             "dense baseline measured in the same run. GB/s counts packed weight + scales once.", ""]
+    for device, sec in sorted(results.items()):
+        meta = sec["meta"]
+        lines += [f"## {device}: {meta['device_name']}", "",
+                  f"- command: `{sec['command']}`", f"- date: {sec['date']}", f"- host: {sec['host']}"]
+        lines += [f"- {key}: {val:.0f}" if isinstance(val, float) else f"- {key}: {val}"
+                  for key, val in meta.items() if key != "device_name"]
+        copy = meta.get("copy_gbs")
+        lines += ["", "| kernel | M | N | K | time (us) | TFLOP/s | weight GB/s |"
+                  + (" % copy BW |" if copy else "") + " speedup |",
+                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if copy else "") + "---:|"]
+        for r in sec["rows"]:
+            pct = f" {100 * r['weight_gbs'] / copy:.0f} |" if copy else ""
+            lines.append(f"| {r['kernel']} | {r['M']} | {r['N']} | {r['K']} | {r['time_us']:.1f} | "
+                         f"{r['tflops']:.2f} | {r['weight_gbs']:.1f} |{pct} {r['speedup']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--tune", action="store_true", help="sweep GPU configs, print only")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch and the C++ kernels); default: torch's default")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tune:
+        tune_cuda()
+        return
+    meta, rows = bench_cuda() if args.device == "cuda" else bench_cpu()
+    date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
+    section = dict(meta=meta, rows=rows, date=date or datetime.datetime.now().isoformat(),
+                   host=platform.node(), command="python " + " ".join(sys.argv))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "kernels.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[args.device] = section
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "kernels.md").write_text(render(results))
+    print(f"wrote {path} and {args.out / 'kernels.md'}")
+
+
+if __name__ == "__main__":
+    main()
