@@ -173,21 +173,15 @@ def tune_cuda() -> None:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         show(f"fp16 M={m}", lambda: F.linear(x, dense))
     gemv = [dict(KERNEL="gemv", BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=3)
-            for bn in (16, 32, 64, 128) for sk in (1, 2, 4, 8) for w in (4,)]
-    gemv += [dict(KERNEL="gemv", BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=8, num_stages=3),
-             dict(KERNEL="gemv", BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, num_warps=2, num_stages=4)]
-    small = [dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, GROUP_M=1, EXPAND=e,
-                  num_warps=4, num_stages=3) for bn, sk, e in ((64, 4, False), (32, 4, True), (64, 4, True),
-                                                               (64, 1, True), (128, 2, True), (64, 8, True))]
-    prefill = [dict(KERNEL="dot", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, GROUP_M=8, EXPAND=e,
-                    num_warps=w, num_stages=s)
-               for bm, bn, bk, w, s, e in ((128, 128, 64, 8, 4, False), (128, 128, 64, 8, 4, True),
-                                           (128, 256, 64, 8, 3, True), (128, 128, 128, 8, 3, True),
-                                           (128, 64, 64, 4, 4, True), (64, 128, 64, 4, 4, True),
-                                           (128, 128, 64, 4, 4, True), (128, 256, 64, 8, 4, True))]
+            for bn, sk, w in ((32, 4, 4), (64, 4, 4), (64, 8, 4), (128, 4, 4), (128, 8, 8), (32, 8, 2))]
+    small = [dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, GROUP_M=1, EXPAND=True,
+                  num_warps=4, num_stages=s) for bn, sk, s in ((64, 4, 3), (64, 8, 4), (128, 4, 3))]
+    prefill = [dict(KERNEL="dequant"),
+               dict(KERNEL="dot", BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GROUP_M=8, EXPAND=True,
+                    num_warps=4, num_stages=4)]
     for b in (4, 3, 2):
         p = prepare_wna16(random_linear(b, n, k, GROUP, "cuda"))
-        for m, cfgs in ((1, gemv + small[:3]), (16, small), (2048, prefill)):
+        for m, cfgs in ((1, gemv + small[:1]), (16, small), (256, prefill), (2048, prefill)):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             for cfg in cfgs:
                 show(f"W{b} M={m} {cfg}", lambda: wna16_matmul(x, p, cfg))
@@ -195,10 +189,10 @@ def tune_cuda() -> None:
     x = torch.randn(2048, k, device="cuda", dtype=torch.float16)
     act = quantize_activations(x, True)
     show("W4A4 act-quant M=2048", lambda: quantize_activations(x, True))
-    for bm, bn, bk, w, s, e in ((128, 128, 128, 8, 4, False), (128, 128, 128, 8, 4, True),
-                                (128, 256, 128, 8, 3, True), (128, 128, 64, 4, 4, True),
-                                (256, 128, 128, 8, 3, True), (128, 256, 64, 8, 4, True)):
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EXPAND=e, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s, i8 in ((128, 128, 64, 4, 4, False), (128, 256, 128, 8, 3, True),
+                                 (128, 128, 128, 8, 4, True), (128, 256, 64, 8, 4, True),
+                                 (256, 128, 128, 8, 3, True)):
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EXPAND=True, B_INT8=i8, num_warps=w, num_stages=s)
         show(f"W4A4 M=2048 {cfg}", lambda: w4a4_matmul(act, p, x.dtype, cfg))
 
 

@@ -13,7 +13,7 @@ test)
   (python -m pytest -q -p no:cacheprovider $T/test_w4a4.py > /tmp/t3.log 2>&1; echo "w4a4 rc=$?" >> /tmp/t3.log) &
   (python -m pytest -q -p no:cacheprovider $T/test_hadamard.py $T/test_dispatch.py > /tmp/t4.log 2>&1; echo "had+dispatch rc=$?" >> /tmp/t4.log) &
   wait
-  for f in /tmp/t1.log /tmp/t2.log /tmp/t3.log /tmp/t4.log; do grep -E "passed|failed|rc=|^E  |FAILED" $f | cut -c1-200 | tail -14; done
+  for f in /tmp/t1.log /tmp/t2.log /tmp/t3.log /tmp/t4.log; do grep -E "passed|failed|rc=|^E  |FAILED|Error" $f | cut -c1-160 | sort | uniq -c | sort -rn | head -12; done
   ;;
 tune)
   python benchmarks/kernels.py --device cuda --tune

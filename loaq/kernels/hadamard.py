@@ -25,7 +25,7 @@ __all__ = ["hadamard_transform", "hadamard_quantize"]
 
 @triton.jit
 def _hadamard_tile(x_ptr, h_ptr, row_stride, K_HAD: tl.constexpr, KP: tl.constexpr,
-                   P: tl.constexpr, LOG_P: tl.constexpr):
+                   P: tl.constexpr, LOG_P: tl.constexpr, INV_SQRT_N: tl.constexpr):
     """Transformed row as an fp32 [KP, P] tile, and its validity mask."""
     row = tl.program_id(0)
     r = tl.arange(0, KP)
@@ -43,13 +43,14 @@ def _hadamard_tile(x_ptr, h_ptr, row_stride, K_HAD: tl.constexpr, KP: tl.constex
         hk = tl.load(h_ptr + r[:, None] * K_HAD + r[None, :],
                      mask=(r[:, None] < K_HAD) & (r[None, :] < K_HAD), other=0.0)
         x = tl.dot(hk.to(tl.float32), x, input_precision="ieee")
-    return x * (1.0 / tl.sqrt(float(K_HAD * P))), mask
+    return x * INV_SQRT_N, mask
 
 
 @triton.jit
 def _hadamard_kernel(x_ptr, h_ptr, y_ptr, row_stride,
-                     K_HAD: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr):
-    x, mask = _hadamard_tile(x_ptr, h_ptr, row_stride, K_HAD, KP, P, LOG_P)
+                     K_HAD: tl.constexpr, KP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr,
+                     INV_SQRT_N: tl.constexpr):
+    x, mask = _hadamard_tile(x_ptr, h_ptr, row_stride, K_HAD, KP, P, LOG_P, INV_SQRT_N)
     row = tl.program_id(0)
     offs = tl.arange(0, KP)[:, None] * P + tl.arange(0, P)[None, :]
     tl.store(y_ptr + row * K_HAD * P + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
@@ -58,8 +59,8 @@ def _hadamard_kernel(x_ptr, h_ptr, y_ptr, row_stride,
 @triton.jit
 def _hadamard_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, z_ptr, r_ptr, row_stride,
                            K_HAD: tl.constexpr, KP: tl.constexpr, P: tl.constexpr,
-                           LOG_P: tl.constexpr, SYM: tl.constexpr):
-    x, mask = _hadamard_tile(x_ptr, h_ptr, row_stride, K_HAD, KP, P, LOG_P)
+                           LOG_P: tl.constexpr, INV_SQRT_N: tl.constexpr, SYM: tl.constexpr):
+    x, mask = _hadamard_tile(x_ptr, h_ptr, row_stride, K_HAD, KP, P, LOG_P, INV_SQRT_N)
     codes, scale, zero = _quantize_tile(x, mask, SYM)
     row = tl.program_id(0)
     offs = tl.arange(0, KP)[:, None] * P + tl.arange(0, P)[None, :]
@@ -78,7 +79,7 @@ def _launch_args(x: torch.Tensor, had_k: torch.Tensor | None) -> tuple[torch.Ten
         x = x.contiguous()
     h = x if had_k is None else had_k.to(device=x.device, dtype=torch.float32).contiguous()
     kp = 1 if k == 1 else max(16, triton.next_power_of_2(k))
-    meta = dict(K_HAD=k, KP=kp, P=p, LOG_P=int(math.log2(p)),
+    meta = dict(K_HAD=k, KP=kp, P=p, LOG_P=int(math.log2(p)), INV_SQRT_N=1.0 / math.sqrt(n),
                 num_warps=min(16, max(1, kp * p // 1024)))
     return x, h, meta
 

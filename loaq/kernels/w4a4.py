@@ -3,7 +3,9 @@
 Semantics are those of :mod:`loaq.kernels.w4a4_ref` (read its docstring for the
 quantizer formulas and the exact zero-point correction). Weights use the 4-bit
 ``pack_kmajor`` layout; codes are unpacked to signed int8 in registers, activation
-codes are stored as int8 (one per byte). ``tl.dot`` accumulates in int32, which is
+codes are stored as int8 (one per byte). For M >= INT8_WORKSPACE_MIN_M the weight
+is first unpacked into a per-call int8 [K, N] workspace so that both ``tl.dot``
+operands stream through shared memory (nothing is cached between calls). ``tl.dot`` accumulates in int32, which is
 exact: |a·b| <= 64 per term, so |acc| < 2**31 for any K < 3.3e7.
 """
 
@@ -17,10 +19,11 @@ import triton.language as tl
 
 from loaq.kernels.layout import PackedLinear, pack_kmajor, unpack_codes, unpack_zero_points
 from loaq.kernels.w4a4_ref import ActQuant
-from loaq.kernels.wna16 import _load_codes, _load_codes3
+from loaq.kernels.wna16 import _load_codes, _load_codes3, dequantize_kmajor
 
 __all__ = ["W4A4Weight", "prepare_w4a4", "quantize_activations", "w4a4_matmul"]
 
+INT8_WORKSPACE_MIN_M = 128  # from here: unpack weights to an int8 workspace, both operands via smem
 _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds fp32 |v| < 2**22 half-to-even
 
 
@@ -124,7 +127,7 @@ def _w4a4_kernel(
     M, N, stride_ym,
     K: tl.constexpr, KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EXPAND: tl.constexpr,
+    EXPAND: tl.constexpr, B_INT8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -144,12 +147,17 @@ def _w4a4_kernel(
         offs_k = i * BLOCK_K + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0)
-        if EXPAND:
+        if B_INT8:  # q_ptr is the int8 [K, N] workspace of signed codes
+            b = tl.load(q_ptr + offs_k[:, None] * N + offs_n[None, :],
+                        mask=(offs_k[:, None] < K) & mask_n[None, :], other=0)
+        elif EXPAND:
             codes = tl.reshape(_load_codes3(q_ptr, i * BLOCK_K, offs_n, mask_n, N, KP, 4, BLOCK_K, BLOCK_N),
                                (BLOCK_K, BLOCK_N))
+            b = (codes - 8).to(tl.int8)
         else:
             codes = _load_codes(q_ptr, offs_k, offs_n, (offs_k[:, None] < KP) & mask_n[None, :], N, 4)
-        acc += tl.dot(a, (codes - 8).to(tl.int8), out_dtype=tl.int32)
+            b = (codes - 8).to(tl.int8)
+        acc += tl.dot(a, b, out_dtype=tl.int32)
 
     zx = tl.load(zx_ptr + offs_m, mask=mask_m, other=0)
     rx = tl.load(rx_ptr + offs_m, mask=mask_m, other=0)
@@ -167,7 +175,10 @@ def _config(m: int) -> dict:
     if m <= 64:
         return dict(BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=64, BLOCK_K=128,
                     GROUP_M=1, EXPAND=True, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, EXPAND=True, num_warps=8, num_stages=4)
+    if m < INT8_WORKSPACE_MIN_M:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EXPAND=True, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, EXPAND=True, B_INT8=True,
+                num_warps=8, num_stages=3)
 
 
 def w4a4_matmul(act: ActQuant, w: W4A4Weight, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
@@ -175,10 +186,13 @@ def w4a4_matmul(act: ActQuant, w: W4A4Weight, out_dtype: torch.dtype, config: di
     m, k = act.codes.shape
     assert k == w.k, f"activations have K={k}, weight has K={w.k}"
     cfg = dict(config or _config(m))
+    qweight = w.qweight
+    if cfg.setdefault("B_INT8", False):
+        qweight = dequantize_kmajor(w.qweight, w.scale, None, 4, w.n, w.k, 0, torch.int8)
     y = torch.empty((m, w.n), device=act.codes.device, dtype=out_dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(w.n, cfg["BLOCK_N"]),)
     _w4a4_kernel[grid](
-        act.codes, w.qweight, act.scale, act.zero, act.rowsum, w.scale, w.zero, w.colsum, y,
+        act.codes, qweight, act.scale, act.zero, act.rowsum, w.scale, w.zero, w.colsum, y,
         m, w.n, y.stride(0), K=k, KP=w.qweight.shape[0] * 8, **cfg,
     )
     return y

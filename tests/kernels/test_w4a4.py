@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loaq.kernels.w4a4 import W4A4Weight, prepare_w4a4, quantize_activations, w4a4_matmul
+from loaq.kernels.w4a4 import INT8_WORKSPACE_MIN_M, W4A4Weight, prepare_w4a4, quantize_activations, w4a4_matmul
 from loaq.kernels.w4a4_ref import ActQuant, quantize_activations_ref, w4a4_int_accum_ref, w4a4_matmul_ref
 from tests.kernels.helpers import DEVICE, make_packed, rel_err
 
@@ -33,7 +33,7 @@ def test_activation_quantizer_is_bit_exact(sym, dtype, k):
 
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("asym_w", [False, True])
-@pytest.mark.parametrize("m", [1, 5, 70])
+@pytest.mark.parametrize("m", [1, 5, 70, INT8_WORKSPACE_MIN_M])
 def test_w4a4_integer_accumulation_is_exact(sym, asym_w, m):
     """Unit scales and fp32 output expose the int32 accumulator: equal to int64 reference."""
     n, k = 48, 160
@@ -44,6 +44,9 @@ def test_w4a4_integer_accumulation_is_exact(sym, asym_w, m):
                       prepared.colsum, prepared.n, prepared.k)
     unit_act = ActQuant(act.codes, torch.ones_like(act.scale), act.zero, act.rowsum)
     y = w4a4_matmul(unit_act, unit, torch.float32)
+    assert torch.equal(y.double(), w4a4_int_accum_ref(act, w).double())
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, EXPAND=False, B_INT8=True, num_warps=4, num_stages=2)
+    y = w4a4_matmul(unit_act, unit, torch.float32, cfg)  # the int8-workspace path
     assert torch.equal(y.double(), w4a4_int_accum_ref(act, w).double())
 
 

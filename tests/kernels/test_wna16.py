@@ -10,7 +10,7 @@ shift, group or zero point gives errors of order 1.
 import pytest
 import torch
 
-from loaq.kernels.wna16 import prepare_wna16, wna16_matmul
+from loaq.kernels.wna16 import DEQUANT_MIN_M, prepare_wna16, wna16_matmul
 from loaq.kernels.wna16_ref import wna16_matmul_ref
 from tests.kernels.helpers import DEVICE, make_packed, rel_err
 
@@ -28,7 +28,7 @@ def test_wna16_matches_reference(bits, group, asym, dtype):
     w = make_packed(bits, n, k, group, asym, dtype, seed=bits)
     prepared = prepare_wna16(w)
     gen = torch.Generator().manual_seed(1)
-    for m in (1, 2, 7, 33):  # GEMV, split-K tensor-core decode and prefill regimes
+    for m in (1, 2, 7, 33, DEQUANT_MIN_M):  # GEMV, split-K decode, 2-D tiles, dequant + matmul
         x = torch.randn(m, k, generator=gen).to(device=DEVICE, dtype=dtype)
         y = wna16_matmul(x, prepared)
         assert y.dtype == dtype and y.shape == (m, n)
@@ -43,6 +43,7 @@ def test_wna16_accepts_batched_input_and_explicit_config():
         dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, GROUP_M=1, EXPAND=False,
              num_warps=4, num_stages=2),
         dict(KERNEL="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=2),
+        dict(KERNEL="dequant"),
     ):
         y = wna16_matmul(x, prepared, config=cfg)
         assert rel_err(y, wna16_matmul_ref(x, w)) < TOL[torch.float16], cfg["KERNEL"]
