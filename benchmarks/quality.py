@@ -33,7 +33,7 @@ from loaq.models import load_model
 from loaq.pipeline import quantize_model
 
 SETTINGS = {"w2": GridSpec(2, 0, False), "w3": GridSpec(3, 0, False), "w4g64": GridSpec(4, 64, False)}
-METHODS = ("rtn", "gptq", "gptaq", "qronos", "lloa", "loaq")
+METHODS = ("rtn", "gptq", "gptaq", "qronos", "lloa", "loaq", "loaq-alg")  # loaq-alg: ŝ = R(h + X̂W) (Algorithm 1)
 
 
 def rss_mb() -> float:
@@ -89,18 +89,19 @@ def main() -> None:
     for sname in a.settings.split(","):
         spec = SETTINGS[sname]
         for mname in a.methods.split(","):
-            al = {"lloa": alpha, "loaq": alpha, "gptaq": 0.25}.get(mname, 0.0)
-            be = beta if mname == "loaq" else 0.0
+            base, _, variant = mname.partition("-")
+            al = {"lloa": alpha, "loaq": alpha, "gptaq": 0.25}.get(base, 0.0)
+            be = beta if base == "loaq" else 0.0
             m = copy.deepcopy(model)
             gc.collect()
-            cfg = QuantConfig(spec=spec, method=Method(mname, al, be))
+            cfg = QuantConfig(spec=spec, method=Method(base, al, be, shat=variant or "text"))
             with PeakRSS() as mem:
                 t0 = time.time()
                 quantize_model(m, arch, calib, cfg, batch_size=a.batch_size, progress=False)
                 secs = time.time() - t0
             row = dict(model="SmolLM2-135M", method=mname, bits=spec.bits, group=spec.group_size,
-                       symmetric=spec.symmetric, alpha=al if mname in ("gptaq", "lloa", "loaq") else None,
-                       beta=be if mname == "loaq" else None, ppl=perplexity(m, evalw),
+                       symmetric=spec.symmetric, alpha=al if base in ("gptaq", "lloa", "loaq") else None,
+                       beta=be if base == "loaq" else None, ppl=perplexity(m, evalw),
                        quant_seconds=round(secs, 2), peak_mem_mb=round(mem.delta, 1))
             rows.append(row)
             print(row, flush=True)
