@@ -115,3 +115,13 @@ def test_qronos_without_mismatch_is_gptq():
     spec = GridSpec(4, 0, False)
     a, b = qronos_solve(W, f, st.C, spec), gptq_solve(W, f, spec)
     assert (a.codes != b.codes).float().mean() < 0.01
+
+
+def test_failed_cholesky_warns_with_the_layer_name(caplog):
+    X = correlated(64, 32)
+    X[:, 3] = X[:, 2]
+    st = Stats(32)
+    st.add(X)
+    with caplog.at_level("WARNING"):
+        f = factorize(st.H, 0.0, "model.layers.7.mlp.down_proj")
+    assert f.damp > 0 and "model.layers.7.mlp.down_proj" in caplog.text and "damping raised" in caplog.text
