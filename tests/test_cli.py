@@ -101,3 +101,23 @@ def test_bad_inputs_give_one_line_and_leave_nothing(case, model_dir, calib, tmp_
     assert set(os.listdir(tmp_path)) == before
     if case == "exists":
         assert os.listdir(out) == ["keep"]
+
+
+def test_search_picks_the_best_held_out_point(model_dir, calib, tmp_path):
+    out = tmp_path / "s.json"
+    assert main(["-q", "search", "--model", model_dir, "--calib", calib, "--method", "loaq", "--bits", "3",
+                 "--nsamples", "4", "--seqlen", "32", "--batch-size", "2", "--alphas", "0,1", "--betas", "0,1",
+                 "--holdout", "0.2", "--holdout-tokens", "256", "--json", str(out)]) == 0
+    r = json.load(open(out))
+    assert len(r["grid"]) == 3  # α ∈ {0, 1} at β = 0, then β = 1 at the best α
+    best = min(r["grid"], key=lambda g: g["ppl"])
+    assert (r["alpha"], r["beta"], r["ppl"]) == (best["alpha"], best["beta"], best["ppl"])
+
+
+def test_eval_mse_compares_with_the_source_model(model_dir, calib, tmp_path):
+    out = tmp_path / "q"
+    assert quantize(model_dir, calib, out, "--method", "rtn", "--bits", "2") == 0
+    assert main(["-q", "eval", "--quantized", str(out), "--eval-text", calib, "--eval-tokens", "256",
+                 "--eval-seqlen", "32", "--mse", "--mse-samples", "2", "--calib", calib, "--json", str(tmp_path / "e.json")]) == 0
+    r = json.load(open(tmp_path / "e.json"))
+    assert len(r["mse"]) == len(r["mse_normed"]) == 2 and all(x > 0 for x in r["mse"])

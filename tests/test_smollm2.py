@@ -44,3 +44,11 @@ def test_smollm2_gptq_beats_rtn_and_loaq_beats_gptq_on_hidden_error(smol):
     mse = {n: hidden_mse(ref, layer_outputs(m, arch, probe), eps) for n, m in (("gptq", gptq), ("loaq", loaq))}
     assert mse["loaq"]["mse"][-1] < mse["gptq"]["mse"][-1], mse
     assert mse["loaq"]["mse_normed"][-1] < mse["gptq"]["mse_normed"][-1], mse
+
+
+def test_group_128_is_refused_before_loading_smollm2(capsys):
+    from loaq.cli import main
+
+    assert main(["-q", "quantize", "--group-size", "128", "--out", "/nonexistent/never"]) == 2
+    err = capsys.readouterr().err
+    assert "--group-size 128 does not divide input width(s) [576]" in err and "16, 32, 48, 64, 96, 192" in err
