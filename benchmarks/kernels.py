@@ -153,8 +153,10 @@ def bench_cuda() -> tuple[dict, list[dict]]:
     return meta, rows
 
 
-def tune_cuda() -> None:
-    """Print the time of candidate configs on the 8192² goal shape; writes nothing."""
+def tune_cuda() -> dict:
+    """Time candidate configs on the 8192² goal shape; install and return the fastest."""
+    from loaq.kernels import w4a4 as w4a4_module
+    from loaq.kernels import wna16 as wna16_module
     import torch.nn.functional as F
 
     from loaq.kernels.w4a4 import prepare_w4a4, quantize_activations, w4a4_matmul
@@ -164,36 +166,41 @@ def tune_cuda() -> None:
 
     def show(label, fn):
         try:
-            print(f"tune {label} {time_gpu(fn) * 1e6:.1f} us", flush=True)
+            t = time_gpu(fn)
+            print(f"tune {label} {t * 1e6:.1f} us", flush=True)
+            return t
         except Exception as e:  # noqa: BLE001 - a config may not fit in shared memory
             print(f"tune {label} failed: {type(e).__name__}", flush=True)
+            return float("inf")
 
     dense = torch.randn(n, k, device="cuda", dtype=torch.float16)
     for m in (1, 16, 2048):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         show(f"fp16 M={m}", lambda: F.linear(x, dense))
     gemv = [dict(KERNEL="gemv", BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=3)
-            for bn, sk, w in ((32, 4, 4), (64, 4, 4), (64, 8, 4), (128, 4, 4), (128, 8, 8), (32, 8, 2))]
-    small = [dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, GROUP_M=1, EXPAND=True,
-                  num_warps=4, num_stages=s) for bn, sk, s in ((64, 4, 3), (64, 8, 4), (128, 4, 3))]
-    prefill = [dict(KERNEL="dequant"),
-               dict(KERNEL="dot", BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GROUP_M=8, EXPAND=True,
-                    num_warps=4, num_stages=4)]
+            for bn, sk, w in ((32, 4, 4), (64, 4, 4), (64, 8, 4), (128, 4, 4), (128, 2, 4), (64, 4, 2))]
+    total = [0.0] * len(gemv)
     for b in (4, 3, 2):
         p = prepare_wna16(random_linear(b, n, k, GROUP, "cuda"))
-        for m, cfgs in ((1, gemv + small[:1]), (16, small), (256, prefill), (2048, prefill)):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            for cfg in cfgs:
-                show(f"W{b} M={m} {cfg}", lambda: wna16_matmul(x, p, cfg))
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        for i, cfg in enumerate(gemv):
+            total[i] += show(f"W{b} M=1 {cfg}", lambda: wna16_matmul(x, p, cfg))
+    best = gemv[total.index(min(total))]
+    wna16_module.GEMV_TILE = dict(BLOCK_N=best["BLOCK_N"], num_warps=best["num_warps"])
     p = prepare_w4a4(random_linear(4, n, k, None, "cuda"))
     x = torch.randn(2048, k, device="cuda", dtype=torch.float16)
     act = quantize_activations(x, True)
     show("W4A4 act-quant M=2048", lambda: quantize_activations(x, True))
+    times = []
     for bm, bn, bk, w, s, i8 in ((128, 128, 64, 4, 4, False), (128, 256, 128, 8, 3, True),
-                                 (128, 128, 128, 8, 4, True), (128, 256, 64, 8, 4, True),
-                                 (256, 128, 128, 8, 3, True)):
+                                 (128, 128, 128, 8, 4, True), (128, 128, 128, 4, 4, True),
+                                 (256, 128, 128, 8, 3, True), (128, 256, 64, 8, 4, True)):
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EXPAND=True, B_INT8=i8, num_warps=w, num_stages=s)
-        show(f"W4A4 M=2048 {cfg}", lambda: w4a4_matmul(act, p, x.dtype, cfg))
+        times.append((show(f"W4A4 M=2048 {cfg}", lambda: w4a4_matmul(act, p, x.dtype, cfg)), cfg))
+    w4a4_module.PREFILL_CONFIG = min(times, key=lambda tc: tc[0])[1]
+    chosen = dict(wna16_GEMV_TILE=wna16_module.GEMV_TILE, w4a4_PREFILL_CONFIG=w4a4_module.PREFILL_CONFIG)
+    print("chosen", chosen, flush=True)
+    return chosen
 
 
 def print_row(r: dict, copy_gbs: float | None = None) -> None:
@@ -226,7 +233,8 @@ def render(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--tune", action="store_true", help="sweep GPU configs, print only")
+    parser.add_argument("--tune", action="store_true",
+                        help="GPU: sweep configs on 8192², use the fastest for the benchmark")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (torch and the C++ kernels); default: torch's default")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -234,10 +242,10 @@ def main() -> None:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.tune:
-        tune_cuda()
-        return
+    chosen = tune_cuda() if args.tune else None
     meta, rows = bench_cuda() if args.device == "cuda" else bench_cpu()
+    if chosen:
+        meta["tuned_configs"] = json.dumps(chosen)
     date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
     section = dict(meta=meta, rows=rows, date=date or datetime.datetime.now().isoformat(),
                    host=platform.node(), command="python " + " ".join(sys.argv))

@@ -1,6 +1,6 @@
 #!/bin/bash
 # GPU session driver for the kernel work (run by the remote `run` tool from the repo root).
-# usage: bash benchmarks/results/kernels.gpu.sh test|tune|bench
+# usage: bash benchmarks/results/kernels.gpu.sh test|debug|bench   (bench = tune on 8192², then benchmark)
 set -u
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -15,10 +15,10 @@ test)
   wait
   for f in /tmp/t1.log /tmp/t2.log /tmp/t3.log /tmp/t4.log; do grep -E "passed|failed|rc=|^E  |FAILED|Error" $f | cut -c1-160 | sort | uniq -c | sort -rn | head -12; done
   ;;
-tune)
-  python benchmarks/kernels.py --device cuda --tune
+debug)
+  python benchmarks/results/kernels.debug.py
   ;;
 bench)
-  python benchmarks/kernels.py --device cuda --out "$OUT" && cp "$OUT"/kernels.* benchmarks/results/ 2>/dev/null
+  python benchmarks/kernels.py --device cuda --tune --out "$OUT"
   ;;
 esac

@@ -34,8 +34,7 @@ def _hadamard_tile(x_ptr, h_ptr, row_stride, K_HAD: tl.constexpr, KP: tl.constex
     x = tl.load(x_ptr + row * row_stride + r[:, None] * P + c[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
     for s in tl.static_range(LOG_P):
-        h: tl.constexpr = 1 << s
-        y = tl.permute(tl.reshape(x, (KP, P // (2 * h), 2, h)), (0, 1, 3, 2))
+        y = tl.permute(tl.reshape(x, (KP, P // (2 << s), 2, 1 << s)), (0, 1, 3, 2))
         a, b = tl.split(y)
         y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
         x = tl.reshape(y, (KP, P))

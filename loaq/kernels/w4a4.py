@@ -4,7 +4,7 @@ Semantics are those of :mod:`loaq.kernels.w4a4_ref` (read its docstring for the
 quantizer formulas and the exact zero-point correction). Weights use the 4-bit
 ``pack_kmajor`` layout; codes are unpacked to signed int8 in registers, activation
 codes are stored as int8 (one per byte). For M >= INT8_WORKSPACE_MIN_M the weight
-is first unpacked into a per-call int8 [K, N] workspace so that both ``tl.dot``
+is first unpacked into a per-call int8 [N, K] workspace so that both ``tl.dot``
 operands stream through shared memory (nothing is cached between calls). ``tl.dot`` accumulates in int32, which is
 exact: |a·b| <= 64 per term, so |acc| < 2**31 for any K < 3.3e7.
 """
@@ -24,6 +24,8 @@ from loaq.kernels.wna16 import _load_codes, _load_codes3, dequantize_kmajor
 __all__ = ["W4A4Weight", "prepare_w4a4", "quantize_activations", "w4a4_matmul"]
 
 INT8_WORKSPACE_MIN_M = 128  # from here: unpack weights to an int8 workspace, both operands via smem
+PREFILL_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, EXPAND=True, B_INT8=True,
+                      num_warps=8, num_stages=3)  # H100 sweep, benchmarks/results/kernels.md
 _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds fp32 |v| < 2**22 half-to-even
 
 
@@ -147,8 +149,8 @@ def _w4a4_kernel(
         offs_k = i * BLOCK_K + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0)
-        if B_INT8:  # q_ptr is the int8 [K, N] workspace of signed codes
-            b = tl.load(q_ptr + offs_k[:, None] * N + offs_n[None, :],
+        if B_INT8:  # q_ptr is the int8 [N, K] workspace of signed codes
+            b = tl.load(q_ptr + offs_n[None, :] * K + offs_k[:, None],
                         mask=(offs_k[:, None] < K) & mask_n[None, :], other=0)
         elif EXPAND:
             codes = tl.reshape(_load_codes3(q_ptr, i * BLOCK_K, offs_n, mask_n, N, KP, 4, BLOCK_K, BLOCK_N),
@@ -177,8 +179,7 @@ def _config(m: int) -> dict:
                     GROUP_M=1, EXPAND=True, num_warps=4, num_stages=4)
     if m < INT8_WORKSPACE_MIN_M:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EXPAND=True, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, EXPAND=True, B_INT8=True,
-                num_warps=8, num_stages=3)
+    return dict(PREFILL_CONFIG)
 
 
 def w4a4_matmul(act: ActQuant, w: W4A4Weight, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:

@@ -74,7 +74,10 @@ def w4a4_int_accum_ref(act: ActQuant, w: PackedLinear) -> torch.Tensor:
     """Exact ``sum_k (a - za)(b - zb)`` as int64 [M, N]."""
     b, zb = _signed_weight(w)
     a = act.codes.long() - act.zero.long()[:, None]
-    return a @ (b.long() - zb.long()[:, None]).t()
+    b = b.long() - zb.long()[:, None]
+    if a.is_cuda:  # no int64 matmul on CUDA; float64 is exact for |sums| < 2**53
+        return (a.double() @ b.double().t()).round().long()
+    return a @ b.t()
 
 
 def w4a4_matmul_ref(act: ActQuant, w: PackedLinear, out_dtype: torch.dtype) -> torch.Tensor:

@@ -9,9 +9,8 @@ whose runtime-bounded loops fail with NumPy >= 2.4.
 
 Regimes picked by M in :func:`_config`:
 
-* M <= GEMV_MAX_M, ``_gemv_kernel``: one token per program, fp32 FMAs on CUDA cores
-  into a [R, C, BLOCK_N] accumulator reduced once at the end, split-K over programs
-  (fp32 atomics) so that enough programs stream the packed weight;
+* M <= GEMV_MAX_M, ``_gemv_kernel``: one token per program, fp32 FMAs on CUDA cores,
+  split-K over programs (fp32 atomics) so that enough programs stream the weight;
 * M <= 16, ``_wna16_kernel`` with BLOCK_M = 16 and split-K (tensor cores);
 * 16 < M < DEQUANT_MIN_M: ``_wna16_kernel`` with 2-D tiles in grouped order,
   dequantized weight tiles fed to ``tl.dot``;
@@ -41,6 +40,7 @@ __all__ = ["WNA16Weight", "prepare_wna16", "wna16_matmul", "dequantize_kmajor", 
 
 GEMV_MAX_M = 2  # up to this many tokens: CUDA-core GEMV, one token per program
 DEQUANT_MIN_M = 128  # from this many tokens: dequantize into a workspace, then cuBLAS
+GEMV_TILE = dict(BLOCK_N=64, num_warps=4)  # H100 sweep, benchmarks/results/kernels.md
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,10 @@ def _gemv_kernel(
     K: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """One token per program (grid axis 2): fp32 FMAs on CUDA cores, no tensor cores."""
+    """One token per program (grid axis 2): fp32 FMAs on CUDA cores, no tensor cores.
+
+    Per weight: shift, mask|magic (one LOP3), subtract, FMA; the tile (one group) is
+    reduced over K and scaled once per output channel."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -135,7 +138,7 @@ def _gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_kx = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
-    acc = tl.zeros((R, C, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for i in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
         t = i * SPLIT_K + pid_k
         k0 = t * BLOCK_K
@@ -150,8 +153,8 @@ def _gemv_kernel(
             zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
         # int -> float without the quarter-rate I2F: 0x4B000000 | u is the fp32 2**23 + u
         f = (codes | 0x4B000000).to(tl.float32, bitcast=True) - (zero + 8388608.0)[None, None, :]
-        acc += (x.to(tl.float32)[:, :, None] * f) * scale[None, None, :]
-    y = tl.sum(tl.sum(acc, 0), 0)
+        acc += tl.sum(tl.sum(x.to(tl.float32)[:, :, None] * f, 1), 0) * scale
+    y = acc
     out = y_ptr + m * stride_ym + offs_n
     if SPLIT_K == 1:
         tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask_n)
@@ -165,14 +168,16 @@ def _dequant_kernel(
     K: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_ZP: tl.constexpr, INT8: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Unpack to a dense K-major [K, N] workspace: ``(u - uz) * s`` or, with INT8, ``u - 2**(b-1)``."""
+    """Unpack to a dense workspace: ``W.T = (u - uz) * s`` [K, N], or with INT8 ``u - 2**(b-1)`` [N, K]."""
     k0 = tl.program_id(0) * BLOCK_K
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k = k0 + tl.arange(0, BLOCK_K)
     codes = tl.reshape(_load_codes3(q_ptr, k0, offs_n, mask_n, N, KP, BITS, BLOCK_K, BLOCK_N), (BLOCK_K, BLOCK_N))
-    if INT8:
+    if INT8:  # [N, K], K-contiguous: 8-bit tensor-core operands must be K-major
         w = (codes - (1 << (BITS - 1))).to(tl.int8)
+        tl.store(out_ptr + offs_n[None, :] * K + offs_k[:, None], w,
+                 mask=(offs_k < K)[:, None] & mask_n[None, :])
     else:
         g = k0 // GROUP_SIZE
         scale = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -181,13 +186,13 @@ def _dequant_kernel(
         else:
             zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
         w = ((codes.to(tl.float32) - zero[None, :]) * scale[None, :]).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w, mask=(offs_k < K)[:, None] & mask_n[None, :])
+        tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w, mask=(offs_k < K)[:, None] & mask_n[None, :])
 
 
 def dequantize_kmajor(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
                       n: int, k: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Dense ``W.T`` [K, N] in ``dtype`` (``torch.int8``: the signed codes ``u - 2**(bits-1)``)."""
-    out = torch.empty((k, n), device=qweight.device, dtype=dtype)
+    """Dense ``W.T`` [K, N] in ``dtype``; for ``torch.int8`` the signed codes ``u - 2**(bits-1)`` as [N, K]."""
+    out = torch.empty((n, k) if dtype == torch.int8 else (k, n), device=qweight.device, dtype=dtype)
     block_n, block_k = 64, _block_k(64, group_size)
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
     _dequant_kernel[grid](
@@ -280,9 +285,10 @@ def _split_k(programs: int, k_tiles: int) -> int:
 def _config(m: int, n: int, k: int, group: int) -> dict:
     """Kernel and tile sizes by regime (tuned on H100, see benchmarks/results/kernels.md)."""
     if m <= GEMV_MAX_M:
-        block_n, block_k = 64, _block_k(128, group)
+        block_n, block_k = GEMV_TILE["BLOCK_N"], _block_k(128, group)
         split_k = _split_k(triton.cdiv(n, block_n) * m, triton.cdiv(k, block_k))
-        return dict(KERNEL="gemv", BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=4)
+        return dict(KERNEL="gemv", BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                    num_warps=GEMV_TILE["num_warps"], num_stages=3)
     if m <= 16:
         block_n, block_k = 64, _block_k(128, group)
         split_k = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k))
