@@ -7,7 +7,8 @@ Activation quantizer (per row of x, computed in fp32, round half to even):
 * asym (min-max): ``lo = min(x, 0)``, ``hi = max(x, 0)``, ``scale = (hi - lo) / 15``,
   ``z = round(-lo / scale)``, ``q = clamp(round(x / scale) + z, 0, 15)``.
 
-An all-zero row gets ``scale = 1``. Both are returned as signed int8 codes ``a`` and a
+An all-zero row gets ``scale = 1``. Every division is IEEE-rounded (the Triton kernel
+uses ``div_rn``), so kernel and reference agree bit for bit on CPU and GPU. Both are returned as signed int8 codes ``a`` and a
 signed zero ``za`` with ``x ≈ (a - za) * scale``: sym ``a = q, za = 0``; asym
 ``a = q - 8, za = z - 8`` so that ``a`` fits int8 tensor-core operands.
 A quantizer that simulates W4A4 should fake-quantize with exactly these formulas.
@@ -46,20 +47,25 @@ def quantize_activations_ref(x: torch.Tensor, sym: bool) -> ActQuant:
     """Quantize each row of x [M, K] to 4 bits; see the module docstring."""
     x = x.float()
     if sym:
-        scale = x.abs().amax(-1) / 7
+        scale = _div(x.abs().amax(-1), 7)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = torch.clamp(torch.round(x / scale[:, None]), -8, 7)
         zero = torch.zeros_like(scale)
     else:
         lo = x.amin(-1).clamp(max=0)
         hi = x.amax(-1).clamp(min=0)
-        scale = (hi - lo) / 15
+        scale = _div(hi - lo, 15)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         z = torch.round(-lo / scale)
         q = torch.clamp(torch.round(x / scale[:, None]) + z[:, None], 0, 15) - 8
         zero = z - 8
     codes = q.to(torch.int8)
     return ActQuant(codes, scale, zero.to(torch.int32), codes.sum(-1, dtype=torch.int32))
+
+
+def _div(t: torch.Tensor, d: float) -> torch.Tensor:
+    """IEEE ``t / d``: CUDA torch turns a scalar divisor into a reciprocal multiply."""
+    return t / torch.full_like(t, d)
 
 
 def _signed_weight(w: PackedLinear) -> tuple[torch.Tensor, torch.Tensor]:

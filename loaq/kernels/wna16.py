@@ -40,7 +40,7 @@ __all__ = ["WNA16Weight", "prepare_wna16", "wna16_matmul", "dequantize_kmajor", 
 
 GEMV_MAX_M = 2  # up to this many tokens: CUDA-core GEMV, one token per program
 DEQUANT_MIN_M = 128  # from this many tokens: dequantize into a workspace, then cuBLAS
-GEMV_TILE = dict(BLOCK_N=64, num_warps=4)  # H100 sweep, benchmarks/results/kernels.md
+GEMV_TILE = dict(BLOCK_N=64, num_warps=2)  # H100 sweep, benchmarks/results/kernels.md
 
 
 @dataclass(frozen=True)
