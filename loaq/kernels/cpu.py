@@ -9,9 +9,9 @@ vector extensions map that onto AVX-512 (or pairs of AVX2 registers).
   per decoded weight vector, parallel over output channels. Per group the integer
   codes are accumulated against x, then scaled once:
   ``y = sum_g s_g * sum_k u_k x_k - sum_g (uz_g s_g) * sum_{k in g} x_k``.
-* larger M (prefill): the C++ code dequantizes the weight into a temporary in the
-  activation dtype (bf16 rounding to nearest even) and ``F.linear`` runs oneDNN's
-  GEMM on it; nothing is cached between calls.
+* larger M (prefill): the C++ code dequantizes the weight into a reused per-thread
+  workspace in the activation dtype (bf16 rounding to nearest even) and
+  ``F.linear`` runs oneDNN's GEMM on it; no dequantized weight outlives the call.
 
 The library is built with ``g++ -O3 -march=native -fopenmp`` into
 ``$LOAQ_CACHE_DIR`` (default ``~/.cache/loaq``), keyed by a hash of the source,
@@ -32,6 +32,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from loaq.kernels.w4a4_ref import ActQuant
 
 __all__ = ["CpuWeight", "prepare_cpu", "cpu_wna16_matmul", "cpu_w4a4_matmul", "DEQUANT_MIN_M"]
 
-DEQUANT_MIN_M = 32  # from benchmarks/results/kernels.md (CPU section)
+DEQUANT_MIN_M = 8  # GEMV vs dequantize+oneDNN crossover at 4096², 1 thread (kernels.md)
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -111,6 +112,9 @@ static void gemv(const float* x, int64_t M, int64_t ldx, const int32_t* w, int64
     }
 }
 
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
 template <int BITS>
 static void dequant(const int32_t* w, int64_t N, int64_t kw, int64_t K, int64_t gs, int64_t G,
                     const float* s, const float* zs, void* out, int bf16, int nthreads) {
@@ -118,29 +122,26 @@ static void dequant(const int32_t* w, int64_t N, int64_t kw, int64_t K, int64_t 
     constexpr int MASK = (1 << BITS) - 1;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; ++n) {
-        float row[16 * PF];
-        for (int64_t b = 0; b < kw; b += 16) {
+        const float* sn = s + n * G;
+        const float* zn = zs + n * G;
+        int64_t k = 0, g = 0, gend = gs;
+        for (int64_t b = 0; b < kw && k < K; b += 16) {
             v16i wv;
             memcpy(&wv, w + n * kw + b, 64);
-            int64_t k0 = b * PF;
-            for (int t = 0; t < PF; ++t) {
-                int64_t g = (k0 + 16 * t) / gs;
-                if (g >= G) g = G - 1;
-                v16f cf = __builtin_convertvector((wv >> (BITS * t)) & MASK, v16f);
-                v16f d = cf * s[n * G + g] - zs[n * G + g];
-                memcpy(row + 16 * t, &d, 64);
-            }
-            int64_t cnt = K - k0 < 16 * PF ? K - k0 : 16 * PF;
-            if (cnt <= 0) break;
-            if (bf16) {
-                uint16_t* o = (uint16_t*)out + n * K + k0;
-                for (int64_t i = 0; i < cnt; ++i) {
-                    uint32_t u;
-                    memcpy(&u, row + i, 4);
-                    o[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+            for (int t = 0; t < PF && k < K; ++t, k += 16) {
+                v16f d = __builtin_convertvector((wv >> (BITS * t)) & MASK, v16f) * sn[g] - zn[g];
+                int64_t cnt = K - k < 16 ? K - k : 16;
+                if (bf16) {  // round to nearest even
+                    v16u u;
+                    memcpy(&u, &d, 64);
+                    v16h h = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, v16h);
+                    if (cnt == 16) memcpy((uint16_t*)out + n * K + k, &h, 32);  // constant size: inlined
+                    else memcpy((uint16_t*)out + n * K + k, &h, cnt * 2);
+                } else {
+                    if (cnt == 16) memcpy((float*)out + n * K + k, &d, 64);
+                    else memcpy((float*)out + n * K + k, &d, cnt * 4);
                 }
-            } else {
-                memcpy((float*)out + n * K + k0, row, cnt * 4);
+                if (k + 16 == gend && g + 1 < G) { ++g; gend += gs; }
             }
         }
     }
@@ -231,8 +232,21 @@ def prepare_cpu(w: PackedLinear) -> CpuWeight:
     return CpuWeight(packed, scales, (uz * scales).contiguous(), w.bits, n, k, group)
 
 
+_SCRATCH = threading.local()
+
+
+def _workspace(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused per-thread buffer: a fresh multi-MB tensor costs a page fault per 4 KiB."""
+    buf = getattr(_SCRATCH, str(dtype), None)
+    if buf is None or buf.numel() < n * k:
+        buf = torch.empty(n * k, dtype=dtype)
+        setattr(_SCRATCH, str(dtype), buf)
+    return buf[: n * k].view(n, k)
+
+
 def _dequantize(w: CpuWeight, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty((w.n, w.k), dtype=dtype)
+    """Dense weight [N, K] in a reused workspace: valid until the next call on this thread."""
+    out = _workspace(w.n, w.k, dtype)
     _library().loaq_dequant(
         w.packed.data_ptr(), w.n, w.packed.shape[1], w.k, w.bits, w.group_size, w.scales.shape[1],
         w.scales.data_ptr(), w.zs.data_ptr(), out.data_ptr(), int(dtype == torch.bfloat16),
