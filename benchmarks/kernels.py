@@ -80,8 +80,7 @@ def row(kernel: str, m: int, n: int, k: int, t: float, wbytes: int, t_dense: flo
 def bench_cpu() -> tuple[dict, list[dict]]:
     import torch.nn.functional as F
 
-    from loaq.kernels.cpu import cpu_w4a4_matmul, cpu_wna16_matmul, prepare_cpu
-    from loaq.kernels.w4a4_ref import quantize_activations_ref
+    from loaq.kernels.cpu import cpu_quantize_activations, cpu_w4a4_matmul, cpu_wna16_matmul, prepare_cpu
 
     rows = []
     for n, k in CPU_SHAPES:
@@ -97,7 +96,7 @@ def bench_cpu() -> tuple[dict, list[dict]]:
             for b in (4, 3, 2):
                 t = time_cpu(lambda: cpu_wna16_matmul(x, prepared[b]))
                 rows.append(row(f"W{b}A16 g{GROUP}", m, n, k, t, weight_bytes(layers[b]), t_dense))
-            t = time_cpu(lambda: cpu_w4a4_matmul(quantize_activations_ref(x, True), w4a4, x.dtype))
+            t = time_cpu(lambda: cpu_w4a4_matmul(cpu_quantize_activations(x, True), w4a4, x.dtype))
             rows.append(row("W4A4 (quant+gemm)", m, n, k, t, weight_bytes(w4pc), t_dense))
             for r in rows[-5:]:
                 print_row(r)

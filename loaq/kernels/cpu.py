@@ -5,7 +5,7 @@ of 16 words gives, for each of the ``pf`` shifts, the codes of 16 consecutive k,
 which are converted to fp32 and multiplied with 16 contiguous activations. GCC
 vector extensions map that onto AVX-512 (or pairs of AVX2 registers).
 
-* ``M <= DEQUANT_MIN_M - 1`` (decode): fused unpack-and-FMA GEMV, up to 4 tokens
+* ``M < DEQUANT_MIN_M`` (decode): fused unpack-and-FMA GEMV, up to 4 tokens
   per decoded weight vector, parallel over output channels. Per group the integer
   codes are accumulated against x, then scaled once:
   ``y = sum_g s_g * sum_k u_k x_k - sum_g (uz_g s_g) * sum_{k in g} x_k``.
@@ -17,7 +17,7 @@ The library is built with ``g++ -O3 -march=native -fopenmp`` into
 ``$LOAQ_CACHE_DIR`` (default ``~/.cache/loaq``), keyed by a hash of the source,
 flags and CPU model; it links the OpenMP runtime that torch has already loaded.
 Activations are bf16 or fp32 (fp16 is computed via fp32). W4A4 on CPU quantizes
-activations with the reference quantizer and runs the same GEMV on the integer
+activations in C++ (bit-identical to the reference quantizer) and runs the same GEMV on the integer
 codes (products and sums of integers below 2**24 are exact in fp32), or for large M
 a bf16 GEMM on them (the weight rounded to bf16).
 """
@@ -41,13 +41,16 @@ import torch
 from loaq.kernels.layout import PackedLinear, pack_lanes, unpack_codes, unpack_zero_points
 from loaq.kernels.w4a4_ref import ActQuant
 
-__all__ = ["CpuWeight", "prepare_cpu", "cpu_wna16_matmul", "cpu_w4a4_matmul", "DEQUANT_MIN_M"]
+__all__ = ["CpuWeight", "prepare_cpu", "cpu_wna16_matmul", "cpu_quantize_activations", "cpu_w4a4_matmul",
+           "DEQUANT_MIN_M"]
 
 DEQUANT_MIN_M = 8  # GEMV vs dequantize+oneDNN crossover at 4096², 1 thread (kernels.md)
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <omp.h>
 
 typedef float v16f __attribute__((vector_size(64)));
@@ -66,9 +69,12 @@ static inline void row_gemv(const float* x, int64_t ldx, const int32_t* w, int64
                             const float* xg, float* y, int64_t ldy) {
     constexpr int PF = 32 / BITS;
     constexpr int MASK = (1 << BITS) - 1;
-    v16f acc[MB], accg[MB];
-    for (int m = 0; m < MB; ++m) { acc[m] = (v16f){}; accg[m] = (v16f){}; }
+    // accg: short FMA chains (flushed into accs every 8 chunks so that out-of-order
+    // execution overlaps them); accs: the current group's sum; acc: scaled total
+    v16f acc[MB], accs[MB], accg[MB];
+    for (int m = 0; m < MB; ++m) { acc[m] = (v16f){}; accs[m] = (v16f){}; accg[m] = (v16f){}; }
     int64_t k = 0, g = 0, gend = gs;
+    int chunk = 0;
     for (int64_t b = 0; b < kw; b += 16) {
         v16i wv;
         memcpy(&wv, w + b, 64);
@@ -81,15 +87,21 @@ static inline void row_gemv(const float* x, int64_t ldx, const int32_t* w, int64
                 accg[m] += cf * xv;
             }
             k += 16;
+            if ((++chunk & 7) == 0)
+                for (int m = 0; m < MB; ++m) { accs[m] += accg[m]; accg[m] = (v16f){}; }
             if (k == gend && g < G) {
-                for (int m = 0; m < MB; ++m) { acc[m] += accg[m] * s[g]; accg[m] = (v16f){}; }
+                for (int m = 0; m < MB; ++m) {
+                    acc[m] += (accs[m] + accg[m]) * s[g];
+                    accs[m] = (v16f){};
+                    accg[m] = (v16f){};
+                }
                 ++g;
                 gend += gs;
             }
         }
     }
     if (g < G)
-        for (int m = 0; m < MB; ++m) acc[m] += accg[m] * s[g];
+        for (int m = 0; m < MB; ++m) acc[m] += (accs[m] + accg[m]) * s[g];
     for (int m = 0; m < MB; ++m) {
         float zt = 0.f;
         for (int64_t j = 0; j < G; ++j) zt += zs[j] * xg[m * G + j];
@@ -101,7 +113,7 @@ template <int BITS>
 static void gemv(const float* x, int64_t M, int64_t ldx, const int32_t* w, int64_t N, int64_t kw,
                  int64_t gs, int64_t G, const float* s, const float* zs, const float* xg, float* y,
                  int nthreads) {
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (N * kw > 32768)
     for (int64_t n = 0; n < N; ++n) {
         const int32_t* wr = w + n * kw;
         int64_t m = 0;
@@ -148,15 +160,66 @@ static void dequant(const int32_t* w, int64_t N, int64_t kw, int64_t K, int64_t 
 }
 
 extern "C" {
-int loaq_gemv(const float* x, int64_t M, int64_t ldx, const int32_t* w, int64_t N, int64_t kw,
-              int bits, int64_t gs, int64_t G, const float* s, const float* zs, const float* xg,
-              float* y, int nthreads) {
-    switch (bits) {
-        case 2: gemv<2>(x, M, ldx, w, N, kw, gs, G, s, zs, xg, y, nthreads); return 0;
-        case 3: gemv<3>(x, M, ldx, w, N, kw, gs, G, s, zs, xg, y, nthreads); return 0;
-        case 4: gemv<4>(x, M, ldx, w, N, kw, gs, G, s, zs, xg, y, nthreads); return 0;
+// Per-token 4-bit quantizer, the formulas of w4a4_ref (IEEE division, round half to even).
+void loaq_act_quant(const float* x, int64_t M, int64_t K, int sym, int8_t* codes, float* scale,
+                    int32_t* zero, int32_t* rowsum, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+        float lo = 0.f, hi = 0.f, amax = 0.f;
+        for (int64_t k = 0; k < K; ++k) {
+            lo = xr[k] < lo ? xr[k] : lo;
+            hi = xr[k] > hi ? xr[k] : hi;
+        }
+        amax = -lo > hi ? -lo : hi;
+        float s = sym ? amax / 7.0f : (hi - lo) / 15.0f;
+        if (s == 0.f) s = 1.f;
+        float z = sym ? 0.f : nearbyintf(-lo / s);
+        float qmin = sym ? -8.f : 0.f, qmax = sym ? 7.f : 15.f, shift = sym ? 0.f : 8.f;
+        int32_t sum = 0;
+        for (int64_t k = 0; k < K; ++k) {
+            float q = nearbyintf(xr[k] / s) + z;
+            q = q < qmin ? qmin : (q > qmax ? qmax : q);
+            int8_t c = (int8_t)(q - shift);
+            codes[m * K + k] = c;
+            sum += c;
+        }
+        scale[m] = s;
+        zero[m] = (int32_t)(z - shift);
+        rowsum[m] = sum;
     }
-    return 1;
+}
+
+// y [M, N] fp32 from x [M, K] (fp32, or bf16 if x_bf16; row stride ldx). The prologue
+// copies x to fp32 zero-padded to the packed length and sums it per quantization group.
+int loaq_gemv(const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, const int32_t* w, int64_t N,
+              int64_t kw, int bits, int64_t gs, int64_t G, const float* s, const float* zs, float* y,
+              int nthreads) {
+    int64_t kp = kw * (32 / bits);
+    float* xp = (float*)calloc(M * kp + M * G, sizeof(float));
+    if (!xp) return 2;
+    float* xg = xp + M * kp;
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) {
+            float v;
+            if (x_bf16) {
+                uint32_t u = (uint32_t)((const uint16_t*)x)[m * ldx + k] << 16;
+                memcpy(&v, &u, 4);
+            } else {
+                v = ((const float*)x)[m * ldx + k];
+            }
+            xp[m * kp + k] = v;
+            xg[m * G + (k / gs < G ? k / gs : G - 1)] += v;
+        }
+    int rc = 0;
+    switch (bits) {
+        case 2: gemv<2>(xp, M, kp, w, N, kw, gs, G, s, zs, xg, y, nthreads); break;
+        case 3: gemv<3>(xp, M, kp, w, N, kw, gs, G, s, zs, xg, y, nthreads); break;
+        case 4: gemv<4>(xp, M, kp, w, N, kw, gs, G, s, zs, xg, y, nthreads); break;
+        default: rc = 1;
+    }
+    free(xp);
+    return rc;
 }
 
 int loaq_dequant(const int32_t* w, int64_t N, int64_t kw, int64_t K, int bits, int64_t gs, int64_t G,
@@ -197,7 +260,9 @@ def _library() -> ctypes.CDLL:
             os.replace(out, path)  # atomic: concurrent builders race harmlessly
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.loaq_gemv.argtypes = [ptr, i64, i64, ptr, i64, i64, ctypes.c_int, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.loaq_gemv.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, i64, i64, ctypes.c_int, i64, i64, ptr, ptr,
+                              ptr, ctypes.c_int]
+    lib.loaq_act_quant.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.loaq_dequant.argtypes = [ptr, i64, i64, i64, ctypes.c_int, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
     return lib
 
@@ -256,19 +321,18 @@ def _dequantize(w: CpuWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _gemv(x: torch.Tensor, w: CpuWeight) -> torch.Tensor:
-    """fp32 [M, N] from fp32 activations [M, K] (fused unpack-and-FMA)."""
-    m = x.shape[0]
-    g = w.scales.shape[1]
-    xp = torch.nn.functional.pad(x, (0, w.kp - w.k)).contiguous()
-    span = max(w.kp, g * w.group_size)
-    xg = torch.nn.functional.pad(xp, (0, span - w.kp))[:, : g * w.group_size]
-    xg = xg.reshape(m, g, w.group_size).sum(-1).contiguous()
-    y = torch.empty((m, w.n), dtype=torch.float32)
-    _library().loaq_gemv(
-        xp.data_ptr(), m, xp.stride(0), w.packed.data_ptr(), w.n, w.packed.shape[1], w.bits,
-        w.group_size, g, w.scales.data_ptr(), w.zs.data_ptr(), xg.data_ptr(), y.data_ptr(),
+    """fp32 [M, N] from fp32 or bf16 activations [M, K] (fused unpack-and-FMA)."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty((x.shape[0], w.n), dtype=torch.float32)
+    rc = _library().loaq_gemv(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], w.k, x.stride(0), w.packed.data_ptr(), w.n, w.packed.shape[1], w.bits,
+        w.group_size, w.scales.shape[1], w.scales.data_ptr(), w.zs.data_ptr(), y.data_ptr(),
         torch.get_num_threads(),
     )
+    assert rc == 0, f"loaq_gemv failed with code {rc}"
     return y
 
 
@@ -280,8 +344,19 @@ def cpu_wna16_matmul(x: torch.Tensor, w: CpuWeight) -> torch.Tensor:
         dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
         y = torch.nn.functional.linear(x2.to(dtype), _dequantize(w, dtype))
     else:
-        y = _gemv(x2.float(), w)
+        y = _gemv(x2, w)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.n)
+
+
+def cpu_quantize_activations(x: torch.Tensor, sym: bool) -> ActQuant:
+    """Per-token 4-bit quantization of x [M, K] on CPU, bit-identical to the reference."""
+    x = x.float().contiguous()
+    m, k = x.shape
+    out = ActQuant(torch.empty((m, k), dtype=torch.int8), torch.empty(m), torch.empty(m, dtype=torch.int32),
+                   torch.empty(m, dtype=torch.int32))
+    _library().loaq_act_quant(x.data_ptr(), m, k, int(sym), out.codes.data_ptr(), out.scale.data_ptr(),
+                              out.zero.data_ptr(), out.rowsum.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def cpu_w4a4_matmul(act: ActQuant, w: CpuWeight, out_dtype: torch.dtype) -> torch.Tensor:

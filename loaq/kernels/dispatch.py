@@ -14,10 +14,10 @@ act_bits    device  weights                                      kernel
 16          cuda    2/3/4-bit, per-channel or groups of 32·j     ``wna16`` (Triton)
 16          cpu     2/3/4-bit, per-channel or groups of 32·j     ``cpu`` (C++/OpenMP)
 4           cuda    4-bit per-channel, sym or asym               ``w4a4`` (+ fused Hadamard)
-4           cpu     4-bit per-channel, sym or asym               ``cpu`` + reference quantizer
+4           cpu     4-bit per-channel, sym or asym               ``cpu`` (quantizer + GEMV)
 ==========  ======  ===========================================  =====================
 
-``hadamard=True`` applies the online transform of :mod:`loaq.kernels.hadamard_ref` to the
+On CPU the online Hadamard runs the torch reference. ``hadamard=True`` applies the online transform of :mod:`loaq.kernels.hadamard_ref` to the
 activations first (``had_k`` the K×K factor, None when in_features is a power of two);
 for W4A4 on GPU it is fused into the activation quantizer.
 Triton modules are imported only when a CUDA layer is prepared.
@@ -129,14 +129,13 @@ def apply_linear(x: torch.Tensor, layer: PreparedLinear) -> torch.Tensor:
             act = quantize_activations(x, layer.act_sym)
         y = w4a4_matmul(act, layer.weight, x.dtype)
     else:
-        from loaq.kernels.cpu import cpu_w4a4_matmul, cpu_wna16_matmul
+        from loaq.kernels.cpu import cpu_quantize_activations, cpu_w4a4_matmul, cpu_wna16_matmul
         from loaq.kernels.hadamard_ref import hadamard_transform_ref
-        from loaq.kernels.w4a4_ref import quantize_activations_ref
 
         if layer.hadamard:
             x = hadamard_transform_ref(x, layer.had_k)
         if layer.kernel == "cpu_w4a4":
-            y = cpu_w4a4_matmul(quantize_activations_ref(x, layer.act_sym), layer.weight, x.dtype)
+            y = cpu_w4a4_matmul(cpu_quantize_activations(x, layer.act_sym), layer.weight, x.dtype)
         else:
             y = cpu_wna16_matmul(x, layer.weight)
     return y.reshape(*shape[:-1], y.shape[-1])

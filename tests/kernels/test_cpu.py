@@ -8,7 +8,9 @@ dequantized weight and the output to bf16 (eps 2**-8): 2e-2.
 import pytest
 import torch
 
-from loaq.kernels.cpu import DEQUANT_MIN_M, cpu_w4a4_matmul, cpu_wna16_matmul, prepare_cpu
+from loaq.kernels.cpu import (
+    DEQUANT_MIN_M, cpu_quantize_activations, cpu_w4a4_matmul, cpu_wna16_matmul, prepare_cpu,
+)
 from loaq.kernels.w4a4_ref import quantize_activations_ref, w4a4_int_accum_ref, w4a4_matmul_ref
 from loaq.kernels.wna16_ref import wna16_matmul_ref
 from tests.kernels.helpers import make_packed, rel_err
@@ -37,6 +39,16 @@ def test_cpu_fp16_activations_run_through_fp32():
     x = torch.randn(3, 64).half()
     y = cpu_wna16_matmul(x, prepare_cpu(w))
     assert y.dtype == torch.float16 and rel_err(y, wna16_matmul_ref(x.float(), w)) < 2e-3
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_activation_quantizer_is_bit_exact(sym, dtype):
+    x = (torch.randn(7, 200, generator=torch.Generator().manual_seed(5)) * 3 + 0.4).to(dtype)
+    x[2] = 0.0
+    got, ref = cpu_quantize_activations(x, sym), quantize_activations_ref(x, sym)
+    for field in ("codes", "scale", "zero", "rowsum"):
+        assert torch.equal(getattr(got, field), getattr(ref, field)), field
 
 
 @pytest.mark.parametrize("sym", [True, False])
