@@ -154,10 +154,10 @@ def bench_cuda() -> tuple[dict, list[dict]]:
 
 def tune_cuda() -> dict:
     """Time candidate configs on the 8192² goal shape; install and return the fastest."""
-    from loaq.kernels import w4a4 as w4a4_module
-    from loaq.kernels import wna16 as wna16_module
     import torch.nn.functional as F
 
+    from loaq.kernels import w4a4 as w4a4_module
+    from loaq.kernels import wna16 as wna16_module
     from loaq.kernels.w4a4 import prepare_w4a4, quantize_activations, w4a4_matmul
     from loaq.kernels.wna16 import prepare_wna16, wna16_matmul
 
@@ -176,28 +176,32 @@ def tune_cuda() -> dict:
     for m in (1, 16, 2048):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         show(f"fp16 M={m}", lambda: F.linear(x, dense))
-    gemv = [dict(KERNEL="gemv", BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=3)
-            for bn, sk, w in ((32, 4, 4), (64, 4, 4), (64, 8, 4), (128, 4, 4), (128, 2, 4), (64, 4, 2))]
-    total = [0.0] * len(gemv)
-    for b in (4, 3, 2):
-        p = prepare_wna16(random_linear(b, n, k, GROUP, "cuda"))
-        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        for i, cfg in enumerate(gemv):
-            total[i] += show(f"W{b} M=1 {cfg}", lambda: wna16_matmul(x, p, cfg))
-    best = gemv[total.index(min(total))]
-    wna16_module.GEMV_TILE = dict(BLOCK_N=best["BLOCK_N"], num_warps=best["num_warps"])
+    tiles = [dict(BLOCK_N=bn, num_warps=w, num_stages=st, programs_per_sm=ps)
+             for bn, w, st, ps in ((64, 2, 3, 4), (64, 2, 4, 4), (64, 2, 2, 4), (64, 2, 3, 8), (32, 1, 3, 8),
+                                   (32, 2, 3, 8), (128, 4, 3, 4), (128, 2, 3, 4), (64, 1, 3, 8), (64, 4, 4, 8))]
+    total = [0.0] * len(tiles)
+    weights = {b: prepare_wna16(random_linear(b, n, k, GROUP, "cuda")) for b in (4, 2)}
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    for i, tile in enumerate(tiles):
+        wna16_module.GEMV_TILE = tile
+        for b, p in weights.items():
+            total[i] += show(f"W{b} M=1 {tile}", lambda: wna16_matmul(x, p))
+    wna16_module.GEMV_TILE = tiles[total.index(min(total))]
+    x4 = torch.randn(4, k, device="cuda", dtype=torch.float16)
+    t_dot = show("W4 M=4 dot", lambda: wna16_matmul(x4, weights[4]))
+    wna16_module.GEMV_MAX_M = 4
+    t_gemv = show("W4 M=4 gemv", lambda: wna16_matmul(x4, weights[4]))
+    wna16_module.GEMV_MAX_M = 4 if t_gemv < t_dot else 2
     p = prepare_w4a4(random_linear(4, n, k, None, "cuda"))
     x = torch.randn(2048, k, device="cuda", dtype=torch.float16)
     act = quantize_activations(x, True)
-    show("W4A4 act-quant M=2048", lambda: quantize_activations(x, True))
     times = []
-    for bm, bn, bk, w, s, i8 in ((128, 128, 64, 4, 4, False), (128, 256, 128, 8, 3, True),
-                                 (128, 128, 128, 8, 4, True), (128, 128, 128, 4, 4, True),
-                                 (256, 128, 128, 8, 3, True), (128, 256, 64, 8, 4, True)):
+    for bm, bn, bk, w, s, i8 in ((128, 256, 128, 8, 3, True), (256, 128, 128, 8, 3, True)):
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EXPAND=True, B_INT8=i8, num_warps=w, num_stages=s)
         times.append((show(f"W4A4 M=2048 {cfg}", lambda: w4a4_matmul(act, p, x.dtype, cfg)), cfg))
     w4a4_module.PREFILL_CONFIG = min(times, key=lambda tc: tc[0])[1]
-    chosen = dict(wna16_GEMV_TILE=wna16_module.GEMV_TILE, w4a4_PREFILL_CONFIG=w4a4_module.PREFILL_CONFIG)
+    chosen = dict(wna16_GEMV_TILE=wna16_module.GEMV_TILE, wna16_GEMV_MAX_M=wna16_module.GEMV_MAX_M,
+                  w4a4_PREFILL_CONFIG=w4a4_module.PREFILL_CONFIG)
     print("chosen", chosen, flush=True)
     return chosen
 

@@ -16,7 +16,7 @@ Regimes picked by M in :func:`_config`:
   dequantized weight tiles fed to ``tl.dot``;
 * M >= DEQUANT_MIN_M (prefill, compute-bound): ``_dequant_kernel`` writes ``W.T`` to a
   per-call workspace (N·K·2 bytes, freed after the call; nothing cached) and cuBLAS
-  runs the GEMM — the dequantization is ~10% of the GEMM's time at M = 2048.
+  runs the GEMM; the dequantization adds ~20-25% to the GEMM's time at M = 2048.
 
 Packed words are loaded once per tile and expanded by broadcast shifts
 (``_load_codes3``; ``EXPAND=False`` selects the older per-element gather). A K tile
@@ -40,7 +40,7 @@ __all__ = ["WNA16Weight", "prepare_wna16", "wna16_matmul", "dequantize_kmajor", 
 
 GEMV_MAX_M = 2  # up to this many tokens: CUDA-core GEMV, one token per program
 DEQUANT_MIN_M = 128  # from this many tokens: dequantize into a workspace, then cuBLAS
-GEMV_TILE = dict(BLOCK_N=64, num_warps=2)  # H100 sweep, benchmarks/results/kernels.md
+GEMV_TILE = dict(BLOCK_N=64, num_warps=2, num_stages=3, programs_per_sm=4)  # H100 sweep (kernels.md)
 
 
 @dataclass(frozen=True)
@@ -275,20 +275,21 @@ def _block_k(cap: int, group: int) -> int:
     return cap if group == 0 else min(cap, group & -group)
 
 
-def _split_k(programs: int, k_tiles: int) -> int:
-    """Enough programs for ~4 per SM on an H100-class GPU (2 under the interpreter, for coverage)."""
+def _split_k(programs: int, k_tiles: int, per_sm: int = 4) -> int:
+    """Enough programs for ``per_sm`` per SM (2-way under the interpreter, for coverage)."""
     if not torch.cuda.is_available():
         return min(2, k_tiles)
-    return max(1, min(k_tiles, 4 * 132 // programs))
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return max(1, min(k_tiles, per_sm * sms // programs))
 
 
 def _config(m: int, n: int, k: int, group: int) -> dict:
     """Kernel and tile sizes by regime (tuned on H100, see benchmarks/results/kernels.md)."""
     if m <= GEMV_MAX_M:
         block_n, block_k = GEMV_TILE["BLOCK_N"], _block_k(128, group)
-        split_k = _split_k(triton.cdiv(n, block_n) * m, triton.cdiv(k, block_k))
+        split_k = _split_k(triton.cdiv(n, block_n) * m, triton.cdiv(k, block_k), GEMV_TILE["programs_per_sm"])
         return dict(KERNEL="gemv", BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                    num_warps=GEMV_TILE["num_warps"], num_stages=3)
+                    num_warps=GEMV_TILE["num_warps"], num_stages=GEMV_TILE["num_stages"])
     if m <= 16:
         block_n, block_k = 64, _block_k(128, group)
         split_k = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k))
