@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--alg-settings", default="w2,w3", help="settings that also get the loaq-alg (ŝ form) row")
     ap.add_argument("--search", help="JSON written by `loaq search` (α, β for lloa/loaq)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/quality")
@@ -89,6 +90,8 @@ def main() -> None:
     for sname in a.settings.split(","):
         spec = SETTINGS[sname]
         for mname in a.methods.split(","):
+            if mname == "loaq-alg" and sname not in a.alg_settings.split(","):
+                continue
             base, _, variant = mname.partition("-")
             al = {"lloa": alpha, "loaq": alpha, "gptaq": 0.25}.get(base, 0.0)
             be = beta if base == "loaq" else 0.0

@@ -12,9 +12,11 @@ from loaq.grids import GridSpec
 from loaq.solver import SolverOptions
 
 METHODS = ("rtn", "gptq", "gptaq", "qronos", "lloa", "loaq")
-# α (and β) when not given: GPTAQ's own default weighting; LoaQ/LLOA values from `loaq search` on SmolLM2.
-DEFAULT_ALPHA = {"gptaq": 0.25, "lloa": 0.5, "loaq": 0.5}
-DEFAULT_BETA = {"loaq": 0.5}
+# α (and β) when not given: GPTAQ's own default weighting; LoaQ's from `loaq search` on SmolLM2 W3
+# (benchmarks/results/search_w3*.json: α = 0.25 best of {0,.25,.5,.75,1}; β = 0 best of
+# {0,.05,.1,.15,.25,.5,.75,1} on held-out calibration text). LLOA takes LoaQ's α.
+DEFAULT_ALPHA = {"gptaq": 0.25, "lloa": 0.25, "loaq": 0.25}
+DEFAULT_BETA = {"loaq": 0.0}
 
 
 @dataclass(frozen=True)
