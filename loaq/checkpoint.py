@@ -45,15 +45,15 @@ def results_to_tensors(results: dict[str, QuantResult]) -> dict[str, torch.Tenso
     return out
 
 
-def tensors_to_results(t: dict[str, torch.Tensor], spec: GridSpec) -> dict[str, QuantResult]:
+def tensors_to_results(t: dict[str, torch.Tensor]) -> dict[str, QuantResult]:
     names = sorted({k.rsplit(".", 1)[0] for k in t})
-    out = {}
-    for n in names:
-        codes, s, z = t[f"{n}.codes"], t[f"{n}.scales"], t[f"{n}.zeros"].float()
-        in_f = codes.shape[1]
-        Q = dequantize(codes.float(), expand(s, spec, in_f), expand(z, spec, in_f))
-        out[n] = QuantResult(codes, s, z, Q)
-    return out
+    return {n: QuantResult(t[f"{n}.codes"], t[f"{n}.scales"], t[f"{n}.zeros"].float()) for n in names}
+
+
+def dequantized(r: QuantResult, spec: GridSpec) -> torch.Tensor:
+    """``scale · (code − zero)`` of a stored result, [out, in] float32 (bit-identical to the solver's Q)."""
+    in_f = r.codes.shape[1]
+    return dequantize(r.codes.float(), expand(r.scales, spec, in_f), expand(r.zeros.float(), spec, in_f))
 
 
 def check_output(path: str, force: bool) -> None:
@@ -97,10 +97,10 @@ class LayerStore:
         """Results of layers ``0..upto-1``, written back into ``model``'s weights."""
         results = {}
         for i in range(upto):
-            results |= tensors_to_results(load_file(self._layer_path(i)), self.spec)
+            results |= tensors_to_results(load_file(self._layer_path(i)))
         for name, r in results.items():
             w = model.get_submodule(name).weight
-            w.data.copy_(r.Q.to(w.dtype))
+            w.data.copy_(dequantized(r, self.spec).to(w.dtype))
         return results
 
 
@@ -154,8 +154,8 @@ def load_native(path: str, dtype: torch.dtype = torch.float32):
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
-    for name, r in tensors_to_results(load_file(os.path.join(path, "quantized.safetensors")), spec).items():
-        sd[f"{name}.weight"] = r.Q.to(dtype)
+    for name, r in tensors_to_results(load_file(os.path.join(path, "quantized.safetensors"))).items():
+        sd[f"{name}.weight"] = dequantized(r, spec).to(dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     model.tie_weights()
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]

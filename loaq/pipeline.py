@@ -105,9 +105,9 @@ def solve_group(names: list[str], linears: list[nn.Linear], stats: Stats, cfg: Q
     out, row = {}, 0
     for name, lin in zip(names, linears):
         n = lin.out_features
-        out[name] = QuantResult(res.codes[row : row + n], res.scales[row : row + n], res.zeros[row : row + n],
-                                res.Q[row : row + n])
-        _set_weight(lin, out[name].Q)
+        _set_weight(lin, res.Q[row : row + n])
+        out[name] = QuantResult(res.codes[row : row + n].clone(), res.scales[row : row + n].clone(),
+                                res.zeros[row : row + n].clone())
         row += n
     return out
 
@@ -188,9 +188,8 @@ def rtn_layer(layer: nn.Module, arch: Arch, cfg: QuantConfig, prefix: str) -> di
     for n in arch.linear_names():
         lin = layer.get_submodule(n)
         codes, s, z = rtn_quantize(lin.weight.detach().float(), cfg.spec)
-        Q = dequantize(codes.float(), expand(s, cfg.spec, lin.in_features), expand(z, cfg.spec, lin.in_features))
-        _set_weight(lin, Q)
-        results[prefix + n] = QuantResult(codes, s, z, Q)
+        _set_weight(lin, dequantize(codes.float(), expand(s, cfg.spec, lin.in_features), expand(z, cfg.spec, lin.in_features)))
+        results[prefix + n] = QuantResult(codes, s, z)
     return results
 
 

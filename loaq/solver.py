@@ -73,12 +73,13 @@ def factorize(H: torch.Tensor, percdamp: float, name: str = "", max_tries: int =
 
 @dataclass
 class QuantResult:
-    """Integer codes [out, in] (uint8, original column order), scales and zeros [out, n_groups], and Q = dequant."""
+    """Integer codes [out, in] (uint8, original column order), scales and zeros [out, n_groups], and
+    ``Q`` = their dequantized values (dropped once written into the model, so a run holds one layer's)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
-    Q: torch.Tensor
+    Q: torch.Tensor | None = None
 
 
 def _columns(W: torch.Tensor, U: torch.Tensor, col_scale: torch.Tensor, col_zero: torch.Tensor, maxq: int,
