@@ -126,7 +126,8 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
     with torch.no_grad():
         for b, h_hat in enumerate(streams.h_hat):
             st.add(norm(h_hat), norm(streams.h[b]) if two else None)
-    results |= solve_group([f"{prefix}{sl.module}.{n}" for n in sl.w_in], w_in, st, cfg, f"{prefix}{sl.module}.{sl.w_in}")
+    results |= solve_group([f"{prefix}{sl.module}.{n}" for n in sl.w_in], w_in, st, cfg,
+                           f"{prefix}{sl.module}.{','.join(sl.w_in)}")
     del st
 
     # (b) W_out: inputs X̂ (quantized W_in on ĥ) and X (float sub-layer on h)
