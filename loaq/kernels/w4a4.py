@@ -19,7 +19,7 @@ import triton.language as tl
 
 from loaq.kernels.layout import PackedLinear, pack_kmajor, unpack_codes, unpack_zero_points
 from loaq.kernels.w4a4_ref import ActQuant
-from loaq.kernels.wna16 import _load_codes, _load_codes3, dequantize_kmajor
+from loaq.kernels.wna16 import _load_codes, _load_codes3, _tile_ids, dequantize_kmajor
 
 __all__ = ["W4A4Weight", "prepare_w4a4", "quantize_activations", "w4a4_matmul"]
 
@@ -132,13 +132,7 @@ def _w4a4_kernel(
     EXPAND: tl.constexpr, B_INT8: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
+    pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
