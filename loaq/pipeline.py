@@ -23,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loaq.arch import Arch, SubLayer, rms_factor
@@ -138,7 +137,8 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
     y_fp, X_hats = [], []
     with torch.no_grad():
         for b, h_hat in enumerate(streams.h_hat):
-            X_hat, _ = _catch_input(w_out, lambda: sl.run(layer, h_hat, streams.kwargs[b]))
+            # W_out still holds its float weights here, so y_hat = X̂Wᵀ + b (what ŝ needs)
+            X_hat, y_hat = _catch_input(w_out, lambda: sl.run(layer, h_hat, streams.kwargs[b]))
             X_hats.append(X_hat)
             if not two:
                 st.add(X_hat)
@@ -154,7 +154,7 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
             if m.rescale:
                 s = rms_factor(h + y, eps)  # y = XWᵀ + b
                 base = h_hat if m.shat == "text" else h
-                s_hat = rms_factor(base + F.linear(X_hat, fp_out.weight, fp_out.bias), eps)
+                s_hat = rms_factor(base + y_hat, eps)
                 st.add(s_hat * X_hat, s * X, (s * h_b - s_hat * hh_b) if use_B else None)
             else:
                 st.add(X_hat, X, (h_b - hh_b) if use_B else None)
