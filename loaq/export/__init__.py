@@ -1,0 +1,7 @@
+"""Export a native LoaQ checkpoint as a compressed-tensors (``pack-quantized``) Hugging Face directory.
+
+- :mod:`loaq.export.scheme`: per-layer grids -> compressed-tensors ``QuantizationConfig``;
+- :mod:`loaq.export.pack`: one layer's codes -> ``weight_packed`` / ``weight_scale`` / ``weight_zero_point``;
+- :mod:`loaq.export.writer`: the output directory (shards, config, tokenizer, model card);
+- :mod:`loaq.export.check`: ``loaq-export --check``.
+"""

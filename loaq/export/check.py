@@ -1,0 +1,102 @@
+"""``loaq-export --check``: an export parses with compressed-tensors' own models and holds every tensor
+a loader expects, with the dtype and shape its grid implies."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+from loaq.errors import LoaQError
+from loaq.export.pack import packed_shapes
+from loaq.export.scheme import FORMAT, layer_specs
+
+ST_DTYPES = {"I32": torch.int32, "I64": torch.int64, "F32": torch.float32, "F16": torch.float16,
+             "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8}
+
+
+def _parse_config(path: str):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise LoaQError(f"{path!r} is not an export (no config.json); pass the directory `loaq-export` wrote")
+    qc = json.load(open(cfg_path)).get("quantization_config")
+    if not qc or qc.get("quant_method") != "compressed-tensors" or qc.get("format") != FORMAT:
+        raise LoaQError(f"{cfg_path} has no compressed-tensors {FORMAT} quantization_config")
+    try:
+        return QuantizationConfig.model_validate({k: v for k, v in qc.items() if k in QuantizationConfig.model_fields})
+    except ValueError as exc:
+        raise LoaQError(f"{cfg_path}: quantization_config does not parse: {str(exc).splitlines()[0]}") from None
+
+
+def _tensor_index(path: str) -> dict[str, str]:
+    """Tensor name -> safetensors file, from the index when sharded; every listed file must exist."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = json.load(open(index))["weight_map"]
+    else:
+        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    for fname in sorted(set(weight_map.values())):
+        if not os.path.isfile(os.path.join(path, fname)):
+            raise LoaQError(f"{path!r}: shard {fname} listed in the index is missing")
+    return weight_map
+
+
+def _header(path: str, weight_map: dict[str, str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    out = {}
+    for fname in sorted(set(weight_map.values())):
+        with safe_open(os.path.join(path, fname), "pt") as f:
+            for k in f.keys():
+                s = f.get_slice(k)
+                out[k] = (tuple(s.get_shape()), ST_DTYPES.get(s.get_dtype()))
+    missing = sorted(set(weight_map) - set(out))
+    if missing:
+        raise LoaQError(f"{path!r}: tensor {missing[0]} is in the index but in no shard")
+    return out
+
+
+def check_export(path: str) -> str:
+    """Validate the export in ``path``; returns a one-line summary or raises a one-line :class:`LoaQError`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise LoaQError(f"{path!r} does not exist")
+    specs = layer_specs(_parse_config(path))
+    weight_map = _tensor_index(path)
+    header = _header(path, weight_map)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):  # shapes only; from_config applies no quantization
+        model = AutoModelForCausalLM.from_config(config)
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
+    for name, spec in specs.items():
+        try:
+            out_f, in_f = model.get_submodule(name).weight.shape
+        except AttributeError:
+            raise LoaQError(f"{path!r}: config target {name} is not a layer of this model") from None
+        expected |= {f"{name}.{k}": v for k, v in packed_shapes(out_f, in_f, spec).items()}
+    tied = getattr(config, "tie_word_embeddings", False)
+    for k, p in model.state_dict().items():
+        if k.removesuffix(".weight") in specs or (tied and k == "lm_head.weight"):
+            continue
+        expected[k] = (tuple(p.shape), None)
+    for k, (shape, dtype) in expected.items():
+        if k not in header:
+            raise LoaQError(f"{path!r}: tensor {k} is missing")
+        got_shape, got_dtype = header[k]
+        if got_shape != shape or (dtype is not None and got_dtype != dtype):
+            raise LoaQError(f"{path!r}: tensor {k} is {got_dtype} {list(got_shape)}, expected {dtype or 'float'} {list(shape)}")
+    extra = sorted(set(header) - set(expected))
+    if extra:
+        raise LoaQError(f"{path!r}: unexpected tensor {extra[0]} ({len(extra)} in all)")
+    for name in specs:
+        fname = weight_map[f"{name}.weight_shape"]
+        with safe_open(os.path.join(path, fname), "pt") as f:
+            shape = f.get_tensor(f"{name}.weight_shape").tolist()
+        if shape != list(model.get_submodule(name).weight.shape):
+            raise LoaQError(f"{path!r}: {name}.weight_shape is {shape}, the model's layer is {list(model.get_submodule(name).weight.shape)}")
+    groups = len({s for s in specs.values()})
+    return f"ok: {len(specs)} packed linears in {groups} config group(s), {len(header)} tensors in {len(set(weight_map.values()))} file(s)"
