@@ -97,6 +97,8 @@ def cmd_quantize(a) -> int:
     work = out.rstrip("/") + ".partial"
     if not a.force:
         check_output(out, False)
+        if a.export:
+            check_output(a.export, False)
         if os.path.exists(work) and not a.resume:
             raise LoaQError(f"an interrupted run is in {work!r}; pass --resume to continue it or --force to start over")
     elif os.path.exists(work) and not a.resume:
@@ -140,6 +142,11 @@ def cmd_quantize(a) -> int:
     save_native(out, model, tok, results, meta, force=True)
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out} ({len(results)} linears, quantized in {seconds:.1f}s, total {time.time() - t0:.1f}s)")
+    if a.export:
+        from loaq.export.writer import DTYPES, export
+
+        export(out, a.export, dtype=DTYPES[a.export_dtype], force=a.force)
+        print(f"exported {a.export} (compressed-tensors pack-quantized)")
     if rows:
         print(_table(rows))
     return 0
@@ -217,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="overwrite an existing output")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its per-layer checkpoints")
     q.add_argument("--eval", action="store_true", help="print fp and quantized perplexity")
+    q.add_argument("--export", metavar="DIR", help="also write a compressed-tensors checkpoint here (as loaq-export)")
+    q.add_argument("--export-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="dtype of the exported unquantized tensors (default bfloat16)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity (and per-layer MSE) of a model or native checkpoint")

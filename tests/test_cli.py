@@ -121,3 +121,18 @@ def test_eval_mse_compares_with_the_source_model(model_dir, calib, tmp_path):
                  "--eval-seqlen", "32", "--mse", "--mse-samples", "2", "--calib", calib, "--json", str(tmp_path / "e.json")]) == 0
     r = json.load(open(tmp_path / "e.json"))
     assert len(r["mse"]) == len(r["mse_normed"]) == 2 and all(x > 0 for x in r["mse"])
+
+
+def test_quantize_with_export_writes_a_checked_compressed_tensors_dir(model_dir, calib, tmp_path, capsys):
+    from loaq.export.check import check_export
+
+    out, exp = tmp_path / "n", tmp_path / "ct"
+    assert quantize(model_dir, calib, out, "--method", "gptq", "--bits", "3", "--export", str(exp),
+                    "--export-dtype", "float32") == 0
+    check_export(str(exp))
+    cfg = json.load(open(exp / "config.json"))["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
+    exp.mkdir(exist_ok=True)
+    other = tmp_path / "n2"
+    assert quantize(model_dir, calib, other, "--export", str(exp)) == 2  # export target exists: refused up front
+    assert "--force" in capsys.readouterr().err and not other.exists()
