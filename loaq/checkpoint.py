@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -104,13 +105,27 @@ class LayerStore:
         return results
 
 
-def save_native(out_dir: str, model, tokenizer, results: dict[str, QuantResult], meta: dict, force: bool) -> None:
-    """Write a native checkpoint to a temporary sibling and rename it to ``out_dir``."""
+@contextmanager
+def atomic_dir(out_dir: str, force: bool, prefix: str = ".loaq-"):
+    """Yield a temporary sibling of ``out_dir`` to write into; it replaces ``out_dir`` when the block
+    succeeds and is removed when it raises, so no half-written output is ever left behind."""
     check_output(out_dir, force)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".loaq-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
+        yield tmp
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_native(out_dir: str, model, tokenizer, results: dict[str, QuantResult], meta: dict, force: bool) -> None:
+    """Write a native checkpoint to a temporary sibling and rename it to ``out_dir``."""
+    with atomic_dir(out_dir, force) as tmp:
         quantized = {f"{n}.weight" for n in results}
         base, seen = {}, {}
         for k, v in model.state_dict().items():
@@ -130,12 +145,6 @@ def save_native(out_dir: str, model, tokenizer, results: dict[str, QuantResult],
         meta = {"format": FORMAT, **meta, "quantized": sorted(results)}
         with open(os.path.join(tmp, "loaq.json"), "w") as fh:
             json.dump(meta, fh, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_meta(path: str) -> dict:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from loaq.arch import arch_of
-from loaq.checkpoint import check_output, read_meta, tensors_to_results
+from loaq.checkpoint import atomic_dir, check_output, read_meta, tensors_to_results
 from loaq.errors import LoaQError
 from loaq.export.pack import pack_layer
 from loaq.export.scheme import quantization_config
@@ -152,10 +151,7 @@ def export(native_dir: str, out_dir: str, *, dtype: torch.dtype = torch.bfloat16
 
     check_output(out_dir, force)
     native = read_native(native_dir)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".loaq-export-", dir=parent)
-    try:
+    with atomic_dir(out_dir, force, prefix=".loaq-export-") as tmp:
         files = save_shards(export_tensors(native, dtype), tmp, max_shard_size)
         for f in sorted(os.listdir(native_dir)):
             if f not in NATIVE_ONLY and os.path.isfile(os.path.join(native_dir, f)):
@@ -170,10 +166,4 @@ def export(native_dir: str, out_dir: str, *, dtype: torch.dtype = torch.bfloat16
         total = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)
         with open(os.path.join(tmp, "README.md"), "w") as fh:
             fh.write(model_card(native, total))
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return files
