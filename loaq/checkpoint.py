@@ -86,13 +86,17 @@ class LayerStore:
         torch.save(state, tmp)
         os.replace(tmp, os.path.join(self.workdir, "streams.pt"))
 
-    def resume_point(self) -> int | None:
+    def load_streams(self) -> tuple[int, list | None, list] | None:
+        """(next layer, float stream, quantized stream) saved after the last finished layer, or None."""
         p = os.path.join(self.workdir, "streams.pt")
-        return torch.load(p, weights_only=True)["next_layer"] if os.path.exists(p) else None
-
-    def load_streams(self):
-        st = torch.load(os.path.join(self.workdir, "streams.pt"), weights_only=True)
+        if not os.path.exists(p):
+            return None
+        st = torch.load(p, weights_only=True)
         return st["next_layer"], st["h"], st["h_hat"]
+
+    def resume_point(self) -> int | None:
+        saved = self.load_streams()
+        return saved[0] if saved else None
 
     def load_layers(self, model, upto: int) -> dict[str, QuantResult]:
         """Results of layers ``0..upto-1``, written back into ``model``'s weights."""

@@ -222,8 +222,9 @@ def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: Quant
     _embeddings_to(model, arch, "cpu")
     two = cfg.method.two_stream
     start = 0
-    if store is not None and store.resume_point() is not None:
-        start, h, h_hat = store.load_streams()
+    saved = store.load_streams() if store is not None else None
+    if saved is not None:
+        start, h, h_hat = saved
         results |= store.load_layers(model, start)
         streams = Streams(h, h_hat, kws)
         log.info("resuming at layer %d of %d", start, len(layers))
