@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from loaq.errors import LoaQError
 
 
@@ -59,9 +57,6 @@ def search(a) -> dict:
         best_beta = min(betas, key=lambda b: done[b] if b in done else score(best_alpha, b))
     best = min((g for g in grid if g["alpha"] == best_alpha and g["beta"] == best_beta), key=lambda g: g["ppl"])
     print(f"best: alpha={best_alpha:g} beta={best_beta:g} held-out ppl={best['ppl']:.3f}")
-    model.load_state_dict(original)
-    del original
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"method": cfg.method.name, "spec": dataclasses.asdict(cfg.spec), "nsamples": a.nsamples,
             "seqlen": a.seqlen, "holdout": a.holdout, "grid": grid, "alpha": best_alpha, "beta": best_beta,
             "ppl": best["ppl"]}
