@@ -18,10 +18,9 @@ from tests.tiny import tiny_model, tiny_tokenizer
 
 
 def hadamard_12() -> torch.Tensor:
-    """An order-12 Hadamard matrix (compressed-tensors' stored one; any Hadamard matrix serves the export)."""
-    from compressed_tensors.transform.utils.hadamard import _fetch_hadamard_divisor
+    from loaq.hadamard import hadamard
 
-    return _fetch_hadamard_divisor(12, torch.float32)
+    return hadamard(12).float()
 
 
 @pytest.fixture(scope="module")
@@ -159,5 +158,5 @@ def test_rotated_native_without_a_valid_matrix_is_refused(wide_bases, tmp_path, 
     if case == "missing":
         os.unlink(os.path.join(native, "rotation.safetensors"))
     err = one_line_error(capsys, main([native, str(tmp_path / "x")]))
-    assert {"missing": "rotation.safetensors is missing", "not_hadamard": "is not a Hadamard matrix"}[case] in err
+    assert {"missing": "does not hold it", "not_hadamard": "is not a Hadamard matrix"}[case] in err
     assert not (tmp_path / "x").exists()
