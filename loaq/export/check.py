@@ -18,7 +18,7 @@ ST_DTYPES = {"I32": torch.int32, "I64": torch.int64, "F32": torch.float32, "F16"
              "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8}
 
 
-def _parse_config(path: str):
+def parse_quantization_config(path: str):
     from compressed_tensors.quantization import QuantizationConfig
 
     cfg_path = os.path.join(path, "config.json")
@@ -66,7 +66,7 @@ def check_export(path: str) -> str:
 
     if not os.path.isdir(path):
         raise LoaQError(f"{path!r} does not exist")
-    qconfig = _parse_config(path)
+    qconfig = parse_quantization_config(path)
     specs = layer_specs(qconfig)
     acts = activations(qconfig)
     r4 = online_hadamard(path)
@@ -122,7 +122,7 @@ def decompress_export(path: str) -> dict[str, torch.Tensor]:
     """Every packed linear of an export dequantized by compressed-tensors' own ``PackedQuantizationCompressor``."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 
-    qconfig = _parse_config(path)
+    qconfig = parse_quantization_config(path)
     weight_map = _tensor_index(path)
     out = {}
     for scheme in qconfig.config_groups.values():

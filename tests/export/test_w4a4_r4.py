@@ -160,3 +160,39 @@ def test_rotated_native_without_a_valid_matrix_is_refused(wide_bases, tmp_path, 
     err = one_line_error(capsys, main([native, str(tmp_path / "x")]))
     assert {"missing": "does not hold it", "not_hadamard": "is not a Hadamard matrix"}[case] in err
     assert not (tmp_path / "x").exists()
+
+
+def native_simulated(native: str, r4_had_k: torch.Tensor | None = None, rotated_: bool = False, act=None):
+    """The native checkpoint with the engine's run-time R4 and activation hooks attached by hand."""
+    from loaq.actquant import ActQuantizer
+    from loaq.checkpoint import load_native
+    from loaq.rotation import OnlineHadamard
+
+    model, _, meta = load_native(native)
+    for name in meta["quantized"]:
+        if rotated_ and name.endswith("mlp.down_proj"):
+            model.get_submodule(name).register_forward_pre_hook(OnlineHadamard(r4_had_k))
+        if act:
+            model.get_submodule(name).register_forward_pre_hook(ActQuantizer(act["symmetric"]))
+    return model
+
+
+@pytest.mark.parametrize("case", ["w4a4_asym", "w4a4_sym_r4"])
+def test_load_export_computes_what_the_native_simulates(wide_bases, tmp_path, case):
+    from loaq.export.load import load_export
+
+    sym = case.endswith("r4")
+    act = {"bits": 4, "symmetric": sym}
+    native = with_meta(make_native(wide_bases, "llama", GridSpec(4, 0, sym), tmp_path / "n"), activations=act)
+    had_k = hadamard_12() if sym else None
+    if sym:
+        rotated(native, 192, had_k)
+    assert main([native, str(tmp_path / "x"), "--dtype", "float32"]) == 0
+    model, _ = load_export(str(tmp_path / "x"))
+    ref = native_simulated(native, had_k, sym, act)
+    plain = native_simulated(native)
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want, w16 = model(ids).logits, ref(ids).logits, plain(ids).logits
+    assert torch.equal(got, want)  # same library dequantization, same hooks: exact in float32
+    assert not torch.allclose(got, w16, atol=1e-3)  # and the activation quantizer / R4 really ran
