@@ -70,6 +70,9 @@ def _check_layer(name: str, r: QuantResult, spec: GridSpec) -> None:
     if tuple(r.scales.shape) != (out_f, spec.n_groups(in_f)) or r.zeros.shape != r.scales.shape:
         raise LoaQError(f"{name}: scales {tuple(r.scales.shape)} do not match {spec} on [{out_f}, {in_f}]; "
                         "the native checkpoint is inconsistent, re-run `loaq quantize`")
+    if not torch.equal(r.zeros, torch.round(r.zeros)):
+        raise LoaQError(f"{name} has real-valued zero points (--neuqi-continuous), which compressed-tensors cannot "
+                        "hold; re-quantize with --init neuqi (integer zero points) to export")
     if int(r.codes.max()) > spec.maxq or int(r.zeros.max()) > spec.maxq or int(r.zeros.min()) < 0:
         raise LoaQError(f"{name}: codes or zero points exceed {spec.bits} bits; the native checkpoint is inconsistent")
 
