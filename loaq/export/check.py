@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 from loaq.errors import LoaQError
 from loaq.export.pack import packed_shapes
-from loaq.export.scheme import FORMAT, layer_specs
+from loaq.export.scheme import FORMAT, activations, layer_specs
+from loaq.export.transform import online_hadamard
 
 ST_DTYPES = {"I32": torch.int32, "I64": torch.int64, "F32": torch.float32, "F16": torch.float16,
              "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8}
@@ -65,7 +66,10 @@ def check_export(path: str) -> str:
 
     if not os.path.isdir(path):
         raise LoaQError(f"{path!r} does not exist")
-    specs = layer_specs(_parse_config(path))
+    qconfig = _parse_config(path)
+    specs = layer_specs(qconfig)
+    acts = activations(qconfig)
+    r4 = online_hadamard(path)
     weight_map = _tensor_index(path)
     header = _header(path, weight_map)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -98,5 +102,17 @@ def check_export(path: str) -> str:
             shape = f.get_tensor(f"{name}.weight_shape").tolist()
         if shape != list(model.get_submodule(name).weight.shape):
             raise LoaQError(f"{path!r}: {name}.weight_shape is {shape}, the model's layer is {list(model.get_submodule(name).weight.shape)}")
-    groups = len({s for s in specs.values()})
-    return f"ok: {len(specs)} packed linears in {groups} config group(s), {len(header)} tensors in {len(set(weight_map.values()))} file(s)"
+    for name, act in acts.items():
+        if act and (specs[name].bits, specs[name].group_size, act["bits"]) != (4, 0, 4):
+            raise LoaQError(f"{path!r}: {name} quantizes activations but is not W4A4 with per-channel weights")
+    for name, had_k in r4.items():
+        if name not in specs:
+            raise LoaQError(f"{path!r}: transform target {name} is not a packed linear of this export")
+        width = model.get_submodule(name).weight.shape[1]
+        k = 1 if had_k is None else had_k.shape[0]
+        if width % k or (width // k) & (width // k - 1):
+            raise LoaQError(f"{path!r}: online Hadamard of {name} does not fit its input width {width}")
+    groups = len(qconfig.config_groups)
+    extras = ("; W4A4" if any(acts.values()) else "") + (f"; online R4 on {len(r4)} linears" if r4 else "")
+    return (f"ok: {len(specs)} packed linears in {groups} config group(s), {len(header)} tensors in "
+            f"{len(set(weight_map.values()))} file(s){extras}")
