@@ -75,6 +75,11 @@ def _rows_loader(rows: list[int], what: str) -> Callable:
 
 
 
+def kernel_class() -> type:
+    """The LoaQ kernel class for this platform: C++/OpenMP on CPU, Triton on CUDA."""
+    return LoaQCPULinearKernel if current_platform.is_cpu() else LoaQTritonLinearKernel
+
+
 class LoaQLinearScheme(CompressedTensorsScheme):
     """Weights in the checkpoint's own shapes; one LoaQ kernel (CPU or Triton) per (fused) linear."""
 
@@ -96,9 +101,9 @@ class LoaQLinearScheme(CompressedTensorsScheme):
     def create_weights(self, layer: torch.nn.Module, output_size: int, input_size: int,
                        output_partition_sizes: list[int], input_size_per_partition: int,
                        params_dtype: torch.dtype, weight_loader: Callable, **kwargs) -> None:
-        from vllm.distributed import get_tensor_model_parallel_world_size
+        from vllm.distributed import get_tensor_model_parallel_world_size, model_parallel_is_initialized
 
-        if get_tensor_model_parallel_world_size() > 1:
+        if model_parallel_is_initialized() and get_tensor_model_parallel_world_size() > 1:
             raise ValueError(f"{self.layer_name}: LoaQ layers run with tensor parallel size 1; drop --tensor-parallel-size")
         parts = list(output_partition_sizes)
         n, k = sum(parts), input_size_per_partition
@@ -123,7 +128,7 @@ class LoaQLinearScheme(CompressedTensorsScheme):
                                 weight_type=WEIGHT_TYPES[(self.bits, self.symmetric)], act_type=params_dtype,
                                 group_size=-1 if self.group_size is None else self.group_size,
                                 zero_points=not self.symmetric)
-        cls = LoaQCPULinearKernel if current_platform.is_cpu() else LoaQTritonLinearKernel
+        cls = kernel_class()
         ok, reason = cls.can_implement(c)
         if not ok:
             raise ValueError(f"{self.layer_name}: {reason}")

@@ -38,13 +38,17 @@ _OTHER = WEIGHT_ONLY + W4A4 + [WEIGHT_ONLY[2]]
 _DOWN = [WEIGHT_ONLY[1], WEIGHT_ONLY[6], WEIGHT_ONLY[9], W4A4[0], W4A4[1]]
 
 
-def assignment() -> dict[str, tuple[GridSpec, dict | None]]:
-    """Full module name -> (weight grid, activations or None)."""
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def assignment(w4a4: bool = True) -> dict[str, tuple[GridSpec, dict | None]]:
+    """Full module name -> (weight grid, activations or None); ``w4a4=False``: the same grids, weight-only."""
     out, other = {}, iter(_OTHER)
     for i in range(LAYERS):
         for unit, mods in UNITS.items():
-            v = _DOWN[i] if unit == "down" else next(other)
-            out |= {f"model.layers.{i}.{m}": v for m in mods}
+            spec, act = _DOWN[i] if unit == "down" else next(other)
+            out |= {f"model.layers.{i}.{m}": (spec, act if w4a4 else None) for m in mods}
     return out
 
 
@@ -71,10 +75,12 @@ def hadamard_12() -> torch.Tensor:
     return _fetch_hadamard_divisor(12, torch.float32)
 
 
-def build(path: str, dtype: str = "float32") -> str:
-    """Native checkpoint ``path/native`` and its export ``path/export`` of the tiny model with every variant."""
+def build(path: str, w4a4: bool = True, dtype: str = "float32") -> str:
+    """Native checkpoint ``path/native`` and its export ``path/export`` of the tiny model with every variant
+    (``w4a4=False``: every layer weight-only)."""
     model, tok = tiny_serving_model(), tiny_tokenizer()
-    plan = assignment()
+    tok.chat_template = CHAT_TEMPLATE
+    plan = assignment(w4a4)
     cfg = QuantConfig(spec=GridSpec(4, 0, False), method=Method("rtn"))
     results = quantize_model(model, arch_of(model.config), torch.zeros(1, 1, dtype=torch.long), cfg, progress=False)
     for name, (spec, _) in plan.items():
@@ -107,7 +113,7 @@ def _set_activations(out: str, plan: dict) -> None:
     json.dump(config, open(p, "w"), indent=2)
 
 
-def reference_model(export_dir: str, native_dir: str):
+def reference_model(export_dir: str, native_dir: str, w4a4: bool = True):
     """HF float32 model with the export's dequantized weights, the online R4 before every down_proj and per-token
     activation fake-quant (:func:`quantize_activations_ref`) on every W4A4 layer's input, as the contract defines."""
     from tests.export.test_export import decompressed
@@ -117,7 +123,7 @@ def reference_model(export_dir: str, native_dir: str):
     sd |= {f"{n}.weight": w.float() for n, w in decompressed(export_dir).items()}
     model.load_state_dict(sd, strict=True)
     r4 = online_hadamard(export_dir)
-    for name, (_, act) in assignment().items():
+    for name, (_, act) in assignment(w4a4).items():
         had = r4[name] if name in r4 else False
         model.get_submodule(name).register_forward_pre_hook(_pre_hook(had, act))
     return model
