@@ -183,7 +183,8 @@ class LoaQCompressedTensorsConfig(CompressedTensorsConfig):
             return None
         weights, inputs, fmt = d.get("weights"), d.get("input_activations"), d.get("format")
         kind = loaq_kind(weights, inputs, fmt)
-        if kind is None:
+        w4a4_ok = kind == "w4a4" and weights.num_bits == 4 and weights.strategy == QuantizationStrategy.CHANNEL.value
+        if kind is None or (kind == "w4a4" and not w4a4_ok):
             if inputs is not None and getattr(inputs, "num_bits", None) == 4 and weights is not None \
                     and weights.type == QuantizationType.INT:
                 raise ValueError(f"{prefix}: W4A4 with {weights.num_bits}-bit {weights.strategy} weights and "
