@@ -15,3 +15,17 @@ def tiny_exports(tmp_path_factory):
         root = str(tmp_path_factory.mktemp("serve"))
         out[w4a4] = (build(root, w4a4), os.path.join(root, "native"))
     return out
+
+
+@pytest.fixture(scope="session")
+def server(tiny_exports):
+    """One real vLLM OpenAI server on 127.0.0.1 (free port) serving the all-variant export; always stopped."""
+    from loaq.serve.server import Server
+
+    srv = Server(tiny_exports[True][0], name="tiny", max_model_len=512, max_num_seqs=32)
+    try:
+        srv.start(timeout=600)
+        yield srv
+    finally:
+        rc = srv.stop()
+        assert srv.proc.poll() is not None, f"server still running after stop (status {rc})"
