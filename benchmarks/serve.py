@@ -168,7 +168,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--prompts", type=int, default=0, help="requests per run (default: max(4, 2 * concurrency))")
+    p.add_argument("--prompts", type=int, default=0, help="requests per run (default: max(4, concurrency))")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--work", default="runs/bench-serve")
@@ -203,7 +203,7 @@ def main() -> int:
         try:
             with PeakRSS(os.getpgid(server.proc.pid)) as rss:
                 for c in map(int, a.concurrency.split(",")):
-                    r = bench(server, model, c, a.prompts or max(4, 2 * c), a.input_len, a.output_len)
+                    r = bench(server, model, c, a.prompts or max(4, c), a.input_len, a.output_len)
                     runs[str(c)] = r
                     print(f"   c={c}: {r['output_throughput']:.1f} tok/s, TPOT p50 {r['p50_tpot_ms']:.1f} ms, "
                           f"TTFT p50 {r['p50_ttft_ms']:.0f} ms", flush=True)

@@ -44,11 +44,17 @@ class Engines:
 
 @pytest.fixture(scope="module")
 def engines(tiny_exports):
+    saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: the test can hook the model
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     e = Engines(tiny_exports)
     yield e
     e.close()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def capture_linears(llm, prompt):
