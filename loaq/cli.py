@@ -235,6 +235,16 @@ def cmd_search(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from loaq.serve.server import check_model_dir, serve
+
+    if not os.path.isdir(a.dir):
+        raise LoaQError(f"{a.dir!r} does not exist; pass the directory `loaq-export` wrote")
+    check_model_dir(a.dir)
+    extra = a.vllm_args[1:] if a.vllm_args[:1] == ["--"] else a.vllm_args
+    return serve(a.dir, a.host, a.port, a.name, a.max_model_len, a.max_num_seqs, a.kv_cache_gib, a.timeout, extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loaq", description="LoaQ post-training quantization (arXiv 2509.06297)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -276,6 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--holdout-tokens", type=int, default=16384)
     s.add_argument("--json", help="write the grid and the choice here")
     s.set_defaults(func=cmd_search)
+
+    v = sub.add_parser("serve", help="serve an exported checkpoint with vLLM's OpenAI server (Ctrl-C stops it)")
+    v.add_argument("dir", help="compressed-tensors checkpoint written by loaq-export (or any HF model directory)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--name", help="served model name (default: the directory's name)")
+    v.add_argument("--max-model-len", type=int, help="context length (CPU default 2048)")
+    v.add_argument("--max-num-seqs", type=int, help="concurrent sequences (CPU default 64)")
+    v.add_argument("--kv-cache-gib", type=int, help="CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE, default 1)")
+    v.add_argument("--timeout", type=float, default=900, help="seconds to wait for the server to start (default 900)")
+    v.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: passed on to vLLM's server")
+    v.set_defaults(func=cmd_serve)
     return p
 
 

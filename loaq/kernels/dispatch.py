@@ -77,19 +77,24 @@ def check_linear(w: PackedLinear, device: torch.device | str, act_bits: int = 16
 
 def prepare_linear(w: PackedLinear, device: torch.device | str, act_bits: int = 16,
                    act_sym: bool = True, hadamard: bool = False,
-                   had_k: torch.Tensor | None = None) -> PreparedLinear:
-    """Repack once for the kernel that will run this layer on ``device``."""
-    reason = check_linear(w, device, act_bits, hadamard, had_k)
+                   had_k: torch.Tensor | None = None, backend: str | None = None) -> PreparedLinear:
+    """Repack once for the kernel that will run this layer on ``device``.
+
+    ``backend`` ("triton" or "cpu") overrides the choice by device: "triton" on CPU tensors
+    runs the CUDA kernels under ``TRITON_INTERPRET=1`` (how the vLLM plugin's CUDA classes are tested).
+    """
+    device = torch.device(device)
+    backend = backend or ("triton" if device.type == "cuda" else "cpu")
+    reason = check_linear(w, "cuda" if backend == "triton" else "cpu", act_bits, hadamard, had_k)
     if reason is not None:
         raise ValueError(reason)
-    device = torch.device(device)
     w = PackedLinear(
         w.weight_packed.to(device), w.weight_scale.to(device),
         None if w.weight_zero_point is None else w.weight_zero_point.to(device),
         w.bits, w.shape, w.group_size,
     )
     had_k = None if had_k is None else had_k.to(device=device, dtype=torch.float32)
-    if device.type == "cuda":
+    if backend == "triton":
         if act_bits == 4:
             from loaq.kernels.w4a4 import prepare_w4a4
 

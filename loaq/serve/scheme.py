@@ -1,0 +1,206 @@
+"""The compressed-tensors scheme for LoaQ exports, and vLLM's compressed-tensors config that routes to it.
+
+:class:`LoaQCompressedTensorsConfig` is vLLM's ``CompressedTensorsConfig`` (registered under the same name
+by :mod:`loaq.serve.plugin`) whose linear layers get :class:`LoaQLinearScheme` when the layer's config group
+is ``pack-quantized`` integer weights of 2/3/4 bits, per channel or group, static, with either no input
+activations (WNA16) or int4 per-token dynamic input activations (W4A4, sym or asym), and when the layer takes
+the online R4 Hadamard of the export's ``transform_config``. Stock vLLM 0.32 cannot run 2/3-bit on CPU, allocates
+3-bit as a dense 3-bit stream (compressed-tensors packs 10 codes per int32), and runs asym W4A4 as W4A16; the
+scheme allocates the checkpoint's own shapes, quantizes activations as
+:func:`loaq.kernels.w4a4_ref.quantize_activations_ref` and applies R4 as
+:func:`loaq.kernels.hadamard_ref.hadamard_transform_ref`. Any other layer goes to vLLM's schemes unchanged.
+A W4A4 group that no LoaQ kernel can run (e.g. grouped weights) is refused with one line, never run as W4A16.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Callable
+
+import torch
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
+from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
+from vllm.model_executor.layers.linear import LinearBase
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+    CompressedTensorsConfig, CompressedTensorsLinearMethod)
+from vllm.model_executor.layers.quantization.compressed_tensors.schemes import CompressedTensorsScheme
+from vllm.model_executor.utils import set_weight_attrs
+from vllm.platforms import current_platform
+
+from loaq.kernels.layout import pack_codes, unpack_zero_points
+from loaq.serve.kernels import WEIGHT_TYPES, LoaQCPULinearKernel, LoaQTritonLinearKernel
+
+__all__ = ["LoaQCompressedTensorsConfig", "LoaQLinearScheme", "loaq_kind"]
+
+_QKV = {"q": 0, "k": 1, "v": 2}
+
+
+def loaq_kind(weights: QuantizationArgs | None, inputs: QuantizationArgs | None, fmt: str | None) -> str | None:
+    """"wna16" or "w4a4" when a config group is one LoaQ runs, else None (vLLM's own schemes take it)."""
+    if weights is None or fmt != CompressionFormat.pack_quantized.value:
+        return None
+    if weights.type != QuantizationType.INT or weights.dynamic or weights.num_bits not in (2, 3, 4):
+        return None
+    if weights.strategy not in (QuantizationStrategy.CHANNEL.value, QuantizationStrategy.GROUP.value):
+        return None
+    if inputs is None:
+        return "wna16"
+    if (inputs.type == QuantizationType.INT and inputs.num_bits == 4 and inputs.dynamic
+            and inputs.strategy == QuantizationStrategy.TOKEN.value):
+        return "w4a4"
+    return None
+
+
+def _rows_loader(rows: list[int], what: str) -> Callable:
+    """Weight loader for a parameter whose fused shards are stacked along dim 0 (``rows[i]`` rows each)."""
+    offsets = [0, *itertools.accumulate(rows)]
+
+    def load(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
+        if shard_id is None:
+            dst = param.data
+        else:
+            i = _QKV[shard_id] if isinstance(shard_id, str) else int(shard_id)
+            dst = param.data.narrow(0, offsets[i], rows[i])
+        loaded = loaded.reshape(dst.shape) if loaded.numel() == dst.numel() else loaded
+        if tuple(loaded.shape) != tuple(dst.shape):
+            raise ValueError(f"{what}: checkpoint tensor has shape {tuple(loaded.shape)}, expected "
+                             f"{tuple(dst.shape)} (shard {shard_id}); was it written by loaq-export?")
+        dst.copy_(loaded)
+
+    return load
+
+
+
+
+def kernel_class() -> type:
+    """The LoaQ kernel class for this platform: C++/OpenMP on CPU, Triton on CUDA."""
+    return LoaQCPULinearKernel if current_platform.is_cpu() else LoaQTritonLinearKernel
+
+
+class LoaQLinearScheme(CompressedTensorsScheme):
+    """Weights in the checkpoint's own shapes; one LoaQ kernel (CPU or Triton) per (fused) linear."""
+
+    def __init__(self, weights: QuantizationArgs, act_sym: bool | None, had_k: torch.Tensor | None | bool,
+                 layer_name: str | None = None):
+        self.bits = weights.num_bits
+        self.symmetric = bool(weights.symmetric)
+        self.group_size = weights.group_size if weights.strategy == QuantizationStrategy.GROUP.value else None
+        self.act_bits = 16 if act_sym is None else 4
+        self.act_sym = True if act_sym is None else act_sym
+        self.hadamard = had_k is not False
+        self.had_k = had_k if isinstance(had_k, torch.Tensor) else None
+        self.layer_name = layer_name
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return -1 if current_platform.is_cpu() else 75
+
+    def create_weights(self, layer: torch.nn.Module, output_size: int, input_size: int,
+                       output_partition_sizes: list[int], input_size_per_partition: int,
+                       params_dtype: torch.dtype, weight_loader: Callable, **kwargs) -> None:
+        from vllm.distributed import get_tensor_model_parallel_world_size, model_parallel_is_initialized
+
+        if model_parallel_is_initialized() and get_tensor_model_parallel_world_size() > 1:
+            raise ValueError(f"{self.layer_name}: LoaQ layers run with tensor parallel size 1; drop --tensor-parallel-size")
+        parts = list(output_partition_sizes)
+        n, k = sum(parts), input_size_per_partition
+        pf = 32 // self.bits
+        g = 1 if self.group_size is None else math.ceil(k / self.group_size)
+        layer.input_size_per_partition, layer.output_size_per_partition = k, n
+        layer.output_partition_sizes = parts
+        self.parts = parts
+
+        def add(name: str, shape: tuple[int, ...], dtype: torch.dtype, rows: list[int]) -> None:
+            p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+            set_weight_attrs(p, {"weight_loader": _rows_loader(rows, f"{self.layer_name}.{name}")})
+            layer.register_parameter(name, p)
+
+        add("weight_packed", (n, math.ceil(k / pf)), torch.int32, parts)
+        add("weight_scale", (n, g), torch.float32, parts)  # float32 as exported: bit-exact dequantization
+        add("weight_shape", (len(parts), 2), torch.int64, [1] * len(parts))
+        if not self.symmetric:
+            zrows = [math.ceil(p / pf) for p in parts]  # packed per shard, as each layer was exported
+            add("weight_zero_point", (sum(zrows), g), torch.int32, zrows)
+        c = MPLinearLayerConfig(full_weight_shape=(input_size, output_size), partition_weight_shape=(k, n),
+                                weight_type=WEIGHT_TYPES[(self.bits, self.symmetric)], act_type=params_dtype,
+                                group_size=-1 if self.group_size is None else self.group_size,
+                                zero_points=not self.symmetric)
+        cls = kernel_class()
+        ok, reason = cls.can_implement(c)
+        if not ok:
+            raise ValueError(f"{self.layer_name}: {reason}")
+        self.kernel = cls(c, "weight_packed", "weight_scale", None if self.symmetric else "weight_zero_point")
+        self.kernel.act_bits, self.kernel.act_sym = self.act_bits, self.act_sym
+        self.kernel.hadamard, self.kernel.had_k = self.hadamard, self.had_k
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        k = layer.input_size_per_partition
+        shapes = [tuple(r) for r in layer.weight_shape.data.tolist()]
+        if shapes != [(p, k) for p in self.parts]:
+            raise ValueError(f"{self.layer_name}: weight_shape {shapes} does not match the model's "
+                             f"{[(p, k) for p in self.parts]}")
+        if not self.symmetric and len(self.parts) > 1:  # one zero-point tensor packed along the fused N
+            g = layer.weight_scale.shape[1]
+            pf = 32 // self.bits
+            zs, row = [], 0
+            for p in self.parts:
+                rows = math.ceil(p / pf)
+                zs.append(unpack_zero_points(layer.weight_zero_point.data[row:row + rows], self.bits, p, g))
+                row += rows
+            uz = torch.cat(zs)
+            layer.weight_zero_point = torch.nn.Parameter(pack_codes(uz.t(), self.bits).t().contiguous(),
+                                                         requires_grad=False)
+        del layer.weight_shape
+        self.kernel.process_weights_after_loading(layer)
+
+    def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.kernel.apply_weights(layer, x, bias)
+
+
+class LoaQCompressedTensorsConfig(CompressedTensorsConfig):
+    """vLLM's compressed-tensors config; LoaQ's scheme for the layers stock vLLM cannot run correctly."""
+
+    _r4: dict | None = None
+
+    def _online_r4(self) -> dict:
+        """Module name -> had_k (None for a power-of-two order) of every layer taking the online R4."""
+        if self._r4 is None:
+            self._r4 = {}
+            if self.transform_config is not None:
+                from vllm.config import get_current_vllm_config
+
+                from loaq.export.transform import online_hadamard
+
+                self._r4 = online_hadamard(get_current_vllm_config().model_config.model)
+        return self._r4
+
+    def _loaq_scheme(self, layer: torch.nn.Module, prefix: str) -> LoaQLinearScheme | None:
+        d = self.get_scheme_dict(layer, prefix)
+        if not d:
+            return None
+        weights, inputs, fmt = d.get("weights"), d.get("input_activations"), d.get("format")
+        kind = loaq_kind(weights, inputs, fmt)
+        w4a4_ok = kind == "w4a4" and weights.num_bits == 4 and weights.strategy == QuantizationStrategy.CHANNEL.value
+        if kind is None or (kind == "w4a4" and not w4a4_ok):
+            if inputs is not None and getattr(inputs, "num_bits", None) == 4 and weights is not None \
+                    and weights.type == QuantizationType.INT:
+                raise ValueError(f"{prefix}: W4A4 with {weights.num_bits}-bit {weights.strategy} weights and "
+                                 f"{inputs.strategy} activations has no LoaQ kernel (4-bit per-channel weights, "
+                                 "per-token dynamic int4 activations only); re-export with those")
+            return None
+        r4 = self._online_r4()
+        had_k = r4[prefix] if prefix in r4 else False
+        if kind == "wna16" and weights.num_bits == 4 and had_k is False and os.environ.get("LOAQ_VLLM_W4") == "vllm":
+            return None  # stock vLLM's 4-bit kernel (see README: Serving)
+        return LoaQLinearScheme(weights, None if kind == "wna16" else bool(inputs.symmetric), had_k, prefix)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, LinearBase):
+            scheme = self._loaq_scheme(layer, prefix)
+            if scheme is not None:
+                layer.scheme = scheme
+                return CompressedTensorsLinearMethod(self)
+        return super().get_quant_method(layer, prefix)

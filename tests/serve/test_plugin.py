@@ -1,0 +1,133 @@
+"""Every exported variant loads in vLLM through the LoaQ plugin and computes the engine's fake-quantized model.
+
+In-process ``vllm.LLM`` engines (float32, eager, one at a time) serve the tiny checkpoints of
+:mod:`tests.serve.checkpoints`: 2/3/4-bit weights sym/asym per channel/group 32, W4A4 sym/asym, the online R4
+(order 12 * 16) on every down_proj. Weight-only: the greedy continuation equals the reference token for token.
+W4A4: each layer equals the reference on vLLM's own input; end to end, a 1e-6 difference in a layer's input
+flips an activation's 4-bit code now and then, so logprobs agree within a looser, stated tolerance.
+"""
+
+import gc
+import os
+
+import pytest
+import torch
+
+from tests.serve.checkpoints import UNITS, assignment, reference_model
+
+PROMPTS = [[5, 17, 33, 60, 2], [100, 7, 250, 3, 9, 12], [40], [77, 78, 79, 80, 81, 82, 83, 84]]
+FUSED = {"qkv_proj": UNITS["qkv"], "o_proj": UNITS["o"], "gate_up_proj": UNITS["gate_up"], "down_proj": UNITS["down"]}
+TOL = {False: 1e-4, True: 0.3}  # |logprob(vLLM) - logprob(reference)|: weight-only (fp32 rounding), W4A4 (code flips)
+
+
+class Engines:
+    """At most one in-process engine at a time (each start costs ~10 s and memory)."""
+
+    def __init__(self, exports):
+        self.exports, self.key, self.llm, self.ref = exports, None, None, None
+
+    def get(self, w4a4: bool):
+        from vllm import LLM
+
+        if self.key != w4a4:
+            self.close()
+            export_dir, native_dir = self.exports[w4a4]
+            self.llm = LLM(model=export_dir, dtype="float32", max_model_len=256, max_num_seqs=8, enforce_eager=True,
+                           seed=0)
+            self.ref, self.key = reference_model(export_dir, native_dir, w4a4), w4a4
+        return self.llm, self.ref
+
+    def close(self):
+        self.llm = self.ref = self.key = None
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_exports):
+    saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: the test can hook the model
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    e = Engines(tiny_exports)
+    yield e
+    e.close()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def capture_linears(llm, prompt):
+    """{vLLM linear name: (input, output)} of one forward over ``prompt``."""
+    from vllm import SamplingParams
+
+    caps, handles = {}, []
+
+    def install(model):
+        for name, mod in model.named_modules():
+            if name.split(".")[-1] in FUSED:
+                def hook(_m, args, out, name=name):
+                    y = out[0] if isinstance(out, tuple) else out
+                    caps.setdefault(name, (args[0].detach().clone(), y.detach().clone()))
+                handles.append(mod.register_forward_hook(hook))
+
+    llm.apply_model(install)
+    llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1, temperature=0))
+    for h in handles:
+        h.remove()
+    return caps
+
+
+def greedy_against_reference(llm, ref, tol):
+    """vLLM's 16 greedy tokens per prompt, checked against the reference's teacher-forced logprobs; returns the
+    number of prompts whose 16 tokens all equal the reference's argmax."""
+    from vllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                        SamplingParams(max_tokens=16, temperature=0, logprobs=0, ignore_eos=True))
+    exact = 0
+    for p, o in zip(PROMPTS, outs):
+        got = list(o.outputs[0].token_ids)
+        assert len(got) == 16
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([p + got])).logits[0, len(p) - 1:-1].double(), -1)
+        top2 = logp.topk(2, -1).values
+        for t, tok in enumerate(got):
+            assert abs(o.outputs[0].logprobs[t][tok].logprob - logp[t, tok].item()) < tol, (p, t)
+            if (top2[t, 0] - top2[t, 1]).item() > 2 * tol:  # not a near-tie: greedy must pick the same token
+                assert tok == logp[t].argmax().item(), (p, t)
+        exact += got == [int(logp[t].argmax()) for t in range(16)]
+    return exact
+
+
+def test_weight_only_greedy_continuation_equals_the_reference(engines):
+    llm, ref = engines.get(False)
+    assert greedy_against_reference(llm, ref, TOL[False]) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("w4a4", [False, True], ids=["weight-only", "w4a4"])
+def test_every_variant_matches_its_reference_layer(engines, w4a4):
+    """Each fused vLLM linear, on the input vLLM gave it, equals the reference modules (dequantized weights, R4
+    and activation fake-quant as the contract states): 20 layers, 12 weight-only grids (+ 2 W4A4)."""
+    llm, ref = engines.get(w4a4)
+    [schemes] = llm.apply_model(lambda m: sorted({f"{type(x.scheme).__name__}/{type(x.scheme.kernel).__name__}"
+                                                  for x in m.modules() if hasattr(x, "scheme")}))
+    assert schemes == ["LoaQLinearScheme/LoaQCPULinearKernel"]
+    caps = capture_linears(llm, PROMPTS[1])
+    plan = assignment(w4a4)
+    seen = set()
+    assert len(caps) == 20
+    for name, (x, y) in caps.items():
+        parent, short = name.rsplit(".", 1)
+        mods = [f"{parent.rsplit('.', 1)[0]}.{m}" for m in FUSED[short]]
+        with torch.no_grad():
+            r = torch.cat([ref.get_submodule(m)(x) for m in mods], -1)
+        err = ((y - r).norm() / r.norm()).item()
+        assert err < 1e-5, (name, plan[mods[0]], err)
+        seen.add((plan[mods[0]][0], str(plan[mods[0]][1])))
+    assert len(seen) == (14 if w4a4 else 12)
+
+
+def test_w4a4_continuation_within_tolerance(engines):
+    llm, ref = engines.get(True)
+    assert greedy_against_reference(llm, ref, TOL[True]) >= 1
