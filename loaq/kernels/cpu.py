@@ -155,8 +155,7 @@ static void gemv(const float* x, int64_t M, int64_t ldx, const int32_t* w, int64
 #define LOAQ_BF16_DOT 1
 template <int BITS, int NR, int MB>
 static inline void rows_bf16(const uint16_t* x, int64_t ldx, const int32_t* w, int64_t kw, int64_t gs,
-                             int64_t G, const float* s, const float* zs, const float* xg, float* y,
-                             int64_t ldy) {
+                             int64_t G, const float* s, const float* zt, float* y, int64_t ldy) {
     constexpr int H = 16 / BITS;
     const __m512i mask = _mm512_set1_epi32(((1 << BITS) - 1) * 0x10001);
     const __m512i off = _mm512_set1_epi32(0x43004300);
@@ -190,41 +189,58 @@ static inline void rows_bf16(const uint16_t* x, int64_t ldx, const int32_t* w, i
             }
         }
     }
-    for (int r = 0; r < NR; ++r) {
-        if (g < G) {
+    if (g < G)
+        for (int r = 0; r < NR; ++r) {
             __m512 sg = _mm512_set1_ps(s[r * G + g]);
             for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sg, tot[r][m]);
         }
-        for (int m = 0; m < MB; ++m) {
-            float zt = 0.f;
-            for (int64_t j = 0; j < G; ++j) zt += (zs[r * G + j] + 128.f * s[r * G + j]) * xg[m * G + j];
-            y[m * ldy + r] = _mm512_reduce_add_ps(tot[r][m]) - zt;
+    for (int m = 0; m < MB; ++m) {
+        if constexpr (NR == 4) {  // the 4 horizontal sums at once
+            __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(tot[0][m], tot[1][m]), _mm512_unpackhi_ps(tot[0][m], tot[1][m]));
+            __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(tot[2][m], tot[3][m]), _mm512_unpackhi_ps(tot[2][m], tot[3][m]));
+            __m512 t2 = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
+            t2 = _mm512_add_ps(t2, _mm512_shuffle_f32x4(t2, t2, 0x4E));
+            t2 = _mm512_add_ps(t2, _mm512_shuffle_f32x4(t2, t2, 0xB1));
+            __m128 sum = _mm_sub_ps(_mm512_castps512_ps128(t2), _mm_loadu_ps(zt + m * ldy));
+            _mm_storeu_ps(y + m * ldy, sum);
+        } else {
+            for (int r = 0; r < NR; ++r) y[m * ldy + r] = _mm512_reduce_add_ps(tot[r][m]) - zt[m * ldy + r];
         }
     }
 }
 
+// zsT: (uz + 128) * s transposed, fp32 [G, N]. zt [M, N]: the zero-point term of every output.
 template <int BITS>
 static void gemv_bf16(const uint16_t* x, int64_t M, int64_t ldx, const int32_t* w, int64_t N, int64_t kw,
-                      int64_t gs, int64_t G, const float* s, const float* zs, const float* xg, float* y,
-                      int nthreads) {
+                      int64_t gs, int64_t G, const float* s, const float* zsT, const float* xg, float* zt,
+                      float* y, int nthreads) {
+    for (int64_t m = 0; m < M; ++m) {
+        float* z = zt + m * N;
+        for (int64_t n = 0; n < N; ++n) z[n] = 0.f;
+        for (int64_t j = 0; j < G; ++j) {
+            float xj = xg[m * G + j];
+            const float* zr = zsT + j * N;
+            for (int64_t n = 0; n < N; ++n) z[n] += zr[n] * xj;
+        }
+    }
     constexpr int NR = 4;
     int64_t nb = (N + NR - 1) / NR;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && N * kw > 32768)
     for (int64_t i = 0; i < nb; ++i) {
         int64_t n = i * NR;
         const int32_t* wr = w + n * kw;
-        const float *sn = s + n * G, *zn = zs + n * G;
+        const float* sn = s + n * G;
         int64_t m = 0;
         if (n + NR <= N) {
             for (; m + 2 <= M; m += 2)
-                rows_bf16<BITS, NR, 2>(x + m * ldx, ldx, wr, kw, gs, G, sn, zn, xg + m * G, y + m * N + n, N);
+                rows_bf16<BITS, NR, 2>(x + m * ldx, ldx, wr, kw, gs, G, sn, zt + m * N + n, y + m * N + n, N);
             for (; m < M; ++m)
-                rows_bf16<BITS, NR, 1>(x + m * ldx, ldx, wr, kw, gs, G, sn, zn, xg + m * G, y + m * N + n, N);
+                rows_bf16<BITS, NR, 1>(x + m * ldx, ldx, wr, kw, gs, G, sn, zt + m * N + n, y + m * N + n, N);
         } else {
             for (int64_t r = 0; n + r < N; ++r)
                 for (m = 0; m < M; ++m)
-                    rows_bf16<BITS, 1, 1>(x + m * ldx, ldx, wr + r * kw, kw, gs, G, sn + r * G, zn + r * G,
-                                          xg + m * G, y + m * N + n + r, N);
+                    rows_bf16<BITS, 1, 1>(x + m * ldx, ldx, wr + r * kw, kw, gs, G, sn + r * G,
+                                          zt + m * N + n + r, y + m * N + n + r, N);
         }
     }
 }
@@ -363,6 +379,7 @@ typedef struct {
     const float* s;
     const float* zs;
     const int32_t* uz;
+    const float* zsT;  // (uz + 128) * s, transposed [G, N]: the bf16 dot path's zero points
 } LoaqWeight;
 
 // out [M, N] (bf16 if out_bf16, else fp32) from x [M, K] (fp32, or bf16 if x_bf16; row
@@ -380,8 +397,9 @@ int loaq_gemv(const void* x, int x_bf16, int64_t M, int64_t ldx, const LoaqWeigh
 #ifdef LOAQ_BF16_DOT
     use_dot = dot && x_bf16;
 #endif
-    float* xg = (float*)malloc((M * G + M * N) * sizeof(float));
+    float* xg = (float*)malloc((M * G + 2 * M * N) * sizeof(float));
     float* y = xg + M * G;
+    float* zt = y + M * N;
     void* xp = aligned_alloc(64, ((M * kp * (use_dot ? 2 : 4)) + 63) / 64 * 64);
     if (!xg || !xp) { free(xg); free(xp); return 2; }
     for (int64_t m = 0; m < M; ++m) {
@@ -406,9 +424,9 @@ int loaq_gemv(const void* x, int x_bf16, int64_t M, int64_t ldx, const LoaqWeigh
     if (use_dot) {
         const uint16_t* xb = (const uint16_t*)xp;
         switch (bits) {
-            case 2: gemv_bf16<2>(xb, M, kp, w, N, kw, gs, G, s, zs, xg, y, nthreads); break;
-            case 3: gemv_bf16<3>(xb, M, kp, w, N, kw, gs, G, s, zs, xg, y, nthreads); break;
-            case 4: gemv_bf16<4>(xb, M, kp, w, N, kw, gs, G, s, zs, xg, y, nthreads); break;
+            case 2: gemv_bf16<2>(xb, M, kp, w, N, kw, gs, G, s, wd->zsT, xg, zt, y, nthreads); break;
+            case 3: gemv_bf16<3>(xb, M, kp, w, N, kw, gs, G, s, wd->zsT, xg, zt, y, nthreads); break;
+            case 4: gemv_bf16<4>(xb, M, kp, w, N, kw, gs, G, s, wd->zsT, xg, zt, y, nthreads); break;
             default: rc = 1;
         }
     } else
@@ -525,7 +543,7 @@ class _Desc(ctypes.Structure):
 
     _fields_ = [("w", ctypes.c_void_p), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("kw", ctypes.c_int64),
                 ("gs", ctypes.c_int64), ("G", ctypes.c_int64), ("bits", ctypes.c_int64), ("s", ctypes.c_void_p),
-                ("zs", ctypes.c_void_p), ("uz", ctypes.c_void_p)]
+                ("zs", ctypes.c_void_p), ("uz", ctypes.c_void_p), ("zsT", ctypes.c_void_p)]
 
 
 @dataclass(frozen=True)
@@ -536,6 +554,7 @@ class CpuWeight:
     scales: torch.Tensor  # fp32 [N, G]
     zs: torch.Tensor  # fp32 [N, G]
     uz: torch.Tensor  # int32 [N, G], the unsigned zero points
+    zs128_t: torch.Tensor  # fp32 [G, N], ``(uz + 128) * scale`` transposed (the bf16 dot path)
     bits: int
     n: int
     k: int
@@ -543,10 +562,11 @@ class CpuWeight:
     desc: _Desc = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        t = (self.packed, self.scales, self.zs, self.uz)
+        t = (self.packed, self.scales, self.zs, self.uz, self.zs128_t)
         assert all(x.is_contiguous() and x.device.type == "cpu" for x in t), "CpuWeight tensors: contiguous, on CPU"
         desc = _Desc(self.packed.data_ptr(), self.n, self.k, self.packed.shape[1], self.group_size,
-                     self.scales.shape[1], self.bits, self.scales.data_ptr(), self.zs.data_ptr(), self.uz.data_ptr())
+                     self.scales.shape[1], self.bits, self.scales.data_ptr(), self.zs.data_ptr(), self.uz.data_ptr(),
+                     self.zs128_t.data_ptr())
         object.__setattr__(self, "desc", desc)  # the tensors above keep the pointers valid
 
     @property
@@ -564,7 +584,9 @@ def prepare_cpu(w: PackedLinear) -> CpuWeight:
     kp = packed.shape[1] * (32 // w.bits)
     group = w.group_size or kp
     assert group % 32 == 0, f"CPU kernels need group sizes that are multiples of 32, got {group}"
-    return CpuWeight(packed, scales, (uz.float() * scales).contiguous(), uz.int().contiguous(), w.bits, n, k, group)
+    zs128_t = ((uz.float() + 128) * scales).t().contiguous()
+    return CpuWeight(packed, scales, (uz.float() * scales).contiguous(), uz.int().contiguous(), zs128_t, w.bits, n,
+                     k, group)
 
 
 _SCRATCH = threading.local()
