@@ -155,7 +155,8 @@ def load_vllm() -> VllmCpu | None:
 def bench_cpu() -> tuple[dict, list[dict]]:
     import torch.nn.functional as F
 
-    from loaq.kernels.cpu import cpu_quantize_activations, cpu_w4a4_matmul, cpu_wna16_matmul, prepare_cpu
+    from loaq.kernels.cpu import cpu_w4a4_linear, cpu_wna16_matmul, prepare_cpu
+    from loaq.kernels.w4a4_ref import quantize_activations_ref, w4a4_matmul_ref
     from loaq.kernels.wna16_ref import wna16_matmul_ref
 
     vllm = load_vllm()
@@ -171,10 +172,12 @@ def bench_cpu() -> tuple[dict, list[dict]]:
         for m in CPU_MS:
             x = torch.randn(m, k).bfloat16()
             base = [("bf16 F.linear", lambda: F.linear(x, dense), dense.numel() * 2)]
+            check(cpu_wna16_matmul(x, prepared[4]), wna16_matmul_ref(x.float(), layers[4]), "W4A16")
+            check(cpu_w4a4_linear(x, w4a4, True), w4a4_matmul_ref(quantize_activations_ref(x, True), w4pc,
+                                                                  torch.float32), "W4A4")
             if vllm:
                 check(vllm_bf16(x), x.float() @ dense.float().t(), "vLLM bf16")
                 check(vllm_w4(x), wna16_matmul_ref(x.float(), layers[4]), "vLLM W4A16")
-                check(cpu_wna16_matmul(x, prepared[4]), wna16_matmul_ref(x.float(), layers[4]), "W4A16")
                 base.append(("vLLM bf16 " + vllm.bf16_kernel.split(" (")[0], lambda: vllm_bf16(x), dense.numel() * 2))
             times = {name: time_cpu(fn) for name, fn, _ in base}
             t_dense = min(times.values())
@@ -186,7 +189,7 @@ def bench_cpu() -> tuple[dict, list[dict]]:
             for b in (4, 3, 2):
                 t = time_cpu(lambda: cpu_wna16_matmul(x, prepared[b]))
                 shape_rows.append(row(f"W{b}A16 g{group}", m, n, k, t, weight_bytes(layers[b]), t_dense))
-            t = time_cpu(lambda: cpu_w4a4_matmul(cpu_quantize_activations(x, True), w4a4, x.dtype))
+            t = time_cpu(lambda: cpu_w4a4_linear(x, w4a4, True))
             shape_rows.append(row("W4A4 (quant+gemm)", m, n, k, t, weight_bytes(w4pc), t_dense))
             for r in shape_rows:
                 r["group"] = group

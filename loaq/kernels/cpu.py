@@ -52,7 +52,7 @@ from loaq.kernels.layout import PackedLinear, pack_lanes, unpack_codes, unpack_z
 from loaq.kernels.w4a4_ref import ActQuant
 
 __all__ = ["CpuWeight", "prepare_cpu", "cpu_wna16_matmul", "cpu_quantize_activations", "cpu_w4a4_matmul",
-           "DEQUANT_MIN_M"]
+           "cpu_w4a4_linear", "features", "DEQUANT_MIN_M"]
 
 DEQUANT_MIN_M = 8  # GEMV vs dequantize+oneDNN crossover at 4096², 1 thread (kernels.md)
 
@@ -154,8 +154,8 @@ static void gemv(const float* x, int64_t M, int64_t ldx, const int32_t* w, int64
 #if defined(__AVX512BF16__)
 #define LOAQ_BF16_DOT 1
 template <int BITS, int NR, int MB>
-static inline void rows_bf16(const uint16_t* x, int64_t ldx, const int32_t* w, int64_t kw, int64_t gs,
-                             int64_t G, const float* s, const float* zt, float* y, int64_t ldy) {
+static inline void rows_bf16(const uint16_t* x, int64_t ldx, const int32_t* w, int64_t kw, int64_t kc,
+                             int64_t gs, int64_t G, const float* s, const float* zt, float* y, int64_t ldy) {
     constexpr int H = 16 / BITS;
     const __m512i mask = _mm512_set1_epi32(((1 << BITS) - 1) * 0x10001);
     const __m512i off = _mm512_set1_epi32(0x43004300);
@@ -163,31 +163,37 @@ static inline void rows_bf16(const uint16_t* x, int64_t ldx, const int32_t* w, i
     for (int r = 0; r < NR; ++r)
         for (int m = 0; m < MB; ++m) { acc[r][m] = _mm512_setzero_ps(); tot[r][m] = _mm512_setzero_ps(); }
     int64_t k = 0, g = 0, gend = gs;
-    for (int64_t b = 0; b < kw; b += 16) {
-        __m512i wv[NR];
+    auto chunk = [&](const __m512i* wv, int t) __attribute__((always_inline)) {
+        __m512bh xv[MB];
+        for (int m = 0; m < MB; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * ldx + k);
+        for (int r = 0; r < NR; ++r) {
+            // (w >> BITS*t) & mask | off in one ternary-logic op: A&B | C = 0xEA
+            __m512bh v = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(wv[r], BITS * t), mask, off, 0xEA);
+            for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], v, xv[m]);
+        }
+        k += 32;
+        if (k == gend && g < G) {
+            for (int r = 0; r < NR; ++r) {
+                __m512 sg = _mm512_set1_ps(s[r * G + g]);
+                for (int m = 0; m < MB; ++m) {
+                    tot[r][m] = _mm512_fmadd_ps(acc[r][m], sg, tot[r][m]);
+                    acc[r][m] = _mm512_setzero_ps();
+                }
+            }
+            ++g;
+            gend += gs;
+        }
+    };
+    int64_t full = kc / (32 * H) * 16;  // words of the blocks without padding chunks
+    __m512i wv[NR];
+    for (int64_t b = 0; b < full; b += 16) {
         for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_si512(w + r * kw + b);
         #pragma GCC unroll 8
-        for (int t = 0; t < H; ++t) {
-            __m512bh xv[MB];
-            for (int m = 0; m < MB; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * ldx + k);
-            for (int r = 0; r < NR; ++r) {
-                // (w >> BITS*t) & mask | off in one ternary-logic op: A&B | C = 0xEA
-                __m512bh v = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(wv[r], BITS * t), mask, off, 0xEA);
-                for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], v, xv[m]);
-            }
-            k += 32;
-            if (k == gend && g < G) {
-                for (int r = 0; r < NR; ++r) {
-                    __m512 sg = _mm512_set1_ps(s[r * G + g]);
-                    for (int m = 0; m < MB; ++m) {
-                        tot[r][m] = _mm512_fmadd_ps(acc[r][m], sg, tot[r][m]);
-                        acc[r][m] = _mm512_setzero_ps();
-                    }
-                }
-                ++g;
-                gend += gs;
-            }
-        }
+        for (int t = 0; t < H; ++t) chunk(wv, t);
+    }
+    if (full < kw) {  // the last block's chunks that hold codes (k < kc)
+        for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_si512(w + r * kw + full);
+        for (int t = 0; k < kc; ++t) chunk(wv, t);
     }
     if (g < G)
         for (int r = 0; r < NR; ++r) {
@@ -212,7 +218,7 @@ static inline void rows_bf16(const uint16_t* x, int64_t ldx, const int32_t* w, i
 // zsT: (uz + 128) * s transposed, fp32 [G, N]. zt [M, N]: the zero-point term of every output.
 template <int BITS>
 static void gemv_bf16(const uint16_t* x, int64_t M, int64_t ldx, const int32_t* w, int64_t N, int64_t kw,
-                      int64_t gs, int64_t G, const float* s, const float* zsT, const float* xg, float* zt,
+                      int64_t kc, int64_t gs, int64_t G, const float* s, const float* zsT, const float* xg, float* zt,
                       float* y, int nthreads) {
     for (int64_t m = 0; m < M; ++m) {
         float* z = zt + m * N;
@@ -233,13 +239,13 @@ static void gemv_bf16(const uint16_t* x, int64_t M, int64_t ldx, const int32_t* 
         int64_t m = 0;
         if (n + NR <= N) {
             for (; m + 2 <= M; m += 2)
-                rows_bf16<BITS, NR, 2>(x + m * ldx, ldx, wr, kw, gs, G, sn, zt + m * N + n, y + m * N + n, N);
+                rows_bf16<BITS, NR, 2>(x + m * ldx, ldx, wr, kw, kc, gs, G, sn, zt + m * N + n, y + m * N + n, N);
             for (; m < M; ++m)
-                rows_bf16<BITS, NR, 1>(x + m * ldx, ldx, wr, kw, gs, G, sn, zt + m * N + n, y + m * N + n, N);
+                rows_bf16<BITS, NR, 1>(x + m * ldx, ldx, wr, kw, kc, gs, G, sn, zt + m * N + n, y + m * N + n, N);
         } else {
             for (int64_t r = 0; n + r < N; ++r)
                 for (m = 0; m < M; ++m)
-                    rows_bf16<BITS, 1, 1>(x + m * ldx, ldx, wr + r * kw, kw, gs, G, sn + r * G,
+                    rows_bf16<BITS, 1, 1>(x + m * ldx, ldx, wr + r * kw, kw, kc, gs, G, sn + r * G,
                                           zt + m * N + n + r, y + m * N + n + r, N);
         }
     }
@@ -250,16 +256,17 @@ static void gemv_bf16(const uint16_t* x, int64_t M, int64_t ldx, const int32_t* 
 #define LOAQ_INT_DOT 1
 // W4A4: exact int32 sums of u * xq over k (4-bit per-channel weights, |xq| <= 16).
 template <int NR>
-static inline void rows_int(const int16_t* x, const int32_t* w, int64_t kw, int32_t* acc_out) {
+static inline void rows_int(const int16_t* x, const int32_t* w, int64_t kw, int64_t kc, int32_t* acc_out) {
     const __m512i mask = _mm512_set1_epi32(0x000F000F);
     __m512i acc[NR];
     for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
     int64_t k = 0;
-    for (int64_t b = 0; b < kw; b += 16) {
+    for (int64_t b = 0; b < kw && k < kc; b += 16) {
         __m512i wv[NR];
         for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_si512(w + r * kw + b);
         #pragma GCC unroll 4
         for (int t = 0; t < 4; ++t, k += 32) {
+            if (k == kc) break;  // padding chunks of the last block
             __m512i xv = _mm512_loadu_si512(x + k);
             for (int r = 0; r < NR; ++r)
                 acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_and_si512(_mm512_srli_epi32(wv[r], 4 * t), mask), xv);
@@ -322,42 +329,46 @@ int loaq_features(void) {
     return f;
 }
 
-// Per-token 4-bit quantizer, the formulas of w4a4_ref (IEEE division, round half to even).
-void loaq_act_quant(const float* x, int64_t M, int64_t K, int sym, int8_t* codes, float* scale,
-                    int32_t* zero, int32_t* rowsum, int nthreads) {
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t m = 0; m < M; ++m) {
-        const float* xr = x + m * K;
-        float lo = 0.f, hi = 0.f, amax = 0.f;
-        for (int64_t k = 0; k < K; ++k) {
-            lo = xr[k] < lo ? xr[k] : lo;
-            hi = xr[k] > hi ? xr[k] : hi;
-        }
-        amax = -lo > hi ? -lo : hi;
-        float s = sym ? amax / 7.0f : (hi - lo) / 15.0f;
-        if (s == 0.f) s = 1.f;
-        float z = sym ? 0.f : nearbyintf(-lo / s);
-        float qmin = sym ? -8.f : 0.f, qmax = sym ? 7.f : 15.f, shift = sym ? 0.f : 8.f;
-        int32_t sum = 0;
-        for (int64_t k = 0; k < K; ++k) {
-            float q = nearbyintf(xr[k] / s) + z;
-            q = q < qmin ? qmin : (q > qmax ? qmax : q);
-            int8_t c = (int8_t)(q - shift);
-            codes[m * K + k] = c;
-            sum += c;
-        }
-        scale[m] = s;
-        zero[m] = (int32_t)(z - shift);
-        rowsum[m] = sum;
-    }
-}
-
 static inline float load_x(const void* x, int x_bf16, int64_t i) {
     if (!x_bf16) return ((const float*)x)[i];
     uint32_t u = (uint32_t)((const uint16_t*)x)[i] << 16;
     float v;
     memcpy(&v, &u, 4);
     return v;
+}
+
+// Per-token 4-bit quantizer, the formulas of w4a4_ref (IEEE division, round half to even).
+static void act_quant_row(const void* x, int x_bf16, int64_t off, int64_t K, int sym, int8_t* codes, float* scale,
+                          int32_t* zero, int32_t* rowsum) {
+    float lo = 0.f, hi = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+        float v = load_x(x, x_bf16, off + k);
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+    }
+    float amax = -lo > hi ? -lo : hi;
+    float s = sym ? amax / 7.0f : (hi - lo) / 15.0f;
+    if (s == 0.f) s = 1.f;
+    float z = sym ? 0.f : nearbyintf(-lo / s);
+    float qmin = sym ? -8.f : 0.f, qmax = sym ? 7.f : 15.f, shift = sym ? 0.f : 8.f;
+    int32_t sum = 0;
+    for (int64_t k = 0; k < K; ++k) {
+        float q = nearbyintf(load_x(x, x_bf16, off + k) / s) + z;
+        q = q < qmin ? qmin : (q > qmax ? qmax : q);
+        int8_t c = (int8_t)(q - shift);
+        codes[k] = c;
+        sum += c;
+    }
+    *scale = s;
+    *zero = (int32_t)(z - shift);
+    *rowsum = sum;
+}
+
+void loaq_act_quant(const float* x, int64_t M, int64_t K, int sym, int8_t* codes, float* scale,
+                    int32_t* zero, int32_t* rowsum, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t m = 0; m < M; ++m)
+        act_quant_row(x, 0, m * K, K, sym, codes + m * K, scale + m, zero + m, rowsum + m);
 }
 
 static inline uint16_t bf16_rne(float v) {
@@ -424,9 +435,9 @@ int loaq_gemv(const void* x, int x_bf16, int64_t M, int64_t ldx, const LoaqWeigh
     if (use_dot) {
         const uint16_t* xb = (const uint16_t*)xp;
         switch (bits) {
-            case 2: gemv_bf16<2>(xb, M, kp, w, N, kw, gs, G, s, wd->zsT, xg, zt, y, nthreads); break;
-            case 3: gemv_bf16<3>(xb, M, kp, w, N, kw, gs, G, s, wd->zsT, xg, zt, y, nthreads); break;
-            case 4: gemv_bf16<4>(xb, M, kp, w, N, kw, gs, G, s, wd->zsT, xg, zt, y, nthreads); break;
+            case 2: gemv_bf16<2>(xb, M, kp, w, N, kw, (K + 31) / 32 * 32, gs, G, s, wd->zsT, xg, zt, y, nthreads); break;
+            case 3: gemv_bf16<3>(xb, M, kp, w, N, kw, (K + 31) / 32 * 32, gs, G, s, wd->zsT, xg, zt, y, nthreads); break;
+            case 4: gemv_bf16<4>(xb, M, kp, w, N, kw, (K + 31) / 32 * 32, gs, G, s, wd->zsT, xg, zt, y, nthreads); break;
             default: rc = 1;
         }
     } else
@@ -455,7 +466,7 @@ int loaq_w4a4_gemv(const int8_t* codes, const int32_t* zero, const float* sx, in
     int64_t N = wd->N, K = wd->K, kw = wd->kw;
     const int32_t* uz = wd->uz;
     const float* s = wd->s;
-    int64_t kp = kw * 8;
+    int64_t kp = kw * 8, kc = (K + 31) / 32 * 32;
     int16_t* xq = (int16_t*)aligned_alloc(64, (M * kp * 2 + 63) / 64 * 64);
     int32_t* xsum = (int32_t*)malloc(M * sizeof(int32_t));
     float* y = (float*)malloc(M * N * sizeof(float));
@@ -476,8 +487,8 @@ int loaq_w4a4_gemv(const int8_t* codes, const int32_t* zero, const float* sx, in
         int64_t n = i * NR;
         int32_t acc[NR];
         for (int64_t m = 0; m < M; ++m) {
-            if (n + NR <= N) rows_int<NR>(xq + m * kp, w + n * kw, kw, acc);
-            else for (int64_t r = 0; n + r < N; ++r) rows_int<1>(xq + m * kp, w + (n + r) * kw, kw, acc + r);
+            if (n + NR <= N) rows_int<NR>(xq + m * kp, w + n * kw, kw, kc, acc);
+            else for (int64_t r = 0; n + r < N; ++r) rows_int<1>(xq + m * kp, w + (n + r) * kw, kw, kc, acc + r);
             for (int64_t r = 0; r < NR && n + r < N; ++r)
                 y[m * N + n + r] = (float)(acc[r] - uz[n + r] * xsum[m]) * sx[m] * s[n + r];
         }
@@ -488,6 +499,23 @@ int loaq_w4a4_gemv(const int8_t* codes, const int32_t* zero, const float* sx, in
 #else
     return 3;
 #endif
+}
+
+// Both W4A4 steps in one call (decode): quantize x [M, K] (fp32, or bf16 if x_bf16; row
+// stride ldx) per token as loaq_act_quant does, then loaq_w4a4_gemv.
+int loaq_w4a4_linear(const void* x, int x_bf16, int64_t M, int64_t ldx, int sym, const LoaqWeight* wd,
+                     void* out, int out_bf16, int nthreads) {
+    int64_t K = wd->K, kc = (M * K + 3) & ~(int64_t)3;  // codes, then 4-byte aligned sx, zero, rowsum
+    int8_t* codes = (int8_t*)malloc(kc + M * 12);
+    if (!codes) return 2;
+    float* sx = (float*)(codes + kc);
+    int32_t* zero = (int32_t*)(sx + M);
+    int32_t* rowsum = zero + M;
+    for (int64_t m = 0; m < M; ++m)
+        act_quant_row(x, x_bf16, m * ldx, K, sym, codes + m * K, sx + m, zero + m, rowsum + m);
+    int rc = loaq_w4a4_gemv(codes, zero, sx, M, wd, out, out_bf16, nthreads);
+    free(codes);
+    return rc;
 }
 
 int loaq_dequant(const LoaqWeight* wd, void* out, int bf16, int nthreads) {
@@ -533,6 +561,7 @@ def _library() -> ctypes.CDLL:
     lib.loaq_features.argtypes = []
     lib.loaq_gemv.argtypes = [ptr, cint, i64, i64, ptr, ptr, cint, cint, cint]
     lib.loaq_w4a4_gemv.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, cint, cint]
+    lib.loaq_w4a4_linear.argtypes = [ptr, cint, i64, i64, cint, ptr, ptr, cint, cint]
     lib.loaq_act_quant.argtypes = [ptr, i64, i64, cint, ptr, ptr, ptr, ptr, cint]
     lib.loaq_dequant.argtypes = [ptr, ptr, cint, cint]
     return lib
@@ -560,6 +589,7 @@ class CpuWeight:
     k: int
     group_size: int  # Kp when per-channel
     desc: _Desc = field(init=False, repr=False, compare=False)
+    addr: int = field(init=False, repr=False, compare=False)  # of desc
 
     def __post_init__(self) -> None:
         t = (self.packed, self.scales, self.zs, self.uz, self.zs128_t)
@@ -568,6 +598,7 @@ class CpuWeight:
                      self.scales.shape[1], self.bits, self.scales.data_ptr(), self.zs.data_ptr(), self.uz.data_ptr(),
                      self.zs128_t.data_ptr())
         object.__setattr__(self, "desc", desc)  # the tensors above keep the pointers valid
+        object.__setattr__(self, "addr", ctypes.addressof(desc))
 
     @property
     def kp(self) -> int:
@@ -604,7 +635,7 @@ def _workspace(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 def _dequantize(w: CpuWeight, dtype: torch.dtype) -> torch.Tensor:
     """Dense weight [N, K] in a reused workspace: valid until the next call on this thread."""
     out = _workspace(w.n, w.k, dtype)
-    rc = _library().loaq_dequant(ctypes.addressof(w.desc), out.data_ptr(), int(dtype == torch.bfloat16),
+    rc = _library().loaq_dequant(w.addr, out.data_ptr(), int(dtype == torch.bfloat16),
                                  torch.get_num_threads())
     assert rc == 0, f"loaq_dequant failed with code {rc}"
     return out
@@ -625,9 +656,8 @@ USE_DOT = True
 def _gemv(x: torch.Tensor, w: CpuWeight, out_dtype: torch.dtype) -> torch.Tensor:
     """[M, N] in out_dtype (bf16 or fp32) from fp32 or bf16 activations [M, K] (row stride free)."""
     y = torch.empty((x.shape[0], w.n), dtype=out_dtype)
-    rc = _library().loaq_gemv(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], x.stride(0),
-                              ctypes.addressof(w.desc), y.data_ptr(), out_dtype == torch.bfloat16, USE_DOT,
-                              torch.get_num_threads())
+    rc = _library().loaq_gemv(x.data_ptr(), x.dtype is torch.bfloat16, x.shape[0], x.stride(0), w.addr,
+                              y.data_ptr(), out_dtype is torch.bfloat16, USE_DOT, torch.get_num_threads())
     assert rc == 0, f"loaq_gemv failed with code {rc}"
     return y
 
@@ -667,7 +697,7 @@ def cpu_w4a4_matmul(act: ActQuant, w: CpuWeight, out_dtype: torch.dtype) -> torc
     if m < DEQUANT_MIN_M and USE_DOT and "int" in features():
         y = torch.empty((m, w.n), dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
         rc = _library().loaq_w4a4_gemv(act.codes.data_ptr(), act.zero.data_ptr(), act.scale.data_ptr(), m,
-                                       ctypes.addressof(w.desc), y.data_ptr(), y.dtype == torch.bfloat16,
+                                       w.addr, y.data_ptr(), y.dtype == torch.bfloat16,
                                        torch.get_num_threads())
         assert rc == 0, f"loaq_w4a4_gemv failed with code {rc}"
         return y.to(out_dtype)
@@ -677,3 +707,16 @@ def cpu_w4a4_matmul(act: ActQuant, w: CpuWeight, out_dtype: torch.dtype) -> torc
     else:
         y = _gemv(xq, w, torch.float32)
     return (y * act.scale[:, None]).to(out_dtype)
+
+
+def cpu_w4a4_linear(x: torch.Tensor, w: CpuWeight, sym: bool) -> torch.Tensor:
+    """W4A4 ``x @ W.T`` for x [M, K]: per-token activation quantization, then the integer
+    GEMM; returns x.dtype. At decode on VNNI CPUs both steps run in one C call."""
+    if (x.shape[0] < DEQUANT_MIN_M and x.dtype in _NATIVE and x.stride(-1) == 1 and USE_DOT
+            and "int" in features()):
+        y = torch.empty((x.shape[0], w.n), dtype=x.dtype)
+        rc = _library().loaq_w4a4_linear(x.data_ptr(), x.dtype is torch.bfloat16, x.shape[0], x.stride(0), sym,
+                                         w.addr, y.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads())
+        assert rc == 0, f"loaq_w4a4_linear failed with code {rc}"
+        return y
+    return cpu_w4a4_matmul(cpu_quantize_activations(x, sym), w, x.dtype)

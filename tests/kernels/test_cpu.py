@@ -14,7 +14,8 @@ import torch
 
 from loaq.kernels import cpu
 from loaq.kernels.cpu import (
-    DEQUANT_MIN_M, cpu_quantize_activations, cpu_w4a4_matmul, cpu_wna16_matmul, features, prepare_cpu,
+    DEQUANT_MIN_M, cpu_quantize_activations, cpu_w4a4_linear, cpu_w4a4_matmul, cpu_wna16_matmul, features,
+    prepare_cpu,
 )
 from loaq.kernels.w4a4_ref import quantize_activations_ref, w4a4_int_accum_ref, w4a4_matmul_ref
 from loaq.kernels.wna16_ref import wna16_matmul_ref
@@ -87,3 +88,19 @@ def test_cpu_w4a4_exact_and_scaled(sym, asym_w, use_dot):
     assert rel_err(y, w4a4_matmul_ref(act, w, torch.bfloat16)) < 1e-2
     if use_dot and "int" in features():  # integer path: the reference's epilogue, bit for bit
         assert torch.equal(cpu_w4a4_matmul(act, prepare_cpu(w), torch.float32), w4a4_matmul_ref(act, w, torch.float32))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_w4a4_linear_is_quantize_then_matmul(sym, dtype, use_dot):
+    n, k = 22, 300  # K: not a multiple of 32
+    w = make_packed(4, n, k, None, True, torch.float32, seed=7, device="cpu")
+    prepared = prepare_cpu(w)
+    gen = torch.Generator().manual_seed(8)
+    for m in (1, 3, DEQUANT_MIN_M):  # fused decode call, then quantizer + dequant GEMM
+        x = (torch.randn(m, 2 * k, generator=gen) * 2).to(dtype)[:, ::2]  # strided rows
+        y = cpu_w4a4_linear(x, prepared, sym)
+        assert y.dtype == dtype
+        two_step = cpu_w4a4_matmul(cpu_quantize_activations(x, sym), prepared, dtype)
+        assert torch.equal(y, two_step), m
+        assert rel_err(y, w4a4_matmul_ref(quantize_activations_ref(x, sym), w, dtype)) < 1e-2, m
