@@ -10,7 +10,9 @@ pair per 32-bit lane, in the order of 32 contiguous 16-bit activations.
 
   - bf16 activations on CPUs with AVX512-BF16: ``vdpbf16ps`` on the pairs; a code is
     turned into the bf16 of ``128 + u`` by one OR (``0x4300 | u``, exact), and the
-    offset joins the zero point. 4 output channels share each activation load.
+    offset joins the zero point. 4 output channels share each activation load; blocks
+    of 8 tokens share each decoded weight vector, so this path runs up to
+    ``M < DEQUANT_MIN_M_BF16_DOT``.
   - W4A4 on CPUs with AVX512-VNNI: ``vpdpwssd`` of the codes with the int16
     activation codes, exact int32 sums, then the reference's fp32 epilogue.
   - otherwise (fp32 activations, older CPUs, ``USE_DOT = False``): portable fp32 FMAs
@@ -52,9 +54,12 @@ from loaq.kernels.layout import PackedLinear, pack_lanes, unpack_codes, unpack_z
 from loaq.kernels.w4a4_ref import ActQuant
 
 __all__ = ["CpuWeight", "prepare_cpu", "cpu_wna16_matmul", "cpu_quantize_activations", "cpu_w4a4_matmul",
-           "cpu_w4a4_linear", "features", "DEQUANT_MIN_M"]
+           "cpu_w4a4_linear", "features", "DEQUANT_MIN_M", "DEQUANT_MIN_M_BF16_DOT"]
 
 DEQUANT_MIN_M = 8  # GEMV vs dequantize+oneDNN crossover at 4096², 1 thread (kernels.md)
+# the bf16 dot-product GEMV (8 tokens per decoded weight) stays ahead up to M = 16..32
+# on SmolLM2 shapes, and further on 4096² (weight traffic), 1 thread
+DEQUANT_MIN_M_BF16_DOT = 32
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -238,6 +243,10 @@ static void gemv_bf16(const uint16_t* x, int64_t M, int64_t ldx, const int32_t* 
         const float* sn = s + n * G;
         int64_t m = 0;
         if (n + NR <= N) {
+            for (; m + 8 <= M; m += 8)  // 8 tokens per decoded weight vector, one channel at a time
+                for (int r = 0; r < NR; ++r)
+                    rows_bf16<BITS, 1, 8>(x + m * ldx, ldx, wr + r * kw, kw, kc, gs, G, sn + r * G,
+                                          zt + m * N + n + r, y + m * N + n + r, N);
             for (; m + 2 <= M; m += 2)
                 rows_bf16<BITS, NR, 2>(x + m * ldx, ldx, wr, kw, kc, gs, G, sn, zt + m * N + n, y + m * N + n, N);
             for (; m < M; ++m)
@@ -665,14 +674,19 @@ def _gemv(x: torch.Tensor, w: CpuWeight, out_dtype: torch.dtype) -> torch.Tensor
 _NATIVE = (torch.bfloat16, torch.float32)
 
 
+def _dequant_min_m(dtype: torch.dtype) -> int:
+    """The M from which dequantize + oneDNN GEMM beats the fused GEMV."""
+    return DEQUANT_MIN_M_BF16_DOT if dtype is torch.bfloat16 and USE_DOT and "bf16" in features() else DEQUANT_MIN_M
+
+
 def cpu_wna16_matmul(x: torch.Tensor, w: CpuWeight) -> torch.Tensor:
     """``x @ W.T`` for x [..., K] in bf16/fp32/fp16 on CPU; returns x.dtype."""
     assert x.shape[-1] == w.k, f"x has K={x.shape[-1]}, weight has K={w.k}"
-    if x.dim() == 2 and x.shape[0] < DEQUANT_MIN_M and x.dtype in _NATIVE and x.stride(1) == 1:
+    if x.dim() == 2 and x.dtype in _NATIVE and x.stride(1) == 1 and x.shape[0] < _dequant_min_m(x.dtype):
         return _gemv(x, w, x.dtype)  # decode: the shortest path, Python overhead counts here
     x2 = x.reshape(-1, w.k)
     dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-    if x2.shape[0] >= DEQUANT_MIN_M:
+    if x2.shape[0] >= _dequant_min_m(dtype):
         y = torch.nn.functional.linear(x2.to(dtype), _dequantize(w, dtype))
     else:
         y = _gemv(x2.to(dtype).contiguous(), w, dtype)

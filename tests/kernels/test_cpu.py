@@ -14,7 +14,7 @@ import torch
 
 from loaq.kernels import cpu
 from loaq.kernels.cpu import (
-    DEQUANT_MIN_M, cpu_quantize_activations, cpu_w4a4_linear, cpu_w4a4_matmul, cpu_wna16_matmul, features,
+    DEQUANT_MIN_M, DEQUANT_MIN_M_BF16_DOT, cpu_quantize_activations, cpu_w4a4_linear, cpu_w4a4_matmul, cpu_wna16_matmul, features,
     prepare_cpu,
 )
 from loaq.kernels.w4a4_ref import quantize_activations_ref, w4a4_int_accum_ref, w4a4_matmul_ref
@@ -46,7 +46,7 @@ def test_cpu_wna16_matches_reference(bits, group, asym, dtype, use_dot):
     w = make_packed(bits, n, k, group, asym, dtype, seed=bits, device="cpu")
     prepared = prepare_cpu(w)
     gen = torch.Generator().manual_seed(0)
-    for m in (1, 3, 6, DEQUANT_MIN_M + 1):  # token blocks of 1, 2 and 4, then the dequant path
+    for m in (1, 3, 6, DEQUANT_MIN_M + 1, 19, DEQUANT_MIN_M_BF16_DOT):  # token blocks of 1, 2, 4, 8; dequant
         x = torch.randn(m, k, generator=gen).to(dtype)
         y = cpu_wna16_matmul(x, prepared)
         assert y.dtype == dtype
