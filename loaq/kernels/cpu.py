@@ -12,9 +12,10 @@ pair per 32-bit lane, in the order of 32 contiguous 16-bit activations.
     turned into the bf16 of ``128 + u`` by one OR (``0x4300 | u``, exact), and the
     offset joins the zero point. 4 output channels share each activation load; blocks
     of 8 tokens share each decoded weight vector, so this path runs up to
-    ``M < DEQUANT_MIN_M_BF16_DOT``.
+    ``M < DEQUANT_MIN_M_DOT``.
   - W4A4 on CPUs with AVX512-VNNI: ``vpdpwssd`` of the codes with the int16
-    activation codes, exact int32 sums, then the reference's fp32 epilogue.
+    activation codes, exact int32 sums, then the reference's fp32 epilogue; also
+    up to ``M < DEQUANT_MIN_M_DOT``, with blocks of 8 tokens.
   - otherwise (fp32 activations, older CPUs, ``USE_DOT = False``): portable fp32 FMAs
     (GCC vector extensions) against x copied in pair order, up to 4 tokens per
     decoded weight vector.
@@ -54,12 +55,12 @@ from loaq.kernels.layout import PackedLinear, pack_lanes, unpack_codes, unpack_z
 from loaq.kernels.w4a4_ref import ActQuant
 
 __all__ = ["CpuWeight", "prepare_cpu", "cpu_wna16_matmul", "cpu_quantize_activations", "cpu_w4a4_matmul",
-           "cpu_w4a4_linear", "features", "DEQUANT_MIN_M", "DEQUANT_MIN_M_BF16_DOT"]
+           "cpu_w4a4_linear", "features", "DEQUANT_MIN_M", "DEQUANT_MIN_M_DOT"]
 
 DEQUANT_MIN_M = 8  # GEMV vs dequantize+oneDNN crossover at 4096², 1 thread (kernels.md)
-# the bf16 dot-product GEMV (8 tokens per decoded weight) stays ahead up to M = 16..32
-# on SmolLM2 shapes, and further on 4096² (weight traffic), 1 thread
-DEQUANT_MIN_M_BF16_DOT = 32
+# the dot-product GEMVs (8 tokens per decoded weight) stay ahead up to M = 16..32 on
+# SmolLM2 shapes, and further on 4096² (weight traffic), 1 thread
+DEQUANT_MIN_M_DOT = 32
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -264,11 +265,14 @@ static void gemv_bf16(const uint16_t* x, int64_t M, int64_t ldx, const int32_t* 
 #if defined(__AVX512VNNI__)
 #define LOAQ_INT_DOT 1
 // W4A4: exact int32 sums of u * xq over k (4-bit per-channel weights, |xq| <= 16).
-template <int NR>
-static inline void rows_int(const int16_t* x, const int32_t* w, int64_t kw, int64_t kc, int32_t* acc_out) {
+// MB tokens (x rows ldx apart) against NR output channels; acc_out[m * NR + r].
+template <int NR, int MB>
+static inline void rows_int(const int16_t* x, int64_t ldx, const int32_t* w, int64_t kw, int64_t kc,
+                            int32_t* acc_out) {
     const __m512i mask = _mm512_set1_epi32(0x000F000F);
-    __m512i acc[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_si512();
+    __m512i acc[NR][MB];
+    for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_si512();
     int64_t k = 0;
     for (int64_t b = 0; b < kw && k < kc; b += 16) {
         __m512i wv[NR];
@@ -276,12 +280,16 @@ static inline void rows_int(const int16_t* x, const int32_t* w, int64_t kw, int6
         #pragma GCC unroll 4
         for (int t = 0; t < 4; ++t, k += 32) {
             if (k == kc) break;  // padding chunks of the last block
-            __m512i xv = _mm512_loadu_si512(x + k);
-            for (int r = 0; r < NR; ++r)
-                acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_and_si512(_mm512_srli_epi32(wv[r], 4 * t), mask), xv);
+            __m512i xv[MB];
+            for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_si512(x + m * ldx + k);
+            for (int r = 0; r < NR; ++r) {
+                __m512i v = _mm512_and_si512(_mm512_srli_epi32(wv[r], 4 * t), mask);
+                for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_dpwssd_epi32(acc[r][m], v, xv[m]);
+            }
         }
     }
-    for (int r = 0; r < NR; ++r) acc_out[r] = _mm512_reduce_add_epi32(acc[r]);
+    for (int m = 0; m < MB; ++m)
+        for (int r = 0; r < NR; ++r) acc_out[m * NR + r] = _mm512_reduce_add_epi32(acc[r][m]);
 }
 #endif
 
@@ -494,12 +502,31 @@ int loaq_w4a4_gemv(const int8_t* codes, const int32_t* zero, const float* sx, in
     #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && N * kw > 32768)
     for (int64_t i = 0; i < nb; ++i) {
         int64_t n = i * NR;
-        int32_t acc[NR];
-        for (int64_t m = 0; m < M; ++m) {
-            if (n + NR <= N) rows_int<NR>(xq + m * kp, w + n * kw, kw, kc, acc);
-            else for (int64_t r = 0; n + r < N; ++r) rows_int<1>(xq + m * kp, w + (n + r) * kw, kw, kc, acc + r);
-            for (int64_t r = 0; r < NR && n + r < N; ++r)
-                y[m * N + n + r] = (float)(acc[r] - uz[n + r] * xsum[m]) * sx[m] * s[n + r];
+        int32_t acc[8 * NR];
+        auto finish = [&](int64_t m0, int64_t mb, int64_t nr) {  // the reference's fp32 epilogue
+            for (int64_t m = m0; m < m0 + mb; ++m)
+                for (int64_t r = 0; r < nr; ++r)
+                    y[m * N + n + r] = (float)(acc[(m - m0) * nr + r] - uz[n + r] * xsum[m]) * sx[m] * s[n + r];
+        };
+        if (n + NR <= N) {
+            int64_t m = 0;
+            for (; m + 8 <= M; m += 8) {  // 8 tokens per decoded weight vector, one channel at a time
+                for (int r = 0; r < NR; ++r) {
+                    int32_t a8[8];
+                    rows_int<1, 8>(xq + m * kp, kp, w + (n + r) * kw, kw, kc, a8);
+                    for (int j = 0; j < 8; ++j) acc[j * NR + r] = a8[j];
+                }
+                finish(m, 8, NR);
+            }
+            for (; m < M; ++m) {
+                rows_int<NR, 1>(xq + m * kp, kp, w + n * kw, kw, kc, acc);
+                finish(m, 1, NR);
+            }
+        } else {
+            for (int64_t m = 0; m < M; ++m) {
+                for (int64_t r = 0; n + r < N; ++r) rows_int<1, 1>(xq + m * kp, kp, w + (n + r) * kw, kw, kc, acc + r);
+                finish(m, 1, N - n);
+            }
         }
     }
     store(y, M * N, out, out_bf16);
@@ -676,7 +703,12 @@ _NATIVE = (torch.bfloat16, torch.float32)
 
 def _dequant_min_m(dtype: torch.dtype) -> int:
     """The M from which dequantize + oneDNN GEMM beats the fused GEMV."""
-    return DEQUANT_MIN_M_BF16_DOT if dtype is torch.bfloat16 and USE_DOT and "bf16" in features() else DEQUANT_MIN_M
+    return DEQUANT_MIN_M_DOT if dtype is torch.bfloat16 and USE_DOT and "bf16" in features() else DEQUANT_MIN_M
+
+
+def _int_dot(m: int) -> bool:
+    """Whether W4A4 with m tokens runs the integer dot-product GEMV."""
+    return m < DEQUANT_MIN_M_DOT and USE_DOT and "int" in features()
 
 
 def cpu_wna16_matmul(x: torch.Tensor, w: CpuWeight) -> torch.Tensor:
@@ -708,7 +740,7 @@ def cpu_w4a4_matmul(act: ActQuant, w: CpuWeight, out_dtype: torch.dtype) -> torc
     """W4A4 on CPU: ``sx * ((a - za) @ ((b - zb) * sw).T)``, exact integer sums."""
     assert w.bits == 4 and w.scales.shape[1] == 1, "W4A4 needs 4-bit per-channel weights"
     m = act.codes.shape[0]
-    if m < DEQUANT_MIN_M and USE_DOT and "int" in features():
+    if _int_dot(m):
         y = torch.empty((m, w.n), dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
         rc = _library().loaq_w4a4_gemv(act.codes.data_ptr(), act.zero.data_ptr(), act.scale.data_ptr(), m,
                                        w.addr, y.data_ptr(), y.dtype == torch.bfloat16,
@@ -726,8 +758,7 @@ def cpu_w4a4_matmul(act: ActQuant, w: CpuWeight, out_dtype: torch.dtype) -> torc
 def cpu_w4a4_linear(x: torch.Tensor, w: CpuWeight, sym: bool) -> torch.Tensor:
     """W4A4 ``x @ W.T`` for x [M, K]: per-token activation quantization, then the integer
     GEMM; returns x.dtype. At decode on VNNI CPUs both steps run in one C call."""
-    if (x.shape[0] < DEQUANT_MIN_M and x.dtype in _NATIVE and x.stride(-1) == 1 and USE_DOT
-            and "int" in features()):
+    if x.dtype in _NATIVE and x.stride(-1) == 1 and _int_dot(x.shape[0]):
         y = torch.empty((x.shape[0], w.n), dtype=x.dtype)
         rc = _library().loaq_w4a4_linear(x.data_ptr(), x.dtype is torch.bfloat16, x.shape[0], x.stride(0), sym,
                                          w.addr, y.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads())

@@ -14,7 +14,7 @@ import torch
 
 from loaq.kernels import cpu
 from loaq.kernels.cpu import (
-    DEQUANT_MIN_M, DEQUANT_MIN_M_BF16_DOT, cpu_quantize_activations, cpu_w4a4_linear, cpu_w4a4_matmul, cpu_wna16_matmul, features,
+    DEQUANT_MIN_M, DEQUANT_MIN_M_DOT, cpu_quantize_activations, cpu_w4a4_linear, cpu_w4a4_matmul, cpu_wna16_matmul, features,
     prepare_cpu,
 )
 from loaq.kernels.w4a4_ref import quantize_activations_ref, w4a4_int_accum_ref, w4a4_matmul_ref
@@ -46,7 +46,7 @@ def test_cpu_wna16_matches_reference(bits, group, asym, dtype, use_dot):
     w = make_packed(bits, n, k, group, asym, dtype, seed=bits, device="cpu")
     prepared = prepare_cpu(w)
     gen = torch.Generator().manual_seed(0)
-    for m in (1, 3, 6, DEQUANT_MIN_M + 1, 19, DEQUANT_MIN_M_BF16_DOT):  # token blocks of 1, 2, 4, 8; dequant
+    for m in (1, 3, 6, DEQUANT_MIN_M + 1, 19, DEQUANT_MIN_M_DOT):  # token blocks of 1, 2, 4, 8; dequant
         x = torch.randn(m, k, generator=gen).to(dtype)
         y = cpu_wna16_matmul(x, prepared)
         assert y.dtype == dtype
@@ -75,7 +75,8 @@ def test_cpu_activation_quantizer_is_bit_exact(sym, dtype):
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("asym_w", [False, True])
 def test_cpu_w4a4_exact_and_scaled(sym, asym_w, use_dot):
-    n, k, m = 26, 200, 5  # N: 6 blocks of 4 output channels and a tail of 2
+    n, k = 26, 200  # N: 6 blocks of 4 output channels and a tail of 2
+    m = 13 if use_dot else 5  # M: a block of 8 tokens + 5; the GEMV either way (M >= 8 portable: bf16 GEMM)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(4))
     act = quantize_activations_ref(x, sym)
     w = make_packed(4, n, k, None, asym_w, torch.float32, device="cpu")
@@ -97,7 +98,7 @@ def test_cpu_w4a4_linear_is_quantize_then_matmul(sym, dtype, use_dot):
     w = make_packed(4, n, k, None, True, torch.float32, seed=7, device="cpu")
     prepared = prepare_cpu(w)
     gen = torch.Generator().manual_seed(8)
-    for m in (1, 3, DEQUANT_MIN_M):  # fused decode call, then quantizer + dequant GEMM
+    for m in (1, 3, 11, DEQUANT_MIN_M_DOT):  # fused decode call, then quantizer + dequant GEMM
         x = (torch.randn(m, 2 * k, generator=gen) * 2).to(dtype)[:, ::2]  # strided rows
         y = cpu_w4a4_linear(x, prepared, sym)
         assert y.dtype == dtype
