@@ -410,12 +410,12 @@ typedef struct {
     const float* zsT;  // (uz + 128) * s, transposed [G, N]: the bf16 dot path's zero points
 } LoaqWeight;
 
-// out [M, N] (bf16 if out_bf16, else fp32) from x [M, K] (fp32, or bf16 if x_bf16; row
-// stride ldx). The prologue copies x zero-padded to the packed length (bf16 for the
-// dot-product path, else fp32 in pair order) and sums it per quantization group.
-// dot = 0 forces the portable path.
-int loaq_gemv(const void* x, int x_bf16, int64_t M, int64_t ldx, const LoaqWeight* wd, void* out,
-              int out_bf16, int dot, int nthreads) {
+// out [M, N] (bf16 or fp32) from x [M, K] (bf16 or fp32; row stride ldx). The prologue
+// copies x zero-padded to the packed length (bf16 for the dot-product path, else fp32 in
+// pair order) and sums it per quantization group.
+// flags: 1 = x is bf16, 2 = out is bf16, 4 = use the dot-product path if the library has it
+int loaq_gemv(const void* x, int64_t M, int64_t ldx, const LoaqWeight* wd, void* out, int flags, int nthreads) {
+    int x_bf16 = flags & 1, out_bf16 = (flags >> 1) & 1, dot = (flags >> 2) & 1;
     const int32_t* w = wd->w;
     int64_t N = wd->N, K = wd->K, kw = wd->kw, gs = wd->gs, G = wd->G;
     int bits = (int)wd->bits;
@@ -434,7 +434,21 @@ int loaq_gemv(const void* x, int x_bf16, int64_t M, int64_t ldx, const LoaqWeigh
         for (int64_t g = 0, k = 0; g < G; ++g) {
             int64_t kend = g + 1 == G || (g + 1) * gs > K ? K : (g + 1) * gs;
             float sum = 0.f;
-            for (; k < kend; ++k) sum += load_x(x, x_bf16, m * ldx + k);
+            if (x_bf16) {
+                const uint16_t* xr = (const uint16_t*)x + m * ldx;
+                #pragma omp simd reduction(+ : sum)
+                for (int64_t j = k; j < kend; ++j) {
+                    uint32_t u = (uint32_t)xr[j] << 16;
+                    float v;
+                    memcpy(&v, &u, 4);
+                    sum += v;
+                }
+            } else {
+                const float* xr = (const float*)x + m * ldx;
+                #pragma omp simd reduction(+ : sum)
+                for (int64_t j = k; j < kend; ++j) sum += xr[j];
+            }
+            k = kend;
             xg[m * G + g] = sum;
         }
         if (use_dot) {
@@ -595,7 +609,7 @@ def _library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.loaq_features.argtypes = []
-    lib.loaq_gemv.argtypes = [ptr, cint, i64, i64, ptr, ptr, cint, cint, cint]
+    lib.loaq_gemv.argtypes = [ptr, i64, i64, ptr, ptr, cint, cint]
     lib.loaq_w4a4_gemv.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, cint, cint]
     lib.loaq_w4a4_linear.argtypes = [ptr, cint, i64, i64, cint, ptr, ptr, cint, cint]
     lib.loaq_act_quant.argtypes = [ptr, i64, i64, cint, ptr, ptr, ptr, ptr, cint]
@@ -691,9 +705,10 @@ USE_DOT = True
 
 def _gemv(x: torch.Tensor, w: CpuWeight, out_dtype: torch.dtype) -> torch.Tensor:
     """[M, N] in out_dtype (bf16 or fp32) from fp32 or bf16 activations [M, K] (row stride free)."""
-    y = torch.empty((x.shape[0], w.n), dtype=out_dtype)
-    rc = _library().loaq_gemv(x.data_ptr(), x.dtype is torch.bfloat16, x.shape[0], x.stride(0), w.addr,
-                              y.data_ptr(), out_dtype is torch.bfloat16, USE_DOT, torch.get_num_threads())
+    m = x.shape[0]
+    y = torch.empty(m, w.n, dtype=out_dtype)  # sizes as arguments: faster than a tuple
+    flags = (x.dtype is torch.bfloat16) | (out_dtype is torch.bfloat16) << 1 | USE_DOT << 2
+    rc = _library().loaq_gemv(x.data_ptr(), m, x.stride(0), w.addr, y.data_ptr(), flags, torch.get_num_threads())
     assert rc == 0, f"loaq_gemv failed with code {rc}"
     return y
 
@@ -714,7 +729,7 @@ def _int_dot(m: int) -> bool:
 def cpu_wna16_matmul(x: torch.Tensor, w: CpuWeight) -> torch.Tensor:
     """``x @ W.T`` for x [..., K] in bf16/fp32/fp16 on CPU; returns x.dtype."""
     assert x.shape[-1] == w.k, f"x has K={x.shape[-1]}, weight has K={w.k}"
-    if x.dim() == 2 and x.dtype in _NATIVE and x.stride(1) == 1 and x.shape[0] < _dequant_min_m(x.dtype):
+    if x.dim() == 2 and x.stride(1) == 1 and x.dtype in _NATIVE and x.shape[0] < _dequant_min_m(x.dtype):
         return _gemv(x, w, x.dtype)  # decode: the shortest path, Python overhead counts here
     x2 = x.reshape(-1, w.k)
     dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
@@ -759,7 +774,7 @@ def cpu_w4a4_linear(x: torch.Tensor, w: CpuWeight, sym: bool) -> torch.Tensor:
     """W4A4 ``x @ W.T`` for x [M, K]: per-token activation quantization, then the integer
     GEMM; returns x.dtype. At decode on VNNI CPUs both steps run in one C call."""
     if x.dtype in _NATIVE and x.stride(-1) == 1 and _int_dot(x.shape[0]):
-        y = torch.empty((x.shape[0], w.n), dtype=x.dtype)
+        y = torch.empty(x.shape[0], w.n, dtype=x.dtype)
         rc = _library().loaq_w4a4_linear(x.data_ptr(), x.dtype is torch.bfloat16, x.shape[0], x.stride(0), sym,
                                          w.addr, y.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads())
         assert rc == 0, f"loaq_w4a4_linear failed with code {rc}"
