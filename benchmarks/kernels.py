@@ -363,8 +363,9 @@ def render(results: dict) -> str:
              "dense baseline measured in the same run (CPU: the fastest bf16 GEMM of the run, torch's "
              "`F.linear` or vLLM's prepacked one). GB/s counts packed weight + scales once. "
              "CPU runs used `--threads 1`: the 2-core host was shared with three other jobs, and OpenMP "
-             "barriers across a preempted core cost a scheduler tick (~8 ms) per call; each time is the "
-             "best of 30 batches of ~2 ms.", ""]
+             "barriers across a preempted core cost a scheduler tick (~8 ms) per call (a `--threads 2` run "
+             "at load average 14-18 measured e.g. 3990 us for a 19 us GEMM, so none is reported); each "
+             "time is the best of 30 batches of ~2 ms.", ""]
     lines += summary(results)
     for device, sec in sorted(results.items()):
         meta = sec["meta"]
