@@ -134,13 +134,13 @@ def apply_linear(x: torch.Tensor, layer: PreparedLinear) -> torch.Tensor:
             act = quantize_activations(x, layer.act_sym)
         y = w4a4_matmul(act, layer.weight, x.dtype)
     else:
-        from loaq.kernels.cpu import cpu_quantize_activations, cpu_w4a4_matmul, cpu_wna16_matmul
+        from loaq.kernels.cpu import cpu_w4a4_linear, cpu_wna16_matmul
         from loaq.kernels.hadamard_ref import hadamard_transform_ref
 
         if layer.hadamard:
             x = hadamard_transform_ref(x, layer.had_k)
         if layer.kernel == "cpu_w4a4":
-            y = cpu_w4a4_matmul(cpu_quantize_activations(x, layer.act_sym), layer.weight, x.dtype)
+            y = cpu_w4a4_linear(x, layer.weight, layer.act_sym)
         else:
             y = cpu_wna16_matmul(x, layer.weight)
     return y.reshape(*shape[:-1], y.shape[-1])
