@@ -84,8 +84,9 @@ def prepare_linear(w: PackedLinear, device: torch.device | str, act_bits: int = 
     runs the CUDA kernels under ``TRITON_INTERPRET=1`` (how the vLLM plugin's CUDA classes are tested).
     """
     device = torch.device(device)
+    checked = device if backend is None else ("cuda" if backend == "triton" else "cpu")
+    reason = check_linear(w, checked, act_bits, hadamard, had_k)
     backend = backend or ("triton" if device.type == "cuda" else "cpu")
-    reason = check_linear(w, "cuda" if backend == "triton" else "cpu", act_bits, hadamard, had_k)
     if reason is not None:
         raise ValueError(reason)
     w = PackedLinear(
