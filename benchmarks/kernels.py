@@ -29,7 +29,8 @@ import torch
 # package named "kernels" (transformers probes for one)
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from loaq.kernels.layout import PackedLinear, pack_codes  # noqa: E402
+from loaq.kernels.layout import PackedLinear  # noqa: E402
+from loaq.kernels.synthetic import random_linear  # noqa: E402
 
 GPU_MS = [1, 4, 16, 64, 256, 2048]
 GPU_SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]
@@ -38,14 +39,6 @@ CPU_MS = [1, 16, 256]
 # are not multiples of 128, vLLM's CPU kernel refuses g128 there), then 4096²
 CPU_SHAPES = [(576, 576, 64), (1536, 576, 64), (576, 1536, 64), (192, 576, 64), (4096, 4096, 128)]
 GROUP = 128
-
-
-def random_linear(bits: int, n: int, k: int, group: int | None, device: str,
-                  scale_dtype: torch.dtype = torch.float16) -> PackedLinear:
-    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.int32)
-    g = 1 if group is None else -(-k // group)
-    scale = (torch.rand(n, g) * 0.01 + 0.001).to(scale_dtype)
-    return PackedLinear(pack_codes(codes, bits).to(device), scale.to(device), None, bits, (n, k), group)
 
 
 def weight_bytes(w: PackedLinear) -> int:

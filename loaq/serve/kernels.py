@@ -6,9 +6,9 @@ They read a layer's parameters in the compressed-tensors ``pack-quantized`` layo
 ``apply_linear`` per forward. :class:`LoaQCPULinearKernel` uses the C++/OpenMP path,
 :class:`LoaQTritonLinearKernel` the Triton kernels (CUDA; on CPU tensors under ``TRITON_INTERPRET=1``).
 
-The call goes through one opaque torch custom op, ``torch.ops.loaq.linear(x, handle)``, so that
-vLLM's ``torch.compile`` neither traces into ctypes/Triton launches nor breaks the graph; ``handle``
-indexes this process's table of prepared layers.
+The call goes through one opaque torch custom op, ``torch.ops.loaq.linear(x, handle)``
+(:mod:`loaq.kernels.op`), so that vLLM's ``torch.compile`` neither traces into ctypes/Triton
+launches nor breaks the graph; ``handle`` indexes this process's table of prepared layers.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MP
 from vllm.platforms import current_platform
 from vllm.scalar_type import scalar_types
 
-from loaq.kernels.dispatch import PreparedLinear, apply_linear, check_linear, prepare_linear
+from loaq.kernels.dispatch import check_linear, prepare_linear
 from loaq.kernels.layout import PackedLinear
+from loaq.kernels.op import prepared_layer, register_layer
 
 __all__ = ["LoaQCPULinearKernel", "LoaQTritonLinearKernel", "WEIGHT_TYPES", "prepared_layer"]
 
@@ -29,23 +30,6 @@ WEIGHT_TYPES = {
     (2, False): scalar_types.uint2, (3, False): scalar_types.uint3, (4, False): scalar_types.uint4,
 }
 _BITS = {t.id: (bits, sym) for (bits, sym), t in WEIGHT_TYPES.items()}
-
-_LAYERS: list[tuple[PreparedLinear, int]] = []  # handle -> (prepared layer, out_features)
-
-
-def prepared_layer(handle: int) -> PreparedLinear:
-    return _LAYERS[handle][0]
-
-
-@torch.library.custom_op("loaq::linear", mutates_args=())
-def _linear(x: torch.Tensor, handle: int) -> torch.Tensor:
-    return apply_linear(x, _LAYERS[handle][0])
-
-
-@_linear.register_fake
-def _(x: torch.Tensor, handle: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], _LAYERS[handle][1])
-
 
 class _LoaQLinearKernel(MPLinearKernel):
     """Common body; subclasses fix the backend ("cpu" or "triton") and the platform."""
@@ -92,8 +76,7 @@ class _LoaQLinearKernel(MPLinearKernel):
         w = self.packed_linear(layer)
         prepared = prepare_linear(w, w.weight_packed.device, self.act_bits, self.act_sym, self.hadamard,
                                   self.had_k, backend=self.backend)
-        layer.loaq_handle = len(_LAYERS)
-        _LAYERS.append((prepared, w.shape[0]))
+        layer.loaq_handle = register_layer(prepared, w.shape[0])
         for name in (self.w_q_name, self.w_s_name, self.w_zp_name):  # the kernel keeps its own copy
             if name and getattr(layer, name, None) is not None:
                 delattr(layer, name)
