@@ -161,9 +161,12 @@ def generate(model: LlamaForCausalLM, prompt: torch.Tensor, new_tokens: int,
 
 
 @torch.no_grad()
-def time_decode(model: LlamaForCausalLM, prompt: torch.Tensor, tokens: int, warmup: int, compile: bool) -> float:
-    """Seconds for ``tokens`` greedy steps after the prefill and ``warmup`` untimed steps."""
+def time_decode(model: LlamaForCausalLM, prompt: torch.Tensor, tokens: int, warmup: int,
+                compile: bool) -> tuple[float, float]:
+    """Seconds for ``tokens`` greedy steps after the prefill and ``warmup`` untimed steps,
+    and seconds spent before them (prefill, warmup, compilation)."""
     sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
     dec = Decoder(model, prompt.shape[1] + warmup + tokens, compile)
     _, ids = dec.prefill(prompt)
     for _ in range(warmup):
@@ -173,7 +176,7 @@ def time_decode(model: LlamaForCausalLM, prompt: torch.Tensor, tokens: int, warm
     for _ in range(tokens):
         _, ids = dec.step(ids)
     sync()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, t - t0
 
 
 def bench(config: LlamaConfig, device: str, dtype: torch.dtype, batches: list[int], tokens: int,
@@ -196,7 +199,7 @@ def bench(config: LlamaConfig, device: str, dtype: torch.dtype, batches: list[in
         for batch in batches:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            t = time_decode(model, prompt[:batch], tokens, warmup, compile)
+            t, t_setup = time_decode(model, prompt[:batch], tokens, warmup, compile)
             r = dict(variant=variant.name, batch=batch, tokens_per_s=batch * tokens / t, ms_per_step=1e3 * t / tokens)
             if device == "cuda":
                 r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -204,7 +207,7 @@ def bench(config: LlamaConfig, device: str, dtype: torch.dtype, batches: list[in
             r["speedup"] = r["tokens_per_s"] / dense[batch]
             rows.append(r)
             print(f"[{len(rows)}/{total}] {variant.name:11s} batch {batch:3d}: {r['tokens_per_s']:10.1f} tokens/s "
-                  f"{r['ms_per_step']:8.2f} ms/step  x{r['speedup']:.2f} vs dense", flush=True)
+                  f"{r['ms_per_step']:8.2f} ms/step  x{r['speedup']:.2f} vs dense  (prefill+warmup {t_setup:.0f} s)", flush=True)
     return rows
 
 
@@ -233,23 +236,39 @@ def render(results: dict) -> str:
         lines += [f"## {device}: {meta['device_name']}", "", f"- command: `{sec['command']}`",
                   f"- date: {sec['date']}", f"- host: {sec['host']}"]
         lines += [f"- {key}: {val}" for key, val in meta.items() if key != "device_name"]
-        lines += ["", "| variant | batch | tokens/s | ms/step | speedup | goal |", "|---|---:|---:|---:|---:|---|"]
+        peak = all("peak_gib" in r for r in sec["rows"])
+        lines += ["", "| variant | batch | tokens/s | ms/step | speedup |" + (" peak GiB |" if peak else "") + " goal |",
+                  "|---|---:|---:|---:|---:|" + ("---:|" if peak else "") + "---|"]
         for r in sec["rows"]:
             goal = GOALS.get((r["variant"], r["batch"]))
             cell = "" if goal is None else f"≥ {goal} ({'met' if r['speedup'] >= goal else 'missed'})"
             lines.append(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | "
-                         f"{r['speedup']:.2f} | {cell} |")
+                         f"{r['speedup']:.2f} |" + (f" {r['peak_gib']:.1f} |" if peak else "") + f" {cell} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def write_results(out: Path, device: str, meta: dict, rows: list[dict]) -> None:
+    """Merge this run into ``<out>/decode.json`` under ``device`` and re-render ``decode.md``.
+
+    A run with the same settings (``meta``) on the same device name keeps the earlier run's rows
+    for the batch sizes it did not measure (e.g. ``--batch 1`` and ``--batch 16`` as two calls,
+    each with its own dense baseline); any other earlier section for ``device`` is replaced.
+    """
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = dict(meta=meta, rows=rows, date=date, host=platform.node(), command="python " + " ".join(sys.argv))
+    command = "python " + " ".join(sys.argv)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "decode.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results[device] = section
+    old = results.get(device)
+    if old and old["meta"] == meta:
+        batches = {r["batch"] for r in rows}
+        kept = [r for r in old["rows"] if r["batch"] not in batches]
+        if kept:
+            names = list(dict.fromkeys(r["variant"] for r in rows + kept))
+            rows = sorted(kept + rows, key=lambda r: (names.index(r["variant"]), r["batch"]))
+            date, command = f"{old['date']}; {date}", f"{old['command']}; {command}"
+    results[device] = dict(meta=meta, rows=rows, date=date, host=platform.node(), command=command)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(path)

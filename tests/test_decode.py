@@ -2,6 +2,7 @@
 dequantized reference decodes, and the benchmark yields a row for every variant and batch."""
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -18,6 +19,15 @@ decode = sys.modules["decode_bench"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(decode)
 
 NEW_TOKENS = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: OpenMP barriers on the shared 2-core host cost a scheduler tick per call."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 class RefW4A4(torch.nn.Module):
@@ -49,7 +59,6 @@ def prompt():
 @pytest.mark.parametrize("variant", decode.QUANTIZED, ids=lambda v: v.name)
 def test_quantized_decode_matches_dequantized_reference(variant, prompt):
     """Greedy tokens equal, logits within 1e-4 of max |logit| (float32; the GEMVs sum in another order)."""
-    torch.set_num_threads(1)
     model = decode.build_model(decode.llama_config(tiny=True), "cpu", torch.float32)
     dense_ids, _ = decode.generate(model, prompt, NEW_TOKENS)
     packed = decode.swap_linears(model, variant.bits, variant.group_size, variant.act_bits)
@@ -69,7 +78,6 @@ def test_compiled_step_decodes_the_same_tokens(prompt, monkeypatch):
     """torch.compile(fullgraph) traces the step (StaticCache, masks) around the opaque loaq::linear op
     and runs it: same tokens as eager. The aot_eager backend: the same tracing and fake-tensor
     propagation as inductor, without its C++ codegen (40 s on the shared 2-core host)."""
-    torch.set_num_threads(1)
     compile_ = torch.compile
     monkeypatch.setattr(decode.torch, "compile",
                         lambda fn, mode, fullgraph: compile_(fn, backend="aot_eager", fullgraph=fullgraph))
@@ -83,7 +91,6 @@ def test_compiled_step_decodes_the_same_tokens(prompt, monkeypatch):
 
 
 def test_bench_rows_for_every_variant_and_batch():
-    torch.set_num_threads(1)
     rows = decode.bench(decode.llama_config(tiny=True), "cpu", torch.bfloat16, [1, 16], tokens=2, prompt_len=4,
                         warmup=1, compile=False)
     names = ["bf16"] + [v.name for v in decode.QUANTIZED]
@@ -103,3 +110,18 @@ def test_cuda_without_a_gpu_is_one_line(capsys):
         decode.main(["--device", "cuda"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_runs_of_other_batches_merge_into_one_table(tmp_path):
+    def row(variant, batch, tps):
+        return dict(variant=variant, batch=batch, tokens_per_s=tps, ms_per_step=1.0, speedup=1.0)
+
+    meta = dict(device_name="GPU", layers=32)
+    decode.write_results(tmp_path, "cuda", meta, [row("fp16", 1, 10.0), row("W4A16 g128", 1, 25.0)])
+    decode.write_results(tmp_path, "cuda", meta, [row("fp16", 16, 100.0), row("W4A16 g128", 16, 200.0)])
+    rows = json.loads((tmp_path / "decode.json").read_text())["cuda"]["rows"]
+    assert [(r["variant"], r["batch"], r["tokens_per_s"]) for r in rows] == [
+        ("fp16", 1, 10.0), ("fp16", 16, 100.0), ("W4A16 g128", 1, 25.0), ("W4A16 g128", 16, 200.0)]
+    decode.write_results(tmp_path, "cuda", dict(meta, layers=8), [row("fp16", 1, 11.0)])  # other settings: replaced
+    assert len(json.loads((tmp_path / "decode.json").read_text())["cuda"]["rows"]) == 1
+    assert "| fp16 | 1 | 11.0 |" in (tmp_path / "decode.md").read_text()
