@@ -56,6 +56,20 @@ def prompt():
     return torch.randint(0, decode.TINY["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(3))
 
 
+def test_built_model_equals_a_normally_constructed_one(prompt):
+    """meta + to_empty + fill leaves no buffer uninitialized (inv_freq is recomputed)."""
+    from transformers import LlamaForCausalLM
+
+    config = decode.llama_config(tiny=True)
+    model = decode.build_model(config, "cpu", torch.float32)
+    plain = LlamaForCausalLM(config).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        logits = model(prompt).logits
+        assert torch.isfinite(logits).all() and logits.std() > 0
+        assert torch.equal(logits, plain(prompt).logits)
+
+
 @pytest.mark.parametrize("variant", decode.QUANTIZED, ids=lambda v: v.name)
 def test_quantized_decode_matches_dequantized_reference(variant, prompt):
     """Greedy tokens equal, logits within 1e-4 of max |logit| (float32; the GEMVs sum in another order)."""
