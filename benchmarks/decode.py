@@ -100,11 +100,10 @@ def swap_linears(model: LlamaForCausalLM, bits: int, group_size: int | None, act
     Returns ``{name: PackedLinear}``, the checkpoint tensors each layer was prepared from.
     """
     packed = {}
-    dtype = model.lm_head.weight.dtype
+    dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
     for name, module in list(model.model.layers.named_modules()):
         if not isinstance(module, (torch.nn.Linear, QuantLinear)):
             continue
-        device = model.lm_head.weight.device
         w = random_linear(bits, module.out_features, module.in_features, group_size, device, dtype)
         bias = None if module.bias is None else module.bias.data
         if isinstance(module, QuantLinear):
