@@ -180,7 +180,8 @@ def _load_for_eval(a):
         model, tok, meta = load_native(a.quantized)
         c = meta["config"]
         label = dict(label="quantized", method=c["method"]["name"], bits=c["spec"]["bits"], group=c["spec"]["group_size"])
-        return model, tok, arch_of(model.config), label, {"checkpoint": a.quantized, "source_model": meta["source_model"]}
+        return model, tok, arch_of(model.config), label, {"checkpoint": a.quantized, "source_model": meta["source_model"],
+                                                          "hadamard": bool(meta.get("rotation"))}
     model, tok, arch, src = load_model(a.model)
     qc = getattr(model.config, "quantization_config", None)
     if qc is not None:  # a compressed-tensors export, decompressed by transformers
@@ -270,6 +271,14 @@ def cmd_search(a) -> int:
     return 0
 
 
+def cmd_plot(a) -> int:
+    from loaq.plots import plot_files
+
+    for path in plot_files(a.results):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loaq", description="LoaQ post-training quantization (arXiv 2509.06297)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -315,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="data directory (default: $LOAQ_TASKS_DIR or ~/.cache/loaq/tasks)")
     t.add_argument("--force", action="store_true", help="overwrite prepared data")
     t.set_defaults(func=cmd_tasks)
+
+    pl = sub.add_parser("plot", help="PNG plots next to result JSONs (per-layer MSE, ppl vs bits, size vs ppl, serving)")
+    pl.add_argument("results", nargs="+", help="JSON files from `loaq eval --json` or benchmarks/results/")
+    pl.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("search", help="grid-search α then β on a held-out slice of the calibration split")
     _add_model_args(s)

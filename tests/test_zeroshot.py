@@ -190,3 +190,69 @@ def test_fp_native_and_export_loglikelihoods_are_identical(three_paths, data_dir
     assert lls["a"] == lls["b"] == lls["c"]
     assert lls["a"] != evaluate_tasks(hf_lm(tiny_model(vocab=320), models["a"][1]), ["bb_step_inference"],
                                       data_dir=data_dir)["loglikelihoods"]  # the checkpoint, not the unquantized model
+
+
+class _Stub:
+    """A minimal OpenAI ``/v1/completions`` endpoint over an HF model (echo + prompt log-probs, as vLLM
+    returns them): checks the request/score wiring of path (d) without vLLM. The agreement with a real
+    server is tests/test_eval_served.py."""
+
+    def __init__(self, model):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests.append(body)
+                out = json.dumps({"choices": [stub.choice(i, p) for i, p in enumerate(body["prompt"])]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args):
+                pass
+
+        self.model, self.requests = model, []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    @torch.no_grad()
+    def choice(self, index, ids):
+        logp = torch.log_softmax(self.model(torch.tensor([ids])).logits[0].float(), -1)
+        lps = [None] + [logp[i - 1, ids[i]].item() for i in range(1, len(ids))] + [logp[-1].max().item()]
+        top = [None] + [{"t": logp[i - 1].max().item()} for i in range(1, len(ids) + 1)]
+        return {"index": index, "text": "", "logprobs": {"token_logprobs": lps, "top_logprobs": top}}
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_served_path_sends_token_ids_and_scores_their_logprobs(three_paths, data_dir):
+    from loaq.models import load_model
+    from loaq.zeroshot import served_lm
+
+    paths, d = three_paths
+    model, tok = load_model(str(d / "fp"))[:2]
+    stub = _Stub(model)
+    try:
+        out = d / "served.json"
+        assert main(["-q", "eval", "--server", stub.url, "--served-model", "tiny", "--tokenizer", str(d / "fp"),
+                     "--tasks", "bb_goal_inference", "--tasks-dir", data_dir, "--json", str(out)]) == 0
+        served = evaluate_tasks(served_lm(stub.url, "tiny", str(d / "fp")), ["bb_goal_inference"], data_dir=data_dir)
+    finally:
+        stub.close()
+    local = evaluate_tasks(hf_lm(model, tok), ["bb_goal_inference"], data_dir=data_dir)
+    req = stub.requests[0]
+    assert req["model"] == "tiny" and req["echo"] is True and isinstance(req["prompt"][0][0], int)
+    assert torch.allclose(torch.tensor(served["loglikelihoods"]["bb_goal_inference"]),
+                          torch.tensor(local["loglikelihoods"]["bb_goal_inference"]), atol=1e-4)
+    assert json.load(open(out))["zero_shot"]["tasks"] == served["tasks"] == local["tasks"]
+    assert json.load(open(out))["ppl"] is None
