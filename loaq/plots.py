@@ -51,12 +51,13 @@ def layer_mse(series: dict[str, dict[str, list[float]]], out: str):
 
 
 def ppl_vs_bits(rows: list[dict], out: str):
-    """``rows``: ``{method, bits, ppl}`` (quality.json); fp rows (bits >= 16) are a horizontal line."""
+    """``rows``: ``{method, bits, ppl}`` and optionally ``group`` (quality.json): one line per method and
+    grid (per-channel rows and ``g64`` rows apart); fp rows (bits >= 16) are a horizontal line."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["bits"] < 16))
-    for m in methods:
-        pts = sorted((r["bits"], r["ppl"]) for r in rows if r["method"] == m and r["bits"] < 16)
+    key = lambda r: r["method"] + (f" g{r['group']}" if r.get("group") else "")  # noqa: E731  (one line per grid)
+    for m in dict.fromkeys(key(r) for r in rows if r["bits"] < 16):
+        pts = sorted((r["bits"], r["ppl"]) for r in rows if key(r) == m and r["bits"] < 16)
         ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", label=m)
     for r in rows:
         if r["bits"] >= 16:

@@ -23,7 +23,7 @@ MSE = {"gptq W3": {"mse": [0.1, 0.4, 2.0], "mse_normed": [0.01, 0.02, 0.05]},
        "loaq W3": {"mse": [0.08, 0.3, 1.5], "mse_normed": [0.008, 0.015, 0.04]}}
 ROWS = [{"method": "fp32", "bits": 32, "ppl": 13.9}, {"method": "gptq", "bits": 2, "ppl": 774819.8},
         {"method": "gptq", "bits": 3, "ppl": 47.99}, {"method": "loaq", "bits": 3, "ppl": 26.99},
-        {"method": "loaq", "bits": 2, "ppl": 652.7}]
+        {"method": "loaq", "bits": 2, "ppl": 652.7}, {"method": "loaq", "bits": 4, "group": 64, "ppl": 15.1}]
 SIZES = [{"label": "w2", "disk_bytes": 60 * 2**20, "ppl": 650.0}, {"label": "w3", "disk_bytes": 70 * 2**20, "ppl": 27.0},
          {"label": "w3-bad", "disk_bytes": 75 * 2**20, "ppl": 48.0}, {"label": "w4", "disk_bytes": 80 * 2**20, "ppl": 15.1}]
 SERVE = [{"label": "bf16", "tokens_per_s": 41.5}, {"label": "w4a16", "tokens_per_s": 55.25}]
@@ -45,6 +45,7 @@ def test_ppl_vs_bits_has_one_line_per_method_and_the_fp_reference(tmp_path):
     lines = {l.get_label(): l.get_xydata() for l in ax.get_lines()}
     np.testing.assert_array_equal(lines["gptq"], [[2, 774819.8], [3, 47.99]])
     np.testing.assert_array_equal(lines["loaq"], [[2, 652.7], [3, 26.99]])
+    np.testing.assert_array_equal(lines["loaq g64"], [[4, 15.1]])  # another grid, another line
     assert lines["fp32 (13.90)"][:, 1].tolist() == [13.9, 13.9]
 
 
