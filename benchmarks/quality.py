@@ -38,6 +38,9 @@ from loaq.zeroshot import evaluate_tasks, hf_lm
 
 SETTINGS = {"w2": GridSpec(2, 0, False), "w3": GridSpec(3, 0, False), "w4g64": GridSpec(4, 64, False)}
 METHODS = ("rtn", "gptq", "gptaq", "qronos", "lloa", "loaq", "loaq-alg")  # loaq-alg: ŝ = R(h + X̂W) (Algorithm 1)
+# method suffixes: loaq-alg, and the Table 5 ablations loaq-nosoa, loaq-nonoa, loaq-nosoa-nonoa (not in the default run)
+VARIANTS = {"": {}, "alg": {"shat": "alg"}, "nosoa": {"soa": False}, "nonoa": {"rescale": False},
+            "nosoa-nonoa": {"soa": False, "rescale": False}}
 
 
 def rss_mb() -> float:
@@ -113,7 +116,7 @@ def main() -> None:
             be = beta if base == "loaq" else 0.0
             m = copy.deepcopy(model)
             gc.collect()
-            cfg = QuantConfig(spec=spec, method=Method(base, al, be, shat=variant or "text"))
+            cfg = QuantConfig(spec=spec, method=Method(base, al, be, **VARIANTS[variant]))
             with PeakRSS() as mem:
                 t0 = time.time()
                 quantize_model(m, arch, calib, cfg, batch_size=a.batch_size, progress=False)
