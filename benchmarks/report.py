@@ -182,6 +182,25 @@ def claims(runs: list[dict]) -> list[str]:
     return lines
 
 
+# DATA.md §4: fp32 SmolLM2 on the first 250 examples, scored by an independent (non-harness) script: acc, acc_norm
+DATA_MD_FP32 = {"bb_step_inference": (0.512, 0.368), "bb_goal_inference": (0.380, 0.416), "bb_social_iqa": (0.320, 0.432)}
+
+
+def harness_check(results: str) -> list[str]:
+    """The harness's fp32 scores beside DATA.md's independent scorer (same examples, same conventions)."""
+    path = os.path.join(results, "zeroshot_fp32_250.json")
+    if not os.path.isfile(path):
+        return ["Not measured yet: `loaq eval --tasks all --limit 250 --no-ppl --json benchmarks/results/zeroshot_fp32_250.json`."]
+    z = json.load(open(path))["zero_shot"]
+    lines = [f"`loaq eval --tasks all --limit {z['limit']} --no-ppl --json benchmarks/results/zeroshot_fp32_250.json` "
+             "(fp32) against DATA.md §4's own scorer on the same examples:", "",
+             "| task | lm-eval acc | DATA.md acc | lm-eval acc_norm | DATA.md acc_norm |", "|---|---|---|---|---|"]
+    for t, r in z["tasks"].items():
+        ref = DATA_MD_FP32.get(t, (None, None))
+        lines.append(f"| {t} | {r['acc']:.3f} | {ref[0]} | {r['acc_norm']:.3f} | {ref[1]} |")
+    return lines + [""]
+
+
 def plots(results: str, runs: list[dict], here: str) -> list[str]:
     """Draw every plot the results hold, next to its JSON; markdown embedding them."""
     md = []
@@ -240,6 +259,7 @@ def main() -> None:
         zs = (f"; zero-shot: {', '.join(z['tasks'])}, first {z['limit']} examples each, {z['harness']}" if z else "; no zero-shot")
         lines.append(f"- <sup>{mark}</sup> `{run['command']}` ({os.path.basename(run['path'])}, {run['date']}, "
                      f"{run['nsamples']}x{run['seqlen']} calibration tokens{zs})")
+    lines += ["", "## Zero-shot harness check", "", *harness_check(a.results)]
     lines += ["", "## Plots", ""] + [m + "\n" for m in plots(a.results, runs, os.path.dirname(os.path.abspath(a.out)))]
     lines += ["## Which of the paper's claims reproduce at this scale", "", *claims(runs), ""]
     with open(a.out, "w") as fh:
