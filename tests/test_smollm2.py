@@ -9,16 +9,15 @@ from loaq import data
 from loaq.config import Method, QuantConfig
 from loaq.evaluate import hidden_mse, layer_outputs, perplexity
 from loaq.grids import GridSpec
-from loaq.models import load_model
 from loaq.pipeline import quantize_model
 
 SPEC = GridSpec(3, 0, False)  # 3-bit per-channel asymmetric
 
 
 @pytest.fixture(scope="module")
-def smol():
+def smol(smollm2):
     torch.manual_seed(0)
-    model, tok, arch, _ = load_model(None)
+    model, tok, arch = smollm2
     calib = data.random_windows(data.tokenize(tok, data.default_split("calib")), 16, 256, seed=0)
     evalw = data.eval_windows(data.tokenize(tok, data.default_split("eval")), 512, 4096)
     return model, arch, calib, evalw

@@ -11,13 +11,14 @@ from safetensors import safe_open
 
 from loaq.errors import LoaQError
 from loaq.export.pack import packed_shapes
-from loaq.export.scheme import FORMAT, layer_specs
+from loaq.export.scheme import FORMAT, activations, layer_specs
+from loaq.export.transform import online_hadamard
 
 ST_DTYPES = {"I32": torch.int32, "I64": torch.int64, "F32": torch.float32, "F16": torch.float16,
              "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8}
 
 
-def _parse_config(path: str):
+def parse_quantization_config(path: str):
     from compressed_tensors.quantization import QuantizationConfig
 
     cfg_path = os.path.join(path, "config.json")
@@ -65,7 +66,10 @@ def check_export(path: str) -> str:
 
     if not os.path.isdir(path):
         raise LoaQError(f"{path!r} does not exist")
-    specs = layer_specs(_parse_config(path))
+    qconfig = parse_quantization_config(path)
+    specs = layer_specs(qconfig)
+    acts = activations(qconfig)
+    r4 = online_hadamard(path)
     weight_map = _tensor_index(path)
     header = _header(path, weight_map)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -98,5 +102,45 @@ def check_export(path: str) -> str:
             shape = f.get_tensor(f"{name}.weight_shape").tolist()
         if shape != list(model.get_submodule(name).weight.shape):
             raise LoaQError(f"{path!r}: {name}.weight_shape is {shape}, the model's layer is {list(model.get_submodule(name).weight.shape)}")
-    groups = len({s for s in specs.values()})
-    return f"ok: {len(specs)} packed linears in {groups} config group(s), {len(header)} tensors in {len(set(weight_map.values()))} file(s)"
+    for name, act in acts.items():
+        if act and (specs[name].bits, specs[name].group_size, act["bits"]) != (4, 0, 4):
+            raise LoaQError(f"{path!r}: {name} quantizes activations but is not W4A4 with per-channel weights")
+    for name, had_k in r4.items():
+        if name not in specs:
+            raise LoaQError(f"{path!r}: transform target {name} is not a packed linear of this export")
+        width = model.get_submodule(name).weight.shape[1]
+        k = 1 if had_k is None else had_k.shape[0]
+        if width % k or (width // k) & (width // k - 1):
+            raise LoaQError(f"{path!r}: online Hadamard of {name} does not fit its input width {width}")
+    groups = len(qconfig.config_groups)
+    extras = ("; W4A4" if any(acts.values()) else "") + (f"; online R4 on {len(r4)} linears" if r4 else "")
+    return (f"ok: {len(specs)} packed linears in {groups} config group(s), {len(header)} tensors in "
+            f"{len(set(weight_map.values()))} file(s){extras}")
+
+
+def decompress_export(path: str) -> dict[str, torch.Tensor]:
+    """Every packed linear of an export dequantized by compressed-tensors' own ``PackedQuantizationCompressor``."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    qconfig = parse_quantization_config(path)
+    weight_map = _tensor_index(path)
+    out = {}
+    for scheme in qconfig.config_groups.values():
+        for name in scheme.targets:
+            local = {}
+            for key in (k for k in weight_map if k.startswith(name + ".")):
+                with safe_open(os.path.join(path, weight_map[key]), "pt") as f:
+                    local[key.removeprefix(name + ".")] = f.get_tensor(key)
+            out[name] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+    return out
+
+
+def round_trip(native_dir: str, path: str) -> tuple[int, int]:
+    """(linears, bit-identical linears): the export decompressed by the library vs the native dequantized weights."""
+    from loaq.checkpoint import dequantized
+    from loaq.export.writer import read_native
+
+    native = read_native(native_dir)
+    got = decompress_export(path)
+    same = sum(torch.equal(got[n].float(), dequantized(r, native.specs[n])) for n, r in native.results.items() if n in got)
+    return len(native.results), same

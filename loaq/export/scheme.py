@@ -1,9 +1,11 @@
-"""Per-layer grids as a compressed-tensors ``QuantizationConfig`` (weight-only, ``pack-quantized``).
+"""Per-layer grids as a compressed-tensors ``QuantizationConfig`` (``pack-quantized``).
 
 Layers are grouped by ``(bits, group_size, symmetric)``; each group becomes one config group whose
 ``targets`` name its layers exactly, so a per-layer bit allocation exports as several groups.
-``scheme_for`` builds one group's :class:`QuantizationScheme`; activation quantization
-(``input_activations``) and a ``transform_config`` are the places a W4A4 / Hadamard export will extend.
+``scheme_for`` builds one group's :class:`QuantizationScheme`. A W4A4 checkpoint (native
+``activations = {"bits": 4, "symmetric": s}``) adds ``input_activations`` to every group: int, 4 bits,
+per token, dynamic, symmetric as quantized — the per-token min-max of
+:func:`loaq.kernels.w4a4_ref.quantize_activations_ref`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,15 @@ def weight_args(spec: GridSpec) -> QuantizationArgs:
     return QuantizationArgs(**common, strategy=QuantizationStrategy.CHANNEL)
 
 
-def scheme_for(spec: GridSpec, targets: list[str]) -> QuantizationScheme:
-    return QuantizationScheme(targets=targets, weights=weight_args(spec), format=FORMAT)
+def act_args(act: dict) -> QuantizationArgs:
+    """compressed-tensors' ``input_activations`` of a native ``activations`` entry (dynamic, per token)."""
+    return QuantizationArgs(num_bits=act["bits"], type="int", symmetric=act["symmetric"], dynamic=True,
+                            strategy=QuantizationStrategy.TOKEN)
+
+
+def scheme_for(spec: GridSpec, targets: list[str], act: dict | None = None) -> QuantizationScheme:
+    return QuantizationScheme(targets=targets, weights=weight_args(spec), format=FORMAT,
+                              input_activations=act_args(act) if act else None)
 
 
 def group_layers(specs: dict[str, GridSpec]) -> dict[GridSpec, list[str]]:
@@ -40,9 +49,10 @@ def group_layers(specs: dict[str, GridSpec]) -> dict[GridSpec, list[str]]:
     return dict(sorted(groups.items(), key=lambda kv: (kv[0].bits, kv[0].group_size, kv[0].symmetric)))
 
 
-def quantization_config(specs: dict[str, GridSpec]) -> QuantizationConfig:
-    """The ``quantization_config`` of an export whose layer ``name`` uses grid ``specs[name]``."""
-    groups = {f"group_{i}": scheme_for(spec, names) for i, (spec, names) in enumerate(group_layers(specs).items())}
+def quantization_config(specs: dict[str, GridSpec], act: dict | None = None) -> QuantizationConfig:
+    """The ``quantization_config`` of an export whose layer ``name`` uses grid ``specs[name]``, with per-token
+    ``act`` (native ``activations``) input quantization on every layer when given."""
+    groups = {f"group_{i}": scheme_for(spec, names, act) for i, (spec, names) in enumerate(group_layers(specs).items())}
     return QuantizationConfig(config_groups=groups, format=FORMAT, ignore=list(IGNORE),
                               quantization_status=QuantizationStatus.COMPRESSED)
 
@@ -54,4 +64,13 @@ def layer_specs(config: QuantizationConfig) -> dict[str, GridSpec]:
         w = scheme.weights
         spec = GridSpec(w.num_bits, w.group_size if w.strategy == QuantizationStrategy.GROUP.value else 0, w.symmetric)
         out |= {t: spec for t in scheme.targets}
+    return out
+
+
+def activations(config: QuantizationConfig) -> dict[str, dict | None]:
+    """The inverse for activations: native ``activations`` entry (or None) of every targeted layer."""
+    out = {}
+    for scheme in config.config_groups.values():
+        a = scheme.input_activations
+        out |= {t: {"bits": a.num_bits, "symmetric": a.symmetric} if a else None for t in scheme.targets}
     return out

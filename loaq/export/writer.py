@@ -22,11 +22,12 @@ from loaq.checkpoint import atomic_dir, check_output, read_meta, tensors_to_resu
 from loaq.errors import LoaQError
 from loaq.export.pack import pack_layer
 from loaq.export.scheme import quantization_config
+from loaq.export.transform import EXTENSION_KEY, r4_config, r4_targets
 from loaq.grids import GridSpec
 from loaq.solver import QuantResult
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-NATIVE_ONLY = {"loaq.json", "quantized.safetensors", "model.safetensors", "config.json"}
+NATIVE_ONLY = {"loaq.json", "quantized.safetensors", "model.safetensors", "rotation.safetensors", "config.json"}
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Native:
     base: dict[str, torch.Tensor]
     results: dict[str, QuantResult]
     specs: dict[str, GridSpec]
+    act: dict | None = None  # W4A4: {"bits": 4, "symmetric": bool}
+    r4: tuple[list[str], int, torch.Tensor | None] | None = None  # online R4: (targets, width, had_k)
 
 
 def layer_specs(meta: dict, names: list[str]) -> dict[str, GridSpec]:
@@ -91,8 +94,39 @@ def read_native(path: str) -> Native:
     specs = layer_specs(meta, sorted(results))
     for name, r in results.items():
         _check_layer(name, r, specs[name])
+    act = _activations(path, meta, specs)
     base = load_file(os.path.join(path, "model.safetensors"))
-    return Native(path, meta, json.load(open(os.path.join(path, "config.json"))), base, results, specs)
+    return Native(path, meta, json.load(open(os.path.join(path, "config.json"))), base, results, specs, act,
+                  _online_r4(path, meta, config))
+
+
+def _activations(path: str, meta: dict, specs: dict[str, GridSpec]) -> dict | None:
+    """The native ``activations`` entry, refused unless the W4A4 kernels can run it (4-bit per-channel weights)."""
+    act = meta.get("activations")
+    if not act:
+        return None
+    if act.get("bits") != 4 or not isinstance(act.get("symmetric"), bool):
+        raise LoaQError(f"{path!r}: activations {act} cannot be exported; LoaQ writes 4-bit per-token activations only")
+    bad = sorted(n for n, s in specs.items() if (s.bits, s.group_size) != (4, 0))
+    if bad:
+        raise LoaQError(f"{path!r}: W4A4 needs 4-bit per-channel weights, but {bad[0]} is {specs[bad[0]]}; "
+                        "re-quantize with --bits 4 --group-size 0")
+    return {"bits": 4, "symmetric": act["symmetric"]}
+
+
+def _online_r4(path: str, meta: dict, config) -> tuple[list[str], int, torch.Tensor | None] | None:
+    """(targets, width, had_k) of a rotated checkpoint's online R4 (``rotation.safetensors`` holds ``r4.had_k``)."""
+    from loaq.rotation import load_had_k
+
+    rot = meta.get("rotation")
+    if not rot:
+        return None
+    had_k = load_had_k(path)
+    k = rot.get("r4", {}).get("had_k_order", 1)
+    if (1 if had_k is None else had_k.shape[0]) != k:
+        raise LoaQError(f"native checkpoint {path!r} is rotated with a {k}x{k} R4 factor but rotation.safetensors "
+                        "does not hold it; re-run `loaq quantize`")
+    return r4_targets(arch_of(config), config.num_hidden_layers), config.intermediate_size, had_k
 
 
 def export_tensors(native: Native, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -127,10 +161,13 @@ def model_card(native: Native, total_bytes: int) -> str:
         f"# {m.get('source_model', 'model')} — {c['method']['name']} {grid_txt}", "",
         f"Quantized with [LoaQ](https://arxiv.org/abs/2509.06297) (`loaq`, method `{c['method']['name']}`, "
         f"α = {c['method'].get('alpha')}, β = {c['method'].get('beta')}) and exported in the compressed-tensors "
-        "`pack-quantized` format (weight-only; load with vLLM or transformers + compressed-tensors).", "",
+        "`pack-quantized` format (load with vLLM + the `loaq` plugin; weight-only exports without rotation "
+        "also with transformers + compressed-tensors).", "",
         "| | |", "|---|---|",
         f"| source model | {m.get('source_model', '?')} |",
         f"| weights | {grid_txt}; {len(native.results)} linears, lm_head and embeddings unquantized |",
+        f"| activations | {_act_text(native.act)} |",
+        f"| rotation | {_rotation_text(native)} |",
         f"| calibration | {cal.get('source', '?')}: {cal.get('nsamples', '?')} × {cal.get('seqlen', '?')} tokens, "
         f"seed {cal.get('seed', '?')}, hash {cal.get('hash', '?')} |",
         f"| size | {total_bytes / 2**20:.1f} MiB of safetensors |",
@@ -142,6 +179,23 @@ def model_card(native: Native, total_bytes: int) -> str:
     else:
         lines.append("| perplexity | not measured (`loaq quantize --eval` records it) |")
     return "\n".join(lines) + "\n"
+
+
+def _act_text(act: dict | None) -> str:
+    if not act:
+        return "not quantized (weight-only)"
+    return f"{act['bits']}-bit per token, dynamic min-max, {'symmetric' if act['symmetric'] else 'asymmetric'}"
+
+
+def _rotation_text(native: Native) -> str:
+    if native.r4 is None:
+        return "none"
+    _, n, had_k = native.r4
+    k = 1 if had_k is None else had_k.shape[0]
+    kind = native.meta["rotation"].get("r4", {}).get("kind", "hadamard")
+    r4 = f"H_{n}" if k == 1 else f"H_{k} ⊗ H_{n // k}" if kind == "hadamard" else f"({kind} {k}x{k}) ⊗ H_{n // k}"
+    return (f"Hadamard (seed {native.meta['rotation'].get('seed')}): R1, R2 fused into the weights; online R4 = {r4} "
+            "before every down_proj (`transform_config`; the LoaQ vLLM plugin applies it)")
 
 
 def export(native_dir: str, out_dir: str, *, dtype: torch.dtype = torch.bfloat16, force: bool = False,
@@ -160,7 +214,14 @@ def export(native_dir: str, out_dir: str, *, dtype: torch.dtype = torch.bfloat16
         config.pop("torch_dtype", None)
         with open(os.path.join(tmp, "config.json"), "w") as fh:
             json.dump(config, fh, indent=2)
-        ModelCompressor(quantization_config=quantization_config(native.specs)).update_config(tmp)
+        tc, ext = r4_config(*native.r4) if native.r4 else (None, None)
+        ModelCompressor(quantization_config=quantization_config(native.specs, native.act),
+                        transform_config=tc).update_config(tmp)
+        if ext:
+            cfg_path = os.path.join(tmp, "config.json")
+            written = json.load(open(cfg_path))
+            with open(cfg_path, "w") as fh:
+                json.dump({**written, EXTENSION_KEY: ext}, fh, indent=2, sort_keys=True)
         with open(os.path.join(tmp, "loaq_export.json"), "w") as fh:
             json.dump({"native": native.meta}, fh, indent=2)
         total = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)
