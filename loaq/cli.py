@@ -167,7 +167,7 @@ def _load_for_eval(a):
     (d: ``--server``)."""
     from loaq.arch import arch_of
     from loaq.checkpoint import load_native
-    from loaq.models import load_model
+    from loaq.models import load_config, load_model, resolve
 
     if a.server:
         if a.quantized or a.model or a.fake_bits or a.mse:
@@ -182,12 +182,19 @@ def _load_for_eval(a):
         label = dict(label="quantized", method=c["method"]["name"], bits=c["spec"]["bits"], group=c["spec"]["group_size"])
         return model, tok, arch_of(model.config), label, {"checkpoint": a.quantized, "source_model": meta["source_model"],
                                                           "hadamard": bool(meta.get("rotation"))}
+    src = resolve(a.model)
+    if not src.gguf_file and getattr(load_config(src), "quantization_config", None) is not None:
+        from loaq.export.check import parse_quantization_config
+        from loaq.export.load import load_export
+
+        if a.fake_bits or a.mse:
+            raise LoaQError("--fake-bits/--mse take an fp model or a native checkpoint, not an export")
+        model, tok = load_export(src.directory)  # (c) with its online R4 and W4A4 as the plugin serves them
+        w = next(iter(parse_quantization_config(src.directory).config_groups.values())).weights
+        label = dict(label="export", method="-", bits=w.num_bits, group=w.group_size or 0)
+        return model, tok, arch_of(model.config), label, {"model": src.label}
     model, tok, arch, src = load_model(a.model)
-    qc = getattr(model.config, "quantization_config", None)
-    if qc is not None:  # a compressed-tensors export, decompressed by transformers
-        label = dict(label="export", method="-", bits="-", group="-")
-    else:
-        label = dict(label="fp32", method="-", bits=32, group="-")
+    label = dict(label="fp32", method="-", bits=32, group="-")
     if a.fake_bits:
         from loaq.config import Method, QuantConfig
         from loaq.grids import GridSpec

@@ -182,10 +182,11 @@ def test_fp_native_and_export_paths_agree_exactly(three_paths, data_dir):
 
 def test_fp_native_and_export_loglikelihoods_are_identical(three_paths, data_dir):
     from loaq.checkpoint import load_native
+    from loaq.export.load import load_export
     from loaq.models import load_model
 
     paths, d = three_paths
-    models = {"a": load_model(str(d / "fp"))[:2], "b": load_native(paths["b"][1])[:2], "c": load_model(str(d / "ct"))[:2]}
+    models = {"a": load_model(str(d / "fp"))[:2], "b": load_native(paths["b"][1])[:2], "c": load_export(str(d / "ct"))}
     lls = {k: evaluate_tasks(hf_lm(m, t), ["bb_step_inference"], data_dir=data_dir)["loglikelihoods"] for k, (m, t) in models.items()}
     assert lls["a"] == lls["b"] == lls["c"]
     assert lls["a"] != evaluate_tasks(hf_lm(tiny_model(vocab=320), models["a"][1]), ["bb_step_inference"],
