@@ -214,6 +214,32 @@ def harness_check(results: str) -> list[str]:
     return lines + [""]
 
 
+def size_ppl_rows(results: str, runs: list[dict]) -> str | None:
+    """Join export.json's size on disk per grid with the perplexity of each method on that grid (size does
+    not depend on the method) into ``size_ppl.json``; its path, or None without both inputs."""
+    path = os.path.join(results, "export.json")
+    qrun = max((r for r in runs if in_run(r, "loaq", W2 | NO)), key=lambda r: len(r["rows"]), default=None)
+    if not os.path.isfile(path) or qrun is None:
+        return None
+    doc = json.load(open(path))
+    fp = in_run(qrun, "fp32", {"bits": 32, "group": 0})
+    rows = [{"label": "bf16", "disk_bytes": int(doc["bf16_mib"] * 2**20), "ppl": fp["ppl"]}] if fp and "bf16_mib" in doc else []
+    for v in doc["rows"]:
+        words = v["variant"].split()  # e.g. "W4 g64 asym", "W2 per-channel asym"; W4A4 variants have no weight-only ppl
+        if not words[0][1:].isdigit() or words[-1] not in ("asym", "sym"):
+            continue
+        sel = {"bits": int(words[0][1:]), "group": int(words[1][1:]) if words[1].startswith("g") else 0}
+        for m in ("rtn", "gptq", "loaq"):
+            r = in_run(qrun, m, sel)
+            if r and r.get("symmetric", False) == (words[-1] == "sym"):
+                rows.append({"label": f"{m} {words[0]}{' ' + words[1] if sel['group'] else ''}",
+                             "disk_bytes": int(v["mib"] * 2**20), "ppl": r["ppl"]})
+    out = os.path.join(results, "size_ppl.json")
+    with open(out, "w") as fh:
+        json.dump({"from": [os.path.basename(path), os.path.basename(qrun["path"])], "rows": rows}, fh, indent=2)
+    return out
+
+
 def plots(results: str, runs: list[dict], here: str) -> list[str]:
     """Draw every plot the results hold, next to its JSON; markdown embedding them."""
     md = []
@@ -231,6 +257,7 @@ def plots(results: str, runs: list[dict], here: str) -> list[str]:
         md.append(f"![per-layer hidden-state MSE]({os.path.relpath(png, here)})")
     else:
         md.append("Per-layer MSE (Figures 3/4): not measured yet.")
+    size_ppl_rows(results, runs)
     for key, fn, suffix, what in (("disk_bytes", size_vs_ppl, "size_ppl", "size on disk vs perplexity"),
                                   ("tokens_per_s", serve_throughput, "serve", "serving tokens/s")):
         docs = [(p, json.load(open(p))) for p in sorted(glob.glob(os.path.join(results, "*.json")))]

@@ -80,14 +80,15 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def size_vs_ppl(rows: list[dict], out: str):
-    """``rows``: ``{label, disk_bytes, ppl}`` per exported variant; scatter plus the Pareto front."""
+    """``rows``: ``{label, disk_bytes, ppl}`` per exported variant; scatter plus the Pareto front (labelled)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     pts = [(r["disk_bytes"] / 2**20, r["ppl"]) for r in rows]
     ax.scatter([s for s, _ in pts], [p for _, p in pts], zorder=3)
-    for r, (s, p) in zip(rows, pts):
-        ax.annotate(r["label"], (s, p), textcoords="offset points", xytext=(4, 4), fontsize=8)
     front = pareto(pts)
+    for r, (s, p) in zip(rows, pts):  # name the front's points only: the others crowd at equal sizes
+        if (s, p) in front:
+            ax.annotate(r["label"], (s, p), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.plot([s for s, _ in front], [p for _, p in front], color="C1", label="Pareto front")
     ax.set(yscale="log", xlabel="size on disk (MiB)", ylabel="perplexity (ppl16k)", title="Size vs perplexity")
     ax.grid(alpha=0.3)
