@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loaq.plots import layer_mse, ppl_vs_bits, serve_throughput, size_vs_ppl  # noqa: E402
+from loaq.plots import layer_mse, ppl_vs_bits, serve_rows, serve_throughput, size_vs_ppl  # noqa: E402
 
 BASELINES = ("gptq", "gptaq", "qronos")
 MAIN = (*BASELINES, "loaq")
@@ -262,6 +262,8 @@ def plots(results: str, runs: list[dict], here: str) -> list[str]:
                                   ("tokens_per_s", serve_throughput, "serve", "serving tokens/s")):
         docs = [(p, json.load(open(p))) for p in sorted(glob.glob(os.path.join(results, "*.json")))]
         hits = [(p, d["rows"]) for p, d in docs if isinstance(d, dict) and d.get("rows") and all(key in r for r in d["rows"])]
+        if key == "tokens_per_s":  # benchmarks/serve.py writes results/serve/serve.json
+            hits += [(p, serve_rows(json.load(open(p)))) for p in sorted(glob.glob(os.path.join(results, "*", "serve.json")))]
         for p, rows in hits:
             png = os.path.splitext(p)[0] + f".{suffix}.png"
             fn(rows, png)

@@ -107,6 +107,13 @@ def serve_throughput(rows: list[dict], out: str):
     return _save(fig, out)
 
 
+def serve_rows(doc: dict) -> list[dict]:
+    """``benchmarks/serve.py``'s ``serve.json`` (``results: {variant: {runs: {concurrency: {output_throughput}}}}``)
+    as ``{label, tokens_per_s}`` rows, one per variant and concurrency."""
+    return [{"label": f"{name} c={c}", "tokens_per_s": r["output_throughput"]}
+            for name, v in doc["results"].items() for c, r in v["runs"].items()]
+
+
 def _mse_label(rec: dict) -> str:
     """``gptq W3``, ``loaq W3 +Hadamard`` for a ``loaq eval --mse`` record."""
     return f"{rec['method']} W{rec['bits']}{' +Hadamard' if rec.get('hadamard') else ''}"
@@ -118,7 +125,7 @@ def plot_files(paths: list[str]) -> list[str]:
     Recognised: ``loaq eval --mse --json`` records (all of them go into one ``layer_mse.png`` next to the
     first) or a file with ``layer_mse: {label: {mse, mse_normed}}``; a file with ``rows`` of ``ppl`` and
     ``bits`` (perplexity vs bits), of ``disk_bytes`` and ``ppl`` (size vs perplexity) or of
-    ``tokens_per_s`` (serving).
+    ``tokens_per_s`` (serving), or ``benchmarks/serve.py``'s ``serve.json``.
     """
     written, mse, mse_first = [], {}, None
     for path in paths:
@@ -137,6 +144,8 @@ def plot_files(paths: list[str]) -> list[str]:
             mse |= doc["layer_mse"]
             mse_first, found = mse_first or path, True
         rows = doc.get("rows") or []
+        if isinstance(doc.get("results"), dict) and all("runs" in v for v in doc["results"].values()):
+            rows = serve_rows(doc)
         if rows and all("ppl" in r and "bits" in r for r in rows):
             written.append(stem + ".ppl_bits.png")
             ppl_vs_bits(rows, written[-1])
@@ -150,8 +159,8 @@ def plot_files(paths: list[str]) -> list[str]:
             serve_throughput(rows, written[-1])
             found = True
         if not found:
-            raise LoaQError(f"{path!r} holds nothing to plot (no mse/mse_normed, layer_mse or rows with ppl, "
-                            f"disk_bytes or tokens_per_s); pass a loaq or benchmarks/ results JSON")
+            raise LoaQError(f"{path!r} holds nothing to plot (no mse/mse_normed, layer_mse, serve results or rows "
+                            f"with ppl, disk_bytes or tokens_per_s); pass a loaq or benchmarks/ results JSON")
     if mse:
         written.append(os.path.join(os.path.dirname(mse_first), "layer_mse.png"))
         layer_mse(mse, written[-1])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from loaq.cli import main
-from loaq.plots import layer_mse, pareto, ppl_vs_bits, serve_throughput, size_vs_ppl
+from loaq.plots import layer_mse, pareto, ppl_vs_bits, serve_rows, serve_throughput, size_vs_ppl
 
 matplotlib.use("Agg")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -62,6 +62,8 @@ def test_serve_throughput_bars(tmp_path):
     assert png_ok(tmp_path / "t.png")
     assert [p.get_height() for p in ax.patches] == [41.5, 55.25]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["bf16", "w4a16"]
+    served = {"results": {"bf16": {"runs": {"1": {"output_throughput": 41.5}, "8": {"output_throughput": 120.0}}}}}
+    assert serve_rows(served) == [{"label": "bf16 c=1", "tokens_per_s": 41.5}, {"label": "bf16 c=8", "tokens_per_s": 120.0}]
 
 
 def test_loaq_plot_writes_pngs_next_to_the_json(tmp_path, capsys):
