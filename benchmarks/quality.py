@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--zero-shot", action="store_true", help="add the zero-shot accuracy of every row (lm-eval)")
     ap.add_argument("--tasks", default="all", help="zero-shot tasks (default: all shipped tasks)")
     ap.add_argument("--zero-shot-limit", type=int, default=250, help="first N examples per task (default 250)")
+    ap.add_argument("--no-fp", action="store_true", help="skip the fp32 row (a table split over processes: "
+                                                         "report.py merges runs with equal settings)")
     ap.add_argument("--out", default="benchmarks/results/quality")
     a = ap.parse_args()
     tasks = parse_names(a.tasks) if a.zero_shot else []
@@ -103,9 +105,10 @@ def main() -> None:
     model, tok, arch, src = load_model(None)
     calib = data.random_windows(data.tokenize(tok, data.default_split("calib")), a.nsamples, a.seqlen, seed=0)
     evalw = data.eval_windows(data.tokenize(tok, data.default_split("eval")), 512, 16384)
-    rows = [dict(model="SmolLM2-135M", method="fp32", bits=32, group=0, symmetric=False, alpha=None, beta=None,
-                 ppl=perplexity(model, evalw), quant_seconds=0.0, peak_mem_mb=0.0, zero_shot=zero_shot(model))]
-    print(rows[0], flush=True)
+    rows = [] if a.no_fp else [dict(model="SmolLM2-135M", method="fp32", bits=32, group=0, symmetric=False, alpha=None,
+                                    beta=None, ppl=perplexity(model, evalw), quant_seconds=0.0, peak_mem_mb=0.0,
+                                    zero_shot=zero_shot(model))]
+    print(rows[:1], flush=True)
     for sname in a.settings.split(","):
         spec = SETTINGS[sname]
         for mname in a.methods.split(","):

@@ -17,6 +17,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,16 +65,32 @@ def notes(tid: str, runs: list[dict]) -> list[str]:
 
 
 def load_runs(results: str) -> list[dict]:
-    """Every results JSON with quality rows, oldest first: ``{path, command, date, rows, zero_shot}``."""
-    runs = []
+    """Every results JSON with quality rows, oldest first: ``{path, command, date, rows, zero_shot}``. Files of
+    one table split over processes (equal calibration, --search and zero-shot settings) are merged into one run."""
+    runs: dict[str, dict] = {}
     for path in sorted(glob.glob(os.path.join(results, "*.json"))):
         doc = json.load(open(path))
         rows = doc.get("rows") if isinstance(doc, dict) else None
-        if rows and all("method" in r and "bits" in r and "ppl" in r for r in rows):
-            runs.append({"path": path, "command": doc.get("command", "?"), "date": doc.get("date", ""),
-                         "nsamples": doc.get("nsamples"), "seqlen": doc.get("seqlen"), "rows": rows,
-                         "zero_shot": doc.get("zero_shot")})
-    return sorted(runs, key=lambda r: r["date"])
+        if not (rows and all("method" in r and "bits" in r and "ppl" in r for r in rows)):
+            continue
+        search = re.search(r"--search (\S+)", doc.get("command", ""))
+        key = json.dumps([doc.get("nsamples"), doc.get("seqlen"), search and search.group(1), doc.get("zero_shot")])
+        run = {"path": path, "command": doc.get("command", "?"), "date": doc.get("date", ""), "nsamples": doc.get("nsamples"),
+               "seqlen": doc.get("seqlen"), "rows": rows, "zero_shot": doc.get("zero_shot"), "files": [os.path.basename(path)]}
+        if doc.get("zero_shot") and key in runs:  # a split zero-shot table: one run, both commands
+            old = runs[key]
+            seen = {_row_key(r) for r in old["rows"]}
+            old["rows"] = old["rows"] + [r for r in rows if _row_key(r) not in seen]
+            old["command"] += f"` and `{run['command']}"
+            old["files"].append(os.path.basename(path))
+            old["date"] = max(old["date"], run["date"])
+        else:
+            runs[key if doc.get("zero_shot") else path] = run
+    return sorted(runs.values(), key=lambda r: r["date"])
+
+
+def _row_key(r: dict) -> tuple:
+    return r["method"], r["bits"], r.get("group"), bool(r.get("hadamard")), r.get("init"), r.get("act_bits")
 
 
 def matches(row: dict, method: str, sel: dict) -> bool:
@@ -301,7 +318,7 @@ def main() -> None:
         run = runs[i]
         z = run["zero_shot"]
         zs = (f"; zero-shot: {', '.join(z['tasks'])}, first {z['limit']} examples each, {z['harness']}" if z else "; no zero-shot")
-        lines.append(f"- **{mark}**: `{run['command']}` ({os.path.basename(run['path'])}, {run['date']}, "
+        lines.append(f"- **{mark}**: `{run['command']}` ({', '.join(run['files'])}, {run['date']}, "
                      f"{run['nsamples']}x{run['seqlen']} calibration tokens{zs})")
     lines += ["", "## Zero-shot harness check", "", *harness_check(a.results)]
     lines += ["", "## Plots", ""] + [m + "\n" for m in plots(a.results, runs, os.path.dirname(os.path.abspath(a.out)))]
