@@ -244,6 +244,7 @@ def cmd_eval(a) -> int:
         ids = data.tokenize(tok, data.default_split("calib") if not a.calib else data.read_text(a.calib))
         w = data.random_windows(ids, a.mse_samples, a.eval_seqlen, seed=1234)
         record |= hidden_mse(layer_outputs(ref, arch, w), layer_outputs(model, arch, w), model.config.rms_norm_eps)
+        record |= {"mse_windows": a.mse_samples, "mse_seqlen": a.eval_seqlen}
     print(_table([row]))
     if a.mse:
         print("per-layer MSE (last 3):", [f"{x:.4g}" for x in record["mse"][-3:]],
