@@ -7,7 +7,6 @@ rtn, gptq, gptaq, qronos, lloa, loaq. Perplexity is ppl16k on the DATA.md evalua
 (32 windows of 512). LoaQ/LLOA α, β come from `loaq search` (held-out calibration text), passed with
 --search; GPTAQ uses its own default weighting 0.25. quant_seconds is the wall time of
 quantize_model; peak_mem_mb is the peak RSS above the level before quantization (sampled every 20 ms).
-Writes benchmarks/results/quality.json and quality.md.
 
 With --tables (issue #8: the paper's Tables 2-5 on SmolLM2) it instead appends an "extended" section
 to both files, rewritten after every row so a partial run keeps what it measured:
@@ -22,6 +21,9 @@ to both files, rewritten after every row so a partial run keeps what it measured
   and -both is -NOA (the SOA term is β·H⁻¹B), so those rows are recorded as identical, not re-run.
 Rows carry rotate, init and act_bits. α, β: the defaults from `loaq search` (loaq.config), never tuned
 on the evaluation split.
+With --zero-shot every row also gets the average zero-shot accuracy through lm-evaluation-harness
+(loaq.zeroshot; the local BIG-bench tasks, first --zero-shot-limit examples each; needs
+`loaq tasks prepare`). Writes benchmarks/results/quality.json and quality.md (or --out).
 """
 
 from __future__ import annotations
@@ -47,9 +49,14 @@ from loaq.grids import GridSpec
 from loaq.models import load_model
 from loaq.pipeline import quantize_model
 from loaq.rotation import RotationSpec, rotate_model
+from loaq.tasks import parse_names, task_config
+from loaq.zeroshot import evaluate_tasks, hf_lm
 
 SETTINGS = {"w2": GridSpec(2, 0, False), "w3": GridSpec(3, 0, False), "w4g64": GridSpec(4, 64, False)}
 METHODS = ("rtn", "gptq", "gptaq", "qronos", "lloa", "loaq", "loaq-alg")  # loaq-alg: ŝ = R(h + X̂W) (Algorithm 1)
+# method suffixes: loaq-alg, and the Table 5 ablations loaq-nosoa, loaq-nonoa, loaq-nosoa-nonoa (not in the default run)
+VARIANTS = {"": {}, "alg": {"shat": "alg"}, "nosoa": {"soa": False}, "nonoa": {"rescale": False},
+            "nosoa-nonoa": {"soa": False, "rescale": False}}
 
 
 def rss_mb() -> float:
@@ -90,11 +97,25 @@ def main() -> None:
     ap.add_argument("--alg-settings", default="w2,w3", help="settings that also get the loaq-alg (ŝ form) row")
     ap.add_argument("--search", help="JSON written by `loaq search` (α, β for lloa/loaq)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--zero-shot", action="store_true", help="add the zero-shot accuracy of every row (lm-eval)")
+    ap.add_argument("--tasks", default="all", help="zero-shot tasks (default: all shipped tasks)")
+    ap.add_argument("--zero-shot-limit", type=int, default=250, help="first N examples per task (default 250)")
+    ap.add_argument("--no-fp", action="store_true", help="skip the fp32 row (a table split over processes: "
+                                                         "report.py merges runs with equal settings)")
     ap.add_argument("--out", default="benchmarks/results/quality")
     ap.add_argument("--tables", help="issue #8 tables to run, in this order, e.g. 2,4,3,5 (appends a section)")
     a = ap.parse_args()
     if a.tables:
         return run_tables(a)
+    tasks = parse_names(a.tasks) if a.zero_shot else []
+    for t in tasks:  # missing task data fails before hours of quantization
+        task_config(t)
+
+    def zero_shot(m) -> dict | None:
+        if not tasks:
+            return None
+        z = evaluate_tasks(hf_lm(m, tok, a.batch_size), tasks, a.zero_shot_limit)
+        return {k: v for k, v in z.items() if k != "loglikelihoods"}
 
     alpha, beta = 0.5, 0.5
     if a.search:
@@ -103,9 +124,10 @@ def main() -> None:
     model, tok, arch, src = load_model(None)
     calib = data.random_windows(data.tokenize(tok, data.default_split("calib")), a.nsamples, a.seqlen, seed=0)
     evalw = data.eval_windows(data.tokenize(tok, data.default_split("eval")), 512, 16384)
-    rows = [dict(model="SmolLM2-135M", method="fp32", bits=32, group=0, symmetric=False, alpha=None, beta=None,
-                 ppl=perplexity(model, evalw), quant_seconds=0.0, peak_mem_mb=0.0)]
-    print(rows[0], flush=True)
+    rows = [] if a.no_fp else [dict(model="SmolLM2-135M", method="fp32", bits=32, group=0, symmetric=False, alpha=None,
+                                    beta=None, ppl=perplexity(model, evalw), quant_seconds=0.0, peak_mem_mb=0.0,
+                                    zero_shot=zero_shot(model))]
+    print(rows[:1], flush=True)
     for sname in a.settings.split(","):
         spec = SETTINGS[sname]
         for mname in a.methods.split(","):
@@ -116,7 +138,7 @@ def main() -> None:
             be = beta if base == "loaq" else 0.0
             m = copy.deepcopy(model)
             gc.collect()
-            cfg = QuantConfig(spec=spec, method=Method(base, al, be, shat=variant or "text"))
+            cfg = QuantConfig(spec=spec, method=Method(base, al, be, **VARIANTS[variant]))
             with PeakRSS() as mem:
                 t0 = time.time()
                 quantize_model(m, arch, calib, cfg, batch_size=a.batch_size, progress=False)
@@ -124,33 +146,52 @@ def main() -> None:
             row = dict(model="SmolLM2-135M", method=mname, bits=spec.bits, group=spec.group_size,
                        symmetric=spec.symmetric, alpha=al if base in ("gptaq", "lloa", "loaq") else None,
                        beta=be if base == "loaq" else None, ppl=perplexity(m, evalw),
-                       quant_seconds=round(secs, 2), peak_mem_mb=round(mem.delta, 1))
+                       quant_seconds=round(secs, 2), peak_mem_mb=round(mem.delta, 1), zero_shot=zero_shot(m))
             rows.append(row)
             print(row, flush=True)
+            write(rows, a, quiet=True)  # a long run keeps every finished row
             del m
     write(rows, a)
 
 
-def write(rows: list[dict], a) -> None:
+def tasks_of(rows: list[dict]) -> list[str]:
+    return next((list(r["zero_shot"]["tasks"]) for r in rows if r.get("zero_shot")), [])
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm-eval")
+
+
+def _acc(r: dict) -> str:
+    z = r.get("zero_shot")
+    return f"{100 * z['average']['acc']:.1f}" if z else "-"
+
+
+def write(rows: list[dict], a, quiet: bool = False) -> None:
     cmd = "python " + " ".join(sys.argv)
     machine = f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch {torch.__version__}"
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with open(a.out + ".json", "w") as fh:
         json.dump({"command": cmd, "machine": machine, "date": date, "nsamples": a.nsamples, "seqlen": a.seqlen,
-                   "eval": "ppl16k: first 16,384 eval-split tokens, 32 windows of 512", "rows": rows}, fh, indent=2)
+                   "eval": "ppl16k: first 16,384 eval-split tokens, 32 windows of 512",
+                   "zero_shot": {"tasks": tasks_of(rows), "limit": a.zero_shot_limit, "harness": "lm-eval " + _lm_eval_version()}
+                   if any(r.get("zero_shot") for r in rows) else None, "rows": rows}, fh, indent=2)
     lines = [f"# Quality on SmolLM2-135M ({a.nsamples}x{a.seqlen} calibration tokens, ppl16k)", "",
              f"Command: `{cmd}`  ", f"Machine: {machine}  ", f"Date: {date}", "",
-             "| bits | group | method | alpha | beta | ppl | quant s | peak MB | time / gptq |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| bits | group | method | alpha | beta | ppl | 0-shot avg acc | quant s | peak MB | time / gptq |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     gptq_time = {(r["bits"], r["group"]): r["quant_seconds"] for r in rows if r["method"] == "gptq"}
     for r in rows:
         ratio = r["quant_seconds"] / gptq_time[(r["bits"], r["group"])] if (r["bits"], r["group"]) in gptq_time else None
         lines.append(f"| {r['bits']} | {r['group'] or 'ch'} | {r['method']} | {r['alpha'] if r['alpha'] is not None else '-'} | "
-                     f"{r['beta'] if r['beta'] is not None else '-'} | {r['ppl']:.3f} | {r['quant_seconds']:.1f} | "
+                     f"{r['beta'] if r['beta'] is not None else '-'} | {r['ppl']:.3f} | {_acc(r)} | {r['quant_seconds']:.1f} | "
                      f"{r['peak_mem_mb']:.0f} | {f'{ratio:.2f}' if ratio else '-'} |")
     with open(a.out + ".md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 FOUR = ("gptq", "gptaq", "qronos", "loaq")

@@ -89,10 +89,19 @@ def _eval_windows(tok, a):
 
 
 def _table(rows: list[dict]) -> str:
+    """Perplexity and, where measured, zero-shot accuracy (per task ``acc``, then the averages) in one table."""
+    tasks = next((list(r["zero_shot"]["tasks"]) for r in rows if r.get("zero_shot")), [])
     head = f"{'model':<10} {'method':<8} {'bits':>4} {'group':>5} {'ppl':>10}"
+    head += "".join(f" {t.removeprefix('bb_'):>15}" for t in tasks) + (f" {'avg acc':>8} {'avg norm':>8}" if tasks else "")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['label']:<10} {r['method']:<8} {r['bits']:>4} {r['group']:>5} {r['ppl']:>10.3f}")
+        ppl = f"{r['ppl']:>10.3f}" if r.get("ppl") is not None else f"{'-':>10}"
+        line = f"{r['label']:<10} {r['method']:<8} {r['bits']:>4} {r['group']:>5} {ppl}"
+        if tasks:
+            z = r["zero_shot"]
+            line += "".join(f" {z['tasks'][t]['acc']:>15.3f}" for t in tasks)
+            line += f" {z['average']['acc']:>8.3f} {z['average']['acc_norm']:>8.3f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -176,52 +185,111 @@ def cmd_quantize(a) -> int:
     return 0
 
 
-def cmd_eval(a) -> int:
-    import torch
-
-    from loaq import data
+def _load_for_eval(a):
+    """(model, tokenizer, arch, row label, record) for the model ``loaq eval`` scores: a native checkpoint
+    as load_native simulates it (b), else ``--model`` (a: fp; c: a compressed-tensors export), else none
+    (d: ``--server``)."""
+    from loaq.arch import arch_of
     from loaq.checkpoint import load_native
+    from loaq.models import load_config, load_model, resolve
+
+    if a.server:
+        if a.quantized or a.model or a.fake_bits or a.mse:
+            raise LoaQError("--server scores the served model; drop --quantized/--model/--fake-bits/--mse")
+        if not a.tasks:
+            raise LoaQError("--server needs --tasks (perplexity is measured on a local model)")
+        label = dict(label="served", method="-", bits="-", group="-")
+        return None, None, None, label, {"server": a.server, "served_model": a.served_model}
+    if a.quantized:
+        model, tok, meta = load_native(a.quantized)
+        c = meta["config"]
+        label = dict(label="quantized", method=c["method"]["name"], bits=c["spec"]["bits"], group=c["spec"]["group_size"])
+        return model, tok, arch_of(model.config), label, {"checkpoint": a.quantized, "source_model": meta["source_model"],
+                                                          "hadamard": bool(meta.get("rotation"))}
+    src = resolve(a.model)
+    if not src.gguf_file and getattr(load_config(src), "quantization_config", None) is not None:
+        from loaq.export.check import parse_quantization_config
+        from loaq.export.load import load_export
+
+        if a.fake_bits or a.mse:
+            raise LoaQError("--fake-bits/--mse take an fp model or a native checkpoint, not an export")
+        model, tok = load_export(src.directory)  # (c) with its online R4 and W4A4 as the plugin serves them
+        w = next(iter(parse_quantization_config(src.directory).config_groups.values())).weights
+        label = dict(label="export", method="-", bits=w.num_bits, group=w.group_size or 0)
+        return model, tok, arch_of(model.config), label, {"model": src.label}
+    model, tok, arch, src = load_model(a.model)
+    label = dict(label="fp32", method="-", bits=32, group="-")
+    if a.fake_bits:
+        from loaq.config import Method, QuantConfig
+        from loaq.grids import GridSpec
+        from loaq.pipeline import quantize_model
+        import torch
+
+        cfg = QuantConfig(spec=GridSpec(a.fake_bits, a.group_size, a.sym), method=Method("rtn"))
+        quantize_model(model, arch, torch.zeros(1, 1, dtype=torch.long), cfg, progress=False)
+        label = dict(label="fake-rtn", method="rtn", bits=a.fake_bits, group=a.group_size)
+    return model, tok, arch, label, {"model": src.label}
+
+
+def cmd_eval(a) -> int:
+    from loaq import data
     from loaq.evaluate import hidden_mse, layer_outputs, perplexity
     from loaq.models import load_model
 
-    rows, record = [], {}
-    if a.quantized:
-        model, tok, meta = load_native(a.quantized)
-        from loaq.arch import arch_of
+    tasks = None
+    if a.tasks:
+        from loaq.tasks import parse_names, task_config
 
-        arch = arch_of(model.config)
-        c = meta["config"]
-        label = dict(label="quantized", method=c["method"]["name"], bits=c["spec"]["bits"], group=c["spec"]["group_size"])
-        record["checkpoint"] = a.quantized
-    else:
-        model, tok, arch, _ = load_model(a.model)
-        label = dict(label="fp32", method="-", bits=32, group="-")
-        if a.fake_bits:
-            from loaq.config import Method, QuantConfig
-            from loaq.grids import GridSpec
-            from loaq.pipeline import quantize_model
+        tasks = parse_names(a.tasks)
+        for t in tasks:  # missing task data fails before any model loads
+            task_config(t, a.tasks_dir)
+    if a.server and not a.served_model:
+        raise LoaQError("--server needs --served-model NAME (the model name the server was started with)")
+    model, tok, arch, label, record = _load_for_eval(a)
+    row = dict(label, ppl=None)
+    if model is not None and not a.no_ppl:
+        windows = _eval_windows(tok, a)
+        row["ppl"] = perplexity(model, windows, a.batch_size, progress=not a.quiet)
+        record |= {"eval_tokens": int(windows.numel()), "eval_seqlen": a.eval_seqlen}
+    record |= {"ppl": row["ppl"], **label}
+    if tasks:
+        from loaq.zeroshot import evaluate_tasks, hf_lm, served_lm
 
-            cfg = QuantConfig(spec=GridSpec(a.fake_bits, a.group_size, a.sym), method=Method("rtn"))
-            quantize_model(model, arch, torch.zeros(1, 1, dtype=torch.long), cfg, progress=False)
-            label = dict(label="fake-rtn", method="rtn", bits=a.fake_bits, group=a.group_size)
-    windows = _eval_windows(tok, a)
-    ppl = perplexity(model, windows, a.batch_size, progress=not a.quiet)
-    rows.append(dict(label, ppl=ppl))
-    record |= {"ppl": ppl, "eval_tokens": int(windows.numel()), "eval_seqlen": a.eval_seqlen, **label}
+        if a.server:
+            lm = served_lm(a.server, a.served_model, a.tokenizer or a.served_model, a.batch_size)
+        else:
+            lm = hf_lm(model, tok, a.batch_size)
+        z = evaluate_tasks(lm, tasks, a.limit, a.tasks_dir)
+        row["zero_shot"] = record["zero_shot"] = {k: v for k, v in z.items() if k != "loglikelihoods"}
     if a.mse:
         if not a.quantized:
             raise LoaQError("--mse compares a quantized checkpoint with its source model; pass --quantized DIR")
-        ref, _, _, _ = load_model(meta["source_model"])
+        ref, _, _, _ = load_model(record["source_model"])
         ids = data.tokenize(tok, data.default_split("calib") if not a.calib else data.read_text(a.calib))
         w = data.random_windows(ids, a.mse_samples, a.eval_seqlen, seed=1234)
         record |= hidden_mse(layer_outputs(ref, arch, w), layer_outputs(model, arch, w), model.config.rms_norm_eps)
-    print(_table(rows))
+        record |= {"mse_windows": a.mse_samples, "mse_seqlen": a.eval_seqlen}
+    print(_table([row]))
     if a.mse:
         print("per-layer MSE (last 3):", [f"{x:.4g}" for x in record["mse"][-3:]],
               "normed:", [f"{x:.4g}" for x in record["mse_normed"][-3:]])
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(record, fh, indent=2)
+    return 0
+
+
+def cmd_tasks(a) -> int:
+    from loaq.tasks import names, tasks_dir
+    from loaq.tasks.prepare import prepare
+
+    if a.action == "list":
+        d = a.out or tasks_dir()
+        for n in names():
+            print(f"{n:<20} {'ready' if os.path.isfile(os.path.join(d, n + '.jsonl')) else 'missing'}")
+        return 0
+    out = prepare(a.out, a.source, a.force)
+    print(f"wrote {', '.join(n + '.jsonl' for n in names())} to {out}")
     return 0
 
 
@@ -243,6 +311,14 @@ def cmd_serve(a) -> int:
     check_model_dir(a.dir)
     extra = a.vllm_args[1:] if a.vllm_args[:1] == ["--"] else a.vllm_args
     return serve(a.dir, a.host, a.port, a.name, a.max_model_len, a.max_num_seqs, a.kv_cache_gib, a.timeout, extra)
+
+
+def cmd_plot(a) -> int:
+    from loaq.plots import plot_files
+
+    for path in plot_files(a.results):
+        print(f"wrote {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,7 +350,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mse-samples", type=int, default=16)
     e.add_argument("--calib", help="text for --mse windows (default: DATA.md calib split)")
     e.add_argument("--json", help="write the results here")
+    e.add_argument("--no-ppl", action="store_true", help="skip perplexity (zero-shot only)")
+    e.add_argument("--tasks", help="zero-shot tasks through lm-evaluation-harness: comma-separated names or 'all' "
+                                   "(bb_social_iqa, bb_step_inference, bb_goal_inference)")
+    e.add_argument("--limit", type=int, help="score the first N examples of each task (default: all)")
+    e.add_argument("--tasks-dir", help="directory of the prepared task data (default: $LOAQ_TASKS_DIR or ~/.cache/loaq/tasks)")
+    e.add_argument("--server", metavar="URL", help="score a running OpenAI-compatible server (vLLM), e.g. http://localhost:8000/v1")
+    e.add_argument("--served-model", help="model name the server serves (with --server)")
+    e.add_argument("--tokenizer", help="local tokenizer directory for --server (default: --served-model)")
     e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("tasks", help="prepare the offline zero-shot task data (BIG-bench 1.0.0, DATA.md §4)")
+    t.add_argument("action", choices=("prepare", "list"))
+    t.add_argument("--source", help="bigbench-1.0.0.tar.gz or its benchmark_tasks directory (default: pip download)")
+    t.add_argument("--out", help="data directory (default: $LOAQ_TASKS_DIR or ~/.cache/loaq/tasks)")
+    t.add_argument("--force", action="store_true", help="overwrite prepared data")
+    t.set_defaults(func=cmd_tasks)
+
+    pl = sub.add_parser("plot", help="PNG plots next to result JSONs (per-layer MSE, ppl vs bits, size vs ppl, serving)")
+    pl.add_argument("results", nargs="+", help="JSON files from `loaq eval --json` or benchmarks/results/")
+    pl.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("search", help="grid-search α then β on a held-out slice of the calibration split")
     _add_model_args(s)
@@ -306,8 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if a.quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
         import transformers
 
         transformers.utils.logging.disable_progress_bar()

@@ -1,0 +1,168 @@
+"""Plots of measured results (matplotlib, PNG written next to the JSON they come from).
+
+One function per picture, each taking the JSON's data, writing ``out`` and returning the figure so
+callers (and tests) can read the plotted arrays back:
+
+- :func:`layer_mse`: per-layer hidden-state MSE, unnormalized and after ``Norm`` (the paper's
+  Figures 3 and 4), one line per checkpoint (``loaq eval --mse --json``);
+- :func:`ppl_vs_bits`: perplexity against weight bits, one line per method (``benchmarks/quality.py``);
+- :func:`size_vs_ppl`: model size on disk against perplexity over exported variants, with the Pareto front;
+- :func:`serve_throughput`: serving tokens/s per variant.
+
+:func:`plot_files` (``loaq plot RESULTS...``) recognises each JSON by its keys and draws what it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from loaq.errors import LoaQError
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError:
+        raise LoaQError("matplotlib is not installed; run `pip install -e '.[eval]'`") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str):
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return fig
+
+
+def layer_mse(series: dict[str, dict[str, list[float]]], out: str):
+    """``series``: label -> ``{"mse": [...], "mse_normed": [...]}`` (one value per decoder layer)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in zip(axes, ("mse", "mse_normed"), ("hidden state", "after Norm (eq. 1)")):
+        for label, s in series.items():
+            ax.plot(range(1, len(s[key]) + 1), s[key], marker=".", label=label)
+        ax.set(yscale="log", xlabel="decoder layer", ylabel="MSE vs full precision", title=f"Per-layer MSE, {title}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _save(fig, out)
+
+
+def ppl_vs_bits(rows: list[dict], out: str):
+    """``rows``: ``{method, bits, ppl}`` and optionally ``group`` (quality.json): one line per method and
+    grid (per-channel rows and ``g64`` rows apart); fp rows (bits >= 16) are a horizontal line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    key = lambda r: r["method"] + (f" g{r['group']}" if r.get("group") else "")  # noqa: E731  (one line per grid)
+    for m in dict.fromkeys(key(r) for r in rows if r["bits"] < 16):
+        pts = sorted((r["bits"], r["ppl"]) for r in rows if key(r) == m and r["bits"] < 16)
+        ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", label=m)
+    for r in rows:
+        if r["bits"] >= 16:
+            ax.axhline(r["ppl"], color="k", ls="--", lw=1, label=f"{r['method']} ({r['ppl']:.2f})")
+    ax.set(yscale="log", xlabel="weight bits", ylabel="perplexity (ppl16k)", title="Perplexity vs bits")
+    ax.set_xticks(sorted({r["bits"] for r in rows if r["bits"] < 16}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (size, ppl) points no other point beats on both, by increasing size."""
+    front, best = [], float("inf")
+    for size, ppl in sorted(points):
+        if ppl < best:
+            front.append((size, ppl))
+            best = ppl
+    return front
+
+
+def size_vs_ppl(rows: list[dict], out: str):
+    """``rows``: ``{label, disk_bytes, ppl}`` per exported variant; scatter plus the Pareto front (labelled)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    pts = [(r["disk_bytes"] / 2**20, r["ppl"]) for r in rows]
+    ax.scatter([s for s, _ in pts], [p for _, p in pts], zorder=3)
+    front = pareto(pts)
+    for r, (s, p) in zip(rows, pts):  # name the front's points only: the others crowd at equal sizes
+        if (s, p) in front:
+            ax.annotate(r["label"], (s, p), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.plot([s for s, _ in front], [p for _, p in front], color="C1", label="Pareto front")
+    ax.set(yscale="log", xlabel="size on disk (MiB)", ylabel="perplexity (ppl16k)", title="Size vs perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def serve_throughput(rows: list[dict], out: str):
+    """``rows``: ``{label, tokens_per_s}`` per served variant; one bar each."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.bar([r["label"] for r in rows], [r["tokens_per_s"] for r in rows])
+    ax.set(ylabel="generated tokens/s", title="Serving throughput")
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out)
+
+
+def serve_rows(doc: dict) -> list[dict]:
+    """``benchmarks/serve.py``'s ``serve.json`` (``results: {variant: {runs: {concurrency: {output_throughput}}}}``)
+    as ``{label, tokens_per_s}`` rows, one per variant and concurrency."""
+    return [{"label": f"{name} c={c}", "tokens_per_s": r["output_throughput"]}
+            for name, v in doc["results"].items() for c, r in v["runs"].items()]
+
+
+def _mse_label(rec: dict) -> str:
+    """``gptq W3``, ``loaq W3 +Hadamard`` for a ``loaq eval --mse`` record."""
+    return f"{rec['method']} W{rec['bits']}{' +Hadamard' if rec.get('hadamard') else ''}"
+
+
+def plot_files(paths: list[str]) -> list[str]:
+    """Draw every picture the given result JSONs hold; the PNG paths written.
+
+    Recognised: ``loaq eval --mse --json`` records (all of them go into one ``layer_mse.png`` next to the
+    first) or a file with ``layer_mse: {label: {mse, mse_normed}}``; a file with ``rows`` of ``ppl`` and
+    ``bits`` (perplexity vs bits), of ``disk_bytes`` and ``ppl`` (size vs perplexity) or of
+    ``tokens_per_s`` (serving), or ``benchmarks/serve.py``'s ``serve.json``.
+    """
+    written, mse, mse_first = [], {}, None
+    for path in paths:
+        try:
+            with open(path) as fh:
+                doc = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise LoaQError(f"cannot read results {path!r} ({exc}); pass JSON files written by loaq or benchmarks/") from None
+        stem = os.path.splitext(path)[0]
+        found = False
+        if "mse" in doc and "mse_normed" in doc:
+            label = _mse_label(doc)
+            mse[label if label not in mse else f"{label} ({os.path.basename(path)})"] = doc
+            mse_first, found = mse_first or path, True
+        if "layer_mse" in doc:
+            mse |= doc["layer_mse"]
+            mse_first, found = mse_first or path, True
+        rows = doc.get("rows") or []
+        if isinstance(doc.get("results"), dict) and all("runs" in v for v in doc["results"].values()):
+            rows = serve_rows(doc)
+        if rows and all("ppl" in r and "bits" in r for r in rows):
+            written.append(stem + ".ppl_bits.png")
+            ppl_vs_bits(rows, written[-1])
+            found = True
+        if rows and all("disk_bytes" in r and "ppl" in r for r in rows):
+            written.append(stem + ".size_ppl.png")
+            size_vs_ppl(rows, written[-1])
+            found = True
+        if rows and all("tokens_per_s" in r for r in rows):
+            written.append(stem + ".serve.png")
+            serve_throughput(rows, written[-1])
+            found = True
+        if not found:
+            raise LoaQError(f"{path!r} holds nothing to plot (no mse/mse_normed, layer_mse, serve results or rows "
+                            f"with ppl, disk_bytes or tokens_per_s); pass a loaq or benchmarks/ results JSON")
+    if mse:
+        written.append(os.path.join(os.path.dirname(mse_first), "layer_mse.png"))
+        layer_mse(mse, written[-1])
+    _plt().close("all")
+    return written
