@@ -98,3 +98,23 @@ def test_native_checkpoint_is_refused_with_the_fix(tiny_exports):
 
     with pytest.raises(LoaQError, match="export it first: loaq-export"):
         check_model_dir(tiny_exports[True][1])
+
+
+def test_cli_serve_flags_and_vllm_args(tiny_exports, monkeypatch):
+    import loaq.serve.server as srv
+    from loaq.cli import main
+
+    seen = {}
+    monkeypatch.setattr(srv, "serve", lambda *args: seen.setdefault("args", args) and 0)
+    assert main(["serve", tiny_exports[True][0], "--port", "8123", "--name", "t", "--", "--enforce-eager", "--port", "9"]) == 0
+    model_dir, host, port, name, *_, extra = seen["args"]
+    assert (model_dir, host, port, name, extra) == (tiny_exports[True][0], "127.0.0.1", 8123, "t",
+                                                    ["--enforce-eager", "--port", "9"])
+
+
+def test_cli_serve_refuses_a_missing_directory(tmp_path, capsys):
+    from loaq.cli import main
+
+    assert main(["serve", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "does not exist" in err and "\n" not in err
