@@ -190,6 +190,7 @@ def serve(model_dir: str, host: str, port: int, name: str | None, max_model_len:
           max_num_seqs: int | None, kv_cache_gib: int | None, timeout: float, extra: list[str]) -> int:
     """Start the server, print its URL and model name, run until Ctrl-C, then stop it cleanly."""
     server = Server(model_dir, host, port, name, max_model_len, max_num_seqs, kv_cache_gib, extra)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`cmd &`)
     signal.signal(signal.SIGTERM, _terminate)
     print(f"starting vLLM for {model_dir} (log: {server.log_path})", flush=True)
@@ -207,3 +208,5 @@ def serve(model_dir: str, host: str, port: int, name: str | None, max_model_len:
         return 0
     finally:
         server.stop()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

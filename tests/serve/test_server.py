@@ -118,3 +118,32 @@ def test_cli_serve_refuses_a_missing_directory(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "does not exist" in err and "\n" not in err
+
+
+def test_serve_prints_the_url_and_stops_on_ctrl_c(monkeypatch, capsys):
+    import loaq.serve.server as srv
+
+    events = []
+
+    class Proc:
+        pid = 0
+
+        def poll(self):
+            raise KeyboardInterrupt  # Ctrl-C while serving
+
+    class FakeServer:
+        def __init__(self, *args):
+            self.name, self.url, self.log_path, self.proc = "m", "http://127.0.0.1:1", "log", Proc()
+
+        def start(self, timeout, progress):
+            events.append("start")
+
+        def stop(self):
+            events.append("stop")
+            return 0
+
+    monkeypatch.setattr(srv, "Server", FakeServer)
+    assert srv.serve("d", "127.0.0.1", 1, None, None, None, None, 10, []) == 0
+    out = capsys.readouterr().out
+    assert "serving 'm' at http://127.0.0.1:1/v1" in out and "server stopped" in out
+    assert events[0] == "start" and "stop" in events
