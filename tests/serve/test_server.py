@@ -88,7 +88,7 @@ def test_a_server_that_cannot_start_reports_the_log(tmp_path):
 
     (tmp_path / "config.json").write_text("{}")
     srv = Server(str(tmp_path), max_model_len=64)
-    with pytest.raises(LoaQError, match=r"exited with status .*full log: "):
+    with pytest.raises(LoaQError, match=r"exited with status 1 while starting \(.*model_type.*\); full log: "):
         srv.start(timeout=300)
     assert srv.proc.poll() is not None
 
