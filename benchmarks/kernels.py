@@ -34,14 +34,17 @@ from loaq.kernels.layout import PackedLinear, pack_codes  # noqa: E402
 GPU_MS = [1, 4, 16, 64, 256, 2048]
 GPU_SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]
 CPU_MS = [1, 16, 256]
-CPU_SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096)]
+# (N, K, group size): SmolLM2-135M's q/o, gate/up, down and k/v projections (its widths
+# are not multiples of 128, vLLM's CPU kernel refuses g128 there), then 4096²
+CPU_SHAPES = [(576, 576, 64), (1536, 576, 64), (576, 1536, 64), (192, 576, 64), (4096, 4096, 128)]
 GROUP = 128
 
 
-def random_linear(bits: int, n: int, k: int, group: int | None, device: str) -> PackedLinear:
+def random_linear(bits: int, n: int, k: int, group: int | None, device: str,
+                  scale_dtype: torch.dtype = torch.float16) -> PackedLinear:
     codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.int32)
     g = 1 if group is None else -(-k // group)
-    scale = torch.rand(n, g, dtype=torch.float16) * 0.01 + 0.001
+    scale = (torch.rand(n, g) * 0.01 + 0.001).to(scale_dtype)
     return PackedLinear(pack_codes(codes, bits).to(device), scale.to(device), None, bits, (n, k), group)
 
 
@@ -50,8 +53,12 @@ def weight_bytes(w: PackedLinear) -> int:
     return w.weight_packed.numel() * 4 + w.weight_scale.numel() * w.weight_scale.element_size() + zp
 
 
-def time_cpu(fn, batch_time: float = 0.05, batches: int = 5) -> float:
-    """Seconds per call: the best of a few batches of calls (robust to a shared, busy host)."""
+def time_cpu(fn, batch_time: float = 0.002, batches: int = 30) -> float:
+    """Seconds per call: the best of many short batches of calls.
+
+    On a shared, busy host a batch that the scheduler preempts is slow; short batches
+    (about 2 ms, a fraction of a scheduler slice) give many chances of an undisturbed one.
+    """
     fn()
     t = time.perf_counter()
     fn()
@@ -77,36 +84,136 @@ def row(kernel: str, m: int, n: int, k: int, t: float, wbytes: int, t_dense: flo
                 weight_gbs=wbytes / t / 1e9, speedup=t_dense / t)
 
 
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+class VllmCpu:
+    """vLLM's own CPU linear paths, driven as vLLM drives them after loading a checkpoint.
+
+    * 4-bit: the compressed-tensors ``CompressedTensorsWNA16`` scheme creates the layer's
+      parameters (which picks ``CPUWNA16LinearKernel`` on CPU), the checkpoint tensors are
+      copied in, ``process_weights_after_loading`` repacks them, ``apply_weights`` runs
+      ``cpu_gemm_wna16``.
+    * bf16: ``dispatch_cpu_unquantized_gemm``, what ``UnquantizedLinearMethod`` calls on CPU
+      (sgl-kernel prepacked GEMM on AMX CPUs for small weights, else a prepacked oneDNN matmul).
+    """
+
+    def __init__(self) -> None:
+        import tempfile
+
+        import vllm
+        from vllm.config import VllmConfig, set_current_vllm_config
+        from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+
+        self.version = vllm.__version__
+        self._config = set_current_vllm_config(VllmConfig())
+        self._config.__enter__()
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method=f"file://{tempfile.mktemp()}")
+        ensure_model_parallel_initialized(1, 1)
+
+    def wna16(self, w: PackedLinear):
+        """``x -> y`` through vLLM's 4-bit CPU kernel on the checkpoint tensors of ``w``."""
+        from vllm.model_executor.layers.quantization.compressed_tensors.schemes import CompressedTensorsWNA16
+
+        n, k = w.shape
+        scheme = CompressedTensorsWNA16("group" if w.group_size else "channel", w.bits, w.group_size,
+                                        w.weight_zero_point is None, "bench")
+        layer = torch.nn.Module()
+        scheme.create_weights(layer, n, k, [n], k, torch.bfloat16, weight_loader=None)
+        layer.weight_packed.data.copy_(w.weight_packed)
+        layer.weight_scale.data.copy_(w.weight_scale)
+        layer.weight_shape.data.copy_(torch.tensor([n, k]))
+        if w.weight_zero_point is not None:
+            layer.weight_zero_point.data.copy_(w.weight_zero_point)
+        scheme.process_weights_after_loading(layer)
+        self.wna16_kernel = f"{type(scheme.kernel).__name__} (isa {layer.isa_hint}, w4a8 {layer.use_w4a8})"
+        return lambda x: scheme.apply_weights(layer, x, None)
+
+    def bf16(self, dense: torch.Tensor):
+        """``x -> y`` through vLLM's prepacked CPU GEMM for unquantized layers."""
+        from vllm.model_executor.layers.utils import check_cpu_sgl_kernel, dispatch_cpu_unquantized_gemm
+
+        layer = torch.nn.Module()
+        layer.weight = torch.nn.Parameter(dense.clone(), requires_grad=False)
+        layer.bias = None
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+        self.bf16_kernel = "sgl (weight_packed_linear)" if check_cpu_sgl_kernel(*dense.shape, dense.dtype) \
+            else "oneDNN (onednn_mm, prepacked)"
+        return lambda x: layer.cpu_linear(x, layer.weight, None)
+
+
+def load_vllm() -> VllmCpu | None:
+    try:
+        return VllmCpu()
+    except ImportError:
+        print("vLLM is not importable: no vLLM baselines")
+        return None
+
+
 def bench_cpu() -> tuple[dict, list[dict]]:
     import torch.nn.functional as F
 
-    from loaq.kernels.cpu import cpu_quantize_activations, cpu_w4a4_matmul, cpu_wna16_matmul, prepare_cpu
+    from loaq.kernels.cpu import cpu_w4a4_linear, cpu_wna16_matmul, prepare_cpu
+    from loaq.kernels.w4a4_ref import quantize_activations_ref, w4a4_matmul_ref
+    from loaq.kernels.wna16_ref import wna16_matmul_ref
 
+    vllm = load_vllm()
     rows = []
-    for n, k in CPU_SHAPES:
+    for n, k, group in CPU_SHAPES:
         dense = torch.randn(n, k).bfloat16()
-        layers = {b: random_linear(b, n, k, GROUP, "cpu") for b in (2, 3, 4)}
+        layers = {b: random_linear(b, n, k, group, "cpu", torch.bfloat16) for b in (2, 3, 4)}
         prepared = {b: prepare_cpu(w) for b, w in layers.items()}
-        w4pc = random_linear(4, n, k, None, "cpu")
+        w4pc = random_linear(4, n, k, None, "cpu", torch.bfloat16)
         w4a4 = prepare_cpu(w4pc)
+        vllm_w4 = vllm.wna16(layers[4]) if vllm else None
+        vllm_bf16 = vllm.bf16(dense) if vllm else None
         for m in CPU_MS:
             x = torch.randn(m, k).bfloat16()
-            t_dense = time_cpu(lambda: F.linear(x, dense))
-            rows.append(row("bf16 F.linear", m, n, k, t_dense, dense.numel() * 2, t_dense))
+            base = [("bf16 F.linear", lambda: F.linear(x, dense), dense.numel() * 2)]
+            check(cpu_wna16_matmul(x, prepared[4]), wna16_matmul_ref(x.float(), layers[4]), "W4A16")
+            check(cpu_w4a4_linear(x, w4a4, True), w4a4_matmul_ref(quantize_activations_ref(x, True), w4pc,
+                                                                  torch.float32), "W4A4")
+            if vllm:
+                check(vllm_bf16(x), x.float() @ dense.float().t(), "vLLM bf16")
+                check(vllm_w4(x), wna16_matmul_ref(x.float(), layers[4]), "vLLM W4A16")
+                base.append(("vLLM bf16 " + vllm.bf16_kernel.split(" (")[0], lambda: vllm_bf16(x), dense.numel() * 2))
+            times = {name: time_cpu(fn) for name, fn, _ in base}
+            t_dense = min(times.values())
+            shape_rows = [row(name, m, n, k, times[name], wb, t_dense) for name, _, wb in base]
+            t_vllm4 = None
+            if vllm:
+                t_vllm4 = time_cpu(lambda: vllm_w4(x))
+                shape_rows.append(row(f"vLLM W4A16 g{group}", m, n, k, t_vllm4, weight_bytes(layers[4]), t_dense))
             for b in (4, 3, 2):
                 t = time_cpu(lambda: cpu_wna16_matmul(x, prepared[b]))
-                rows.append(row(f"W{b}A16 g{GROUP}", m, n, k, t, weight_bytes(layers[b]), t_dense))
-            t = time_cpu(lambda: cpu_w4a4_matmul(cpu_quantize_activations(x, True), w4a4, x.dtype))
-            rows.append(row("W4A4 (quant+gemm)", m, n, k, t, weight_bytes(w4pc), t_dense))
-            for r in rows[-5:]:
+                shape_rows.append(row(f"W{b}A16 g{group}", m, n, k, t, weight_bytes(layers[b]), t_dense))
+            t = time_cpu(lambda: cpu_w4a4_linear(x, w4a4, True))
+            shape_rows.append(row("W4A4 (quant+gemm)", m, n, k, t, weight_bytes(w4pc), t_dense))
+            for r in shape_rows:
+                r["group"] = group
+                if t_vllm4:
+                    r["vs_vllm_w4"] = t_vllm4 * 1e6 / r["time_us"]
                 print_row(r)
+            rows += shape_rows
     cpu = platform.processor() or platform.machine()
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     load = " ".join(open("/proc/loadavg").read().split()[:3])
-    meta = dict(device_name=cpu, threads=torch.get_num_threads(), baseline="bf16 F.linear",
-                load_average_at_end=load)
+    meta = dict(device_name=cpu, threads=torch.get_num_threads(),
+                baseline="the fastest bf16 GEMM of the same run (speedup column)",
+                load_average_at_end=load, torch=torch.__version__)
+    if vllm:
+        meta.update(vllm=vllm.version, vllm_wna16_kernel=vllm.wna16_kernel, vllm_bf16_kernel=vllm.bf16_kernel)
     return meta, rows
+
+
+def check(y: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+    """The baselines must compute the same product (bf16 output rounding: 2e-2 of max |y|)."""
+    err = rel_err(y, ref)
+    if err > 2e-2:
+        raise AssertionError(f"{name} disagrees with the reference: max error {err:.2e} of max |y|")
 
 
 def bench_cuda() -> tuple[dict, list[dict]]:
@@ -209,7 +316,8 @@ def tune_cuda() -> dict:
 def print_row(r: dict, copy_gbs: float | None = None) -> None:
     pct = f" {100 * r['weight_gbs'] / copy_gbs:5.1f}%copy" if copy_gbs else ""
     print(f"{r['kernel']:22s} M={r['M']:5d} N={r['N']:6d} K={r['K']:6d} {r['time_us']:10.1f} us "
-          f"{r['tflops']:8.2f} TFLOP/s {r['weight_gbs']:8.1f} GB/s{pct} x{r['speedup']:.2f}", flush=True)
+          f"{r['tflops']:8.2f} TFLOP/s {r['weight_gbs']:8.1f} GB/s{pct} x{r['speedup']:.2f}"
+          + (f" x{r['vs_vllm_w4']:.2f} vs vLLM W4" if "vs_vllm_w4" in r else ""), flush=True)
 
 
 def summary(results: dict) -> list[str]:
@@ -225,19 +333,39 @@ def summary(results: dict) -> list[str]:
             lines.append(f"- GPU 8192², M={m}, vs fp16: " + "; ".join(parts))
     cpu = results.get("cpu")
     if cpu:
-        worst = {}
-        for r in cpu["rows"]:
-            if r["M"] == 1 and "bf16" not in r["kernel"]:
-                worst[r["kernel"]] = min(worst.get(r["kernel"], float("inf")), r["speedup"])
-        lines.append("- CPU M=1, worst shape, vs bf16: " + "; ".join(f"{k} x{v:.2f}" for k, v in worst.items()))
+        lines += cpu_summary(cpu["rows"])
     return lines + [""]
+
+
+def cpu_summary(rows: list[dict]) -> list[str]:
+    """CPU, M=1, per shape: each low-bit kernel's speedup over the fastest bf16 GEMM of the
+    run and (4-bit and below) over vLLM's 4-bit CPU kernel on the same shape."""
+    ones = [r for r in rows if r["M"] == 1]
+    kernels = [k for k in dict.fromkeys(r["kernel"].split(" g")[0] for r in ones)
+               if "bf16" not in k and "vLLM" not in k]
+    has_vllm = any("vs_vllm_w4" in r for r in ones)
+    lines = ["", "CPU, M=1: time (us) of the fastest bf16 GEMM, and each kernel's speedup "
+             + ("over it / over vLLM's W4A16 CPU kernel (>1: ours is faster)" if has_vllm else "over it"), "",
+             "| N×K | fastest bf16 | " + " | ".join(kernels) + " |", "|---|---|" + "---:|" * len(kernels)]
+    for n, k in dict.fromkeys((r["N"], r["K"]) for r in ones):
+        shape = [r for r in ones if (r["N"], r["K"]) == (n, k)]
+        best = min((r for r in shape if "bf16" in r["kernel"]), key=lambda r: r["time_us"])
+        cells = []
+        for name in kernels:
+            r = next(r for r in shape if r["kernel"].split(" g")[0] == name)
+            cells.append(f"x{r['speedup']:.2f}" + (f" / x{r['vs_vllm_w4']:.2f}" if "vs_vllm_w4" in r else ""))
+        lines.append(f"| {n}×{k} | {best['kernel']} {best['time_us']:.1f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def render(results: dict) -> str:
     lines = ["# Kernel benchmarks", "", "Generated by `benchmarks/kernels.py`; speedup is against the "
-             "dense baseline measured in the same run. GB/s counts packed weight + scales once. "
-             "CPU runs used `--threads 1`: the 2-core host was shared with other jobs, and OpenMP "
-             "barriers across a preempted core cost a scheduler tick (~8 ms) per call.", ""]
+             "dense baseline measured in the same run (CPU: the fastest bf16 GEMM of the run, torch's "
+             "`F.linear` or vLLM's prepacked one). GB/s counts packed weight + scales once. "
+             "CPU runs used `--threads 1`: the 2-core host was shared with three other jobs, and OpenMP "
+             "barriers across a preempted core cost a scheduler tick (~8 ms) per call (a `--threads 2` run "
+             "at load average 14-18 measured e.g. 3990 us for a 19 us GEMM, so none is reported); each "
+             "time is the best of 30 batches of ~2 ms.", ""]
     lines += summary(results)
     for device, sec in sorted(results.items()):
         meta = sec["meta"]
@@ -246,13 +374,15 @@ def render(results: dict) -> str:
         lines += [f"- {key}: {val:.0f}" if isinstance(val, float) else f"- {key}: {val}"
                   for key, val in meta.items() if key != "device_name"]
         copy = meta.get("copy_gbs")
+        vs4 = any("vs_vllm_w4" in r for r in sec["rows"])
         lines += ["", "| kernel | M | N | K | time (us) | TFLOP/s | weight GB/s |"
-                  + (" % copy BW |" if copy else "") + " speedup |",
-                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if copy else "") + "---:|"]
+                  + (" % copy BW |" if copy else "") + " speedup |" + (" vs vLLM W4A16 |" if vs4 else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if copy else "") + "---:|" + ("---:|" if vs4 else "")]
         for r in sec["rows"]:
             pct = f" {100 * r['weight_gbs'] / copy:.0f} |" if copy else ""
+            v4 = f" {r['vs_vllm_w4']:.2f} |" if "vs_vllm_w4" in r else (" |" if vs4 else "")
             lines.append(f"| {r['kernel']} | {r['M']} | {r['N']} | {r['K']} | {r['time_us']:.1f} | "
-                         f"{r['tflops']:.2f} | {r['weight_gbs']:.1f} |{pct} {r['speedup']:.2f} |")
+                         f"{r['tflops']:.2f} | {r['weight_gbs']:.1f} |{pct} {r['speedup']:.2f} |{v4}")
         lines.append("")
     return "\n".join(lines)
 

@@ -8,6 +8,20 @@ rtn, gptq, gptaq, qronos, lloa, loaq. Perplexity is ppl16k on the DATA.md evalua
 --search; GPTAQ uses its own default weighting 0.25. quant_seconds is the wall time of
 quantize_model; peak_mem_mb is the peak RSS above the level before quantization (sampled every 20 ms).
 Writes benchmarks/results/quality.json and quality.md.
+
+With --tables (issue #8: the paper's Tables 2-5 on SmolLM2) it instead appends an "extended" section
+to both files, rewritten after every row so a partial run keeps what it measured:
+
+    nice -n 10 python benchmarks/quality.py --nsamples 32 --seqlen 512 --tables 2,4,3,5
+
+- Table 2: 2- and 3-bit per-channel with Hadamard (rotate=hadamard): gptq, gptaq, qronos, loaq;
+- Table 4: W4A4 (4-bit per-channel weights, 4-bit per-token asymmetric activations), without and with Hadamard;
+- Table 3: 2-bit per-channel with NeUQI (integer zero points), without and with Hadamard;
+- Table 5: LoaQ ablation at 2-bit: -NOA (no RMSNorm rescaling) without and with Hadamard, plus full
+  LoaQ without Hadamard (with Hadamard it is Table 2's row). With the default β = 0, -SOA is LoaQ itself
+  and -both is -NOA (the SOA term is β·H⁻¹B), so those rows are recorded as identical, not re-run.
+Rows carry rotate, init and act_bits. α, β: the defaults from `loaq search` (loaq.config), never tuned
+on the evaluation split.
 """
 
 from __future__ import annotations
@@ -26,11 +40,13 @@ import time
 import torch
 
 from loaq import data
+from loaq.actquant import ActSpec
 from loaq.config import Method, QuantConfig
 from loaq.evaluate import perplexity
 from loaq.grids import GridSpec
 from loaq.models import load_model
 from loaq.pipeline import quantize_model
+from loaq.rotation import RotationSpec, rotate_model
 
 SETTINGS = {"w2": GridSpec(2, 0, False), "w3": GridSpec(3, 0, False), "w4g64": GridSpec(4, 64, False)}
 METHODS = ("rtn", "gptq", "gptaq", "qronos", "lloa", "loaq", "loaq-alg")  # loaq-alg: ŝ = R(h + X̂W) (Algorithm 1)
@@ -75,7 +91,10 @@ def main() -> None:
     ap.add_argument("--search", help="JSON written by `loaq search` (α, β for lloa/loaq)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/quality")
+    ap.add_argument("--tables", help="issue #8 tables to run, in this order, e.g. 2,4,3,5 (appends a section)")
     a = ap.parse_args()
+    if a.tables:
+        return run_tables(a)
 
     alpha, beta = 0.5, 0.5
     if a.search:
@@ -132,6 +151,90 @@ def write(rows: list[dict], a) -> None:
     with open(a.out + ".md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+FOUR = ("gptq", "gptaq", "qronos", "loaq")
+W2, W3, W4 = GridSpec(2, 0, False), GridSpec(3, 0, False), GridSpec(4, 0, False)
+W2N = GridSpec(2, 0, False, "neuqi")
+A4 = ActSpec(4, False)
+# table -> [(spec, rotate, act, [(label, Method)])]
+TABLES = {
+    "2": [(W2, "hadamard", ActSpec(), [(m, Method(m)) for m in FOUR]),
+          (W3, "hadamard", ActSpec(), [(m, Method(m)) for m in FOUR])],
+    "4": [(W4, "none", A4, [(m, Method(m)) for m in FOUR]), (W4, "hadamard", A4, [(m, Method(m)) for m in FOUR])],
+    "3": [(W2N, "none", ActSpec(), [(m, Method(m)) for m in FOUR]),
+          (W2N, "hadamard", ActSpec(), [(m, Method(m)) for m in FOUR])],
+    "5": [(W2, "none", ActSpec(), [("loaq", Method("loaq")), ("loaq -NOA", Method("loaq", rescale=False))]),
+          (W2, "hadamard", ActSpec(), [("loaq -NOA", Method("loaq", rescale=False))])],
+}
+
+
+def run_tables(a) -> None:
+    path = a.out + ".json"
+    doc = json.load(open(path)) if os.path.exists(path) else {"rows": []}
+    ext = {"command": "python " + " ".join(sys.argv), "machine": _machine(), "nsamples": a.nsamples,
+           "seqlen": a.seqlen, "eval": "ppl16k: first 16,384 eval-split tokens, 32 windows of 512", "rows": []}
+    doc["extended"] = ext
+    model, tok, arch, _ = load_model(None)
+    calib = data.random_windows(data.tokenize(tok, data.default_split("calib")), a.nsamples, a.seqlen, seed=0)
+    evalw = data.eval_windows(data.tokenize(tok, data.default_split("eval")), 512, 16384)
+    fp = perplexity(model, evalw)
+    ext["rows"].append(dict(table="-", method="fp32", bits=32, group=0, rotate="none", init="-", act_bits=16,
+                            alpha=None, beta=None, ppl=fp, quant_seconds=0.0))
+    rotated = None
+    for t in a.tables.split(","):
+        for spec, rot, act, methods in TABLES[t]:
+            if rot == "hadamard" and rotated is None:
+                rotated = copy.deepcopy(model)
+                rotate_model(rotated, arch, 0)  # exact in fp (tests/test_smollm2.py), so no second fp row
+            base = rotated if rot == "hadamard" else model
+            for label, method in methods:
+                cfg = QuantConfig(spec=spec, method=method, act=act, rotation=RotationSpec(rot, 0))
+                m = copy.deepcopy(base)
+                gc.collect()
+                t0 = time.time()
+                quantize_model(m, arch, calib, cfg, batch_size=a.batch_size, progress=False)
+                secs = time.time() - t0
+                row = dict(table=t, method=label, bits=spec.bits, group=spec.group_size, rotate=rot, init=spec.init,
+                           act_bits=act.bits, alpha=cfg.method.alpha if method.name in ("gptaq", "loaq") else None,
+                           beta=cfg.method.beta if method.name == "loaq" else None, ppl=perplexity(m, evalw),
+                           quant_seconds=round(secs, 2))
+                del m
+                ext["rows"].append(row)
+                print(row, flush=True)
+                ext["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                _write_extended(doc, a)
+
+
+def _machine() -> str:
+    return f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch {torch.__version__}"
+
+
+def _write_extended(doc: dict, a) -> None:
+    """Rewrite the JSON and the markdown's extended section (the original table above it is kept)."""
+    with open(a.out + ".json", "w") as fh:
+        json.dump(doc, fh, indent=2)
+    md = a.out + ".md"
+    head = open(md).read().split(EXT_TITLE)[0].rstrip() + "\n\n" if os.path.exists(md) else ""
+    ext = doc["extended"]
+    fp = ext["rows"][0]["ppl"]
+    lines = [EXT_TITLE, "", f"Command: `{ext['command']}`  ", f"Machine: {ext['machine']}  ",
+             f"Date: {ext.get('date', '-')}  ",
+             f"Budget: {ext['nsamples']}x{ext['seqlen']} calibration tokens (the table above used 64x512), ppl16k; "
+             f"fp32 {fp:.3f} (the rotated fp model is the same function).", "",
+             "| table | bits | rotate | init | act | method | alpha | beta | ppl | ppl / fp | quant s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ext["rows"][1:]:
+        lines.append(f"| {r['table']} | {r['bits']} | {r['rotate']} | {r['init']} | A{r['act_bits']} | {r['method']} | "
+                     f"{r['alpha'] if r['alpha'] is not None else '-'} | {r['beta'] if r['beta'] is not None else '-'} | "
+                     f"{r['ppl']:.3f} | {r['ppl'] / fp:.3f} | {r['quant_seconds']:.1f} |")
+    lines += ["", "Table 5: with the default β = 0 the SOA term β·H⁻¹B vanishes, so LoaQ -SOA is LoaQ and -both is "
+              "-NOA, bit for bit (not re-run)."]
+    with open(md, "w") as fh:
+        fh.write(head + "\n".join(lines) + "\n")
+
+
+EXT_TITLE = "## Hadamard rotation, NeUQI and W4A4 (issue #8; the paper's Tables 2-5)"
 
 
 if __name__ == "__main__":

@@ -36,9 +36,18 @@ class SubLayer:
 
 @dataclass(frozen=True)
 class Arch:
+    """Where things are: decoder layers, final norm, sub-layers, and the rotation sites (:mod:`loaq.rotation`):
+    token embeddings, ``lm_head``, the per-head pair (``value``, ``attn_out``: v_proj's output heads are
+    o_proj's input heads) and the linear ``online`` whose input gets the online Hadamard R4."""
+
     layers: str
     final_norm: str
     sublayers: tuple[SubLayer, ...]
+    embed: str = "model.embed_tokens"
+    lm_head: str = "lm_head"
+    value: str = "self_attn.v_proj"
+    attn_out: str = "self_attn.o_proj"
+    online: str = "mlp.down_proj"
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)

@@ -5,9 +5,14 @@ A native checkpoint directory holds everything an exporter needs, nothing to rec
 - ``loaq.json``: format version, method (α, β, switches), grid, solver, calibration (source, size,
   seed, token hash), versions, source model, and the list of quantized linears;
 - ``quantized.safetensors``: per linear ``<name>.codes`` (uint8, unsigned 0..2^b-1, [out, in]),
-  ``<name>.scales`` (float32, [out, n_groups]) and ``<name>.zeros`` (int32, unsigned, [out, n_groups]);
+  ``<name>.scales`` (float32, [out, n_groups]) and ``<name>.zeros`` (int32, unsigned, [out, n_groups];
+  float32 only for NeUQI's continuous zero points, which compressed-tensors cannot hold);
 - ``model.safetensors``: every other tensor of the model (embeddings, norms, lm_head, biases);
-- ``config.json``, ``generation_config.json`` and the tokenizer files.
+- ``config.json``, ``generation_config.json`` and the tokenizer files;
+- W4A4 and rotation (CONTRACT.md): ``loaq.json`` ``"activations"`` (``{"bits": 4, "symmetric": …}``)
+  and ``"rotation"`` (:meth:`loaq.rotation.Rotation.meta`), plus ``rotation.safetensors`` with
+  ``"r4.had_k"``. R1/R2 and the norm scales are already in the stored weights; :func:`load_native`
+  re-attaches the online R4 and the activation fake quantizer so the loaded model is the deployed one.
 
 Writes go to a temporary sibling directory renamed at the end; an existing output is refused
 unless ``force``.
@@ -42,7 +47,8 @@ def results_to_tensors(results: dict[str, QuantResult]) -> dict[str, torch.Tenso
     for name, r in results.items():
         out[f"{name}.codes"] = r.codes.to(torch.uint8)
         out[f"{name}.scales"] = r.scales.float()
-        out[f"{name}.zeros"] = r.zeros.to(torch.int32)
+        integral = torch.equal(r.zeros, torch.round(r.zeros))
+        out[f"{name}.zeros"] = r.zeros.to(torch.int32) if integral else r.zeros.float()
     return out
 
 
@@ -127,8 +133,12 @@ def atomic_dir(out_dir: str, force: bool, prefix: str = ".loaq-"):
         raise
 
 
-def save_native(out_dir: str, model, tokenizer, results: dict[str, QuantResult], meta: dict, force: bool) -> None:
-    """Write a native checkpoint to a temporary sibling and rename it to ``out_dir``."""
+def save_native(out_dir: str, model, tokenizer, results: dict[str, QuantResult], meta: dict, force: bool,
+                rotation=None) -> None:
+    """Write a native checkpoint to a temporary sibling and rename it to ``out_dir``; ``rotation`` (a
+    :class:`loaq.rotation.Rotation`) adds its ``"rotation"`` metadata and ``rotation.safetensors``."""
+    from loaq.rotation import R4_FILE
+
     with atomic_dir(out_dir, force) as tmp:
         quantized = {f"{n}.weight" for n in results}
         base, seen = {}, {}
@@ -146,7 +156,10 @@ def save_native(out_dir: str, model, tokenizer, results: dict[str, QuantResult],
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        meta = {"format": FORMAT, **meta, "quantized": sorted(results)}
+        if rotation is not None:
+            save_file(rotation.tensors(), os.path.join(tmp, R4_FILE))
+        meta = {"format": FORMAT, "activations": None, **meta, "rotation": rotation.meta() if rotation else None,
+                "quantized": sorted(results)}
         with open(os.path.join(tmp, "loaq.json"), "w") as fh:
             json.dump(meta, fh, indent=2)
 
@@ -159,8 +172,14 @@ def read_meta(path: str) -> dict:
 
 
 def load_native(path: str, dtype: torch.dtype = torch.float32):
-    """(model with dequantized weights, tokenizer, meta) from a native checkpoint."""
+    """(model with dequantized weights, tokenizer, meta) from a native checkpoint; a rotated checkpoint
+    gets its online R4 before every ``down_proj`` and a W4A4 one the activation fake quantizer on every
+    quantized linear (after R4), so the model computes what will be deployed."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from loaq import actquant
+    from loaq.arch import arch_of
+    from loaq.rotation import attach_online, load_had_k
 
     meta = read_meta(path)
     spec = GridSpec(**meta["config"]["spec"])
@@ -174,6 +193,11 @@ def load_native(path: str, dtype: torch.dtype = torch.float32):
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise LoaQError(f"checkpoint {path!r} is incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if meta.get("rotation"):
+        attach_online(model, arch_of(config), load_had_k(path))
+    if meta.get("activations"):
+        act = actquant.ActSpec(**meta["activations"])
+        actquant.attach([model.get_submodule(n) for n in meta["quantized"]], act)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tok, meta

@@ -45,17 +45,33 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rotate", default="none", choices=("none", "hadamard"),
+                   help="Hadamard-rotate the model first (R1, per-head R2, online R4; QuaRot-style)")
+    p.add_argument("--rotate-seed", type=int, default=0, help="seed of R1's random signs")
+    p.add_argument("--init", default="minmax", choices=("minmax", "neuqi"),
+                   help="grid parameter initialization: min-max or NeUQI (arXiv 2505.17595)")
+    p.add_argument("--neuqi-continuous", action="store_true",
+                   help="NeUQI with real-valued zero points (not exportable to compressed-tensors)")
+    p.add_argument("--act-bits", type=int, default=16, choices=(16, 4), help="4 = W4A4: per-token dynamic 4-bit activations")
+    p.add_argument("--act-sym", action="store_true", help="symmetric activation grid (default: asymmetric)")
 
 
 def _quant_config(a):
+    from loaq.actquant import ActSpec
     from loaq.config import Method, QuantConfig
     from loaq.grids import GridSpec
+    from loaq.rotation import RotationSpec
     from loaq.solver import SolverOptions
 
+    if a.neuqi_continuous and a.init != "neuqi":
+        raise LoaQError("--neuqi-continuous needs --init neuqi")
+    init = "neuqi-continuous" if a.neuqi_continuous else a.init
     return QuantConfig(
-        spec=GridSpec(a.bits, a.group_size, a.sym),
+        spec=GridSpec(a.bits, a.group_size, a.sym, init),
         method=Method(a.method, a.alpha, a.beta, not a.no_rescale, not a.no_soa, a.shat),
         solver=SolverOptions(a.blocksize, not a.no_act_order, a.percdamp),
+        act=ActSpec(a.act_bits, a.act_sym),
+        rotation=RotationSpec(a.rotate, a.rotate_seed),
     )
 
 
@@ -121,6 +137,13 @@ def cmd_quantize(a) -> int:
     if a.eval:
         windows = _eval_windows(tok, a)
         rows.append(dict(label="fp32", method="-", bits=32, group="-", ppl=perplexity(model, windows, a.batch_size)))
+    rotation = None
+    if cfg.rotation.kind == "hadamard":
+        from loaq.rotation import rotate_model
+
+        rotation = rotate_model(model, arch, cfg.rotation.seed)
+        if rotation.untied:
+            print("note: lm_head untied from the embeddings (the final norm is fused into lm_head only)")
     store = LayerStore(work, cfg.digest(calib_hash), cfg.spec)
     t1 = time.time()
     results = quantize_model(model, arch, calib, cfg, batch_size=a.batch_size, device=a.device, store=store,
@@ -134,12 +157,13 @@ def cmd_quantize(a) -> int:
         "arch": model.config.architectures[0],
         "versions": {"loaq": loaq.__version__, "torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "quant_seconds": round(seconds, 2),
+        "activations": cfg.act.meta(),
     }
     if a.eval:
         ppl = perplexity(model, windows, a.batch_size)
         rows.append(dict(label="quantized", method=cfg.method.name, bits=cfg.spec.bits, group=cfg.spec.group_size, ppl=ppl))
         meta["eval"] = {"ppl": ppl, "fp_ppl": rows[0]["ppl"], "tokens": int(windows.numel()), "seqlen": a.eval_seqlen}
-    save_native(out, model, tok, results, meta, force=True)
+    save_native(out, model, tok, results, meta, force=True, rotation=rotation)
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out} ({len(results)} linears, quantized in {seconds:.1f}s, total {time.time() - t0:.1f}s)")
     if a.export:

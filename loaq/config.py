@@ -7,8 +7,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from loaq.actquant import ActSpec
 from loaq.errors import LoaQError
 from loaq.grids import GridSpec
+from loaq.rotation import RotationSpec
 from loaq.solver import SolverOptions
 
 METHODS = ("rtn", "gptq", "gptaq", "qronos", "lloa", "loaq")
@@ -59,11 +61,19 @@ class Method:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Everything that determines the quantized weights (its hash guards --resume)."""
+    """Everything that determines the quantized weights (its hash guards --resume): grid (with its
+    initialization), method, solver, activation quantization (W4A4) and rotation."""
 
     spec: GridSpec = field(default_factory=GridSpec)
     method: Method = field(default_factory=Method)
     solver: SolverOptions = field(default_factory=SolverOptions)
+    act: ActSpec = field(default_factory=ActSpec)
+    rotation: RotationSpec = field(default_factory=RotationSpec)
+
+    def __post_init__(self):
+        if self.act.enabled and (self.spec.bits != 4 or self.spec.group_size != 0):
+            raise LoaQError(f"--act-bits 4 needs 4-bit per-channel weights (--bits 4 --group-size 0), got --bits "
+                            f"{self.spec.bits} --group-size {self.spec.group_size}: the W4A4 serving kernels take only that")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -12,6 +12,11 @@
 3. After each layer, hand its results and both streams to the checkpoint store, so ``--resume``
    continues bit-identically.
 Single-stream methods (RTN, GPTQ) never build or carry the float stream.
+
+W4A4 (``cfg.act``): once its float copy is taken, each layer's linears get the activation fake
+quantizer (:mod:`loaq.actquant`) as input pre-hooks and keep it, so ``X̂``, ``ŝ`` and ``ĥ`` are what the
+deployed model computes (``x̂ = Q_a(Norm(ĥ))`` for ``W_in``; ``X̂`` caught after the hooks, behind the
+online R4 of a rotated model) while the float stream stays unquantized; the returned model simulates W4A4.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from loaq import actquant
 from loaq.arch import Arch, SubLayer, rms_factor
 from loaq.config import QuantConfig
 from loaq.grids import rtn as rtn_quantize, dequantize, expand
@@ -119,12 +126,15 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
     mod = layer.get_submodule(sl.module)
     results = {}
 
-    # (a) W_in: inputs are Norm(ĥ) and Norm(h)
+    # (a) W_in: inputs are Q_a(Norm(ĥ)) (Q_a = identity unless W4A4) and Norm(h)
     w_in = [mod.get_submodule(n) for n in sl.w_in]
     st = Stats(w_in[0].in_features, cross=two, device=device)
     with torch.no_grad():
         for b, h_hat in enumerate(streams.h_hat):
-            st.add(norm(h_hat), norm(streams.h[b]) if two else None)
+            x_hat = norm(h_hat)
+            if cfg.act.enabled:
+                x_hat = actquant.fake_quantize(x_hat, cfg.act.symmetric)
+            st.add(x_hat, norm(streams.h[b]) if two else None)
     results |= solve_group([f"{prefix}{sl.module}.{n}" for n in sl.w_in], w_in, st, cfg,
                            f"{prefix}{sl.module}.{','.join(sl.w_in)}")
     del st
@@ -162,10 +172,11 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
     results |= solve_group([name], [w_out], st, cfg, name, st.B)
     del st
 
-    # (c) advance both streams past this sub-layer; X̂ does not depend on W_out, so reuse it
+    # (c) advance both streams past this sub-layer; X̂ does not depend on W_out, so reuse it (it already
+    # went through W_out's input hooks: apply the weights only)
     with torch.no_grad():
         for b, h_hat in enumerate(streams.h_hat):
-            streams.h_hat[b] = h_hat + w_out(X_hats[b])
+            streams.h_hat[b] = h_hat + F.linear(X_hats[b], w_out.weight, w_out.bias)
             if two:
                 streams.h[b] = streams.h[b] + y_fp[b]
     return results
@@ -177,10 +188,16 @@ def quantize_layer(layer: nn.Module, arch: Arch, streams: Streams, cfg: QuantCon
     if cfg.method.resets_fp_stream:
         streams.h = [h.clone() for h in streams.h_hat]
     fp_layer = copy.deepcopy(layer) if streams.h is not None else None
+    _attach_act(layer, arch, cfg)
     results = {}
     for sl in arch.sublayers:
         results |= _quantize_sublayer(layer, fp_layer, sl, streams, cfg, eps, prefix, device)
     return results
+
+
+def _attach_act(layer: nn.Module, arch: Arch, cfg: QuantConfig) -> None:
+    """Give the linears of ``layer`` the activation fake quantizer (nothing unless W4A4)."""
+    actquant.attach([layer.get_submodule(n) for n in arch.linear_names()], cfg.act)
 
 
 def rtn_layer(layer: nn.Module, arch: Arch, cfg: QuantConfig, prefix: str) -> dict[str, QuantResult]:
@@ -191,6 +208,7 @@ def rtn_layer(layer: nn.Module, arch: Arch, cfg: QuantConfig, prefix: str) -> di
         codes, s, z = rtn_quantize(lin.weight.detach().float(), cfg.spec)
         _set_weight(lin, dequantize(codes.float(), expand(s, cfg.spec, lin.in_features), expand(z, cfg.spec, lin.in_features)))
         results[prefix + n] = QuantResult(codes, s, z)
+    _attach_act(layer, arch, cfg)
     return results
 
 
@@ -226,6 +244,8 @@ def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: Quant
     if saved is not None:
         start, h, h_hat = saved
         results |= store.load_layers(model, start)
+        for layer in layers[:start]:
+            _attach_act(layer, arch, cfg)
         streams = Streams(h, h_hat, kws)
         log.info("resuming at layer %d of %d", start, len(layers))
     else:

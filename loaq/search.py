@@ -6,6 +6,7 @@ scored, so the choice never sees the evaluation split.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 from loaq.errors import LoaQError
@@ -37,15 +38,18 @@ def search(a) -> dict:
     train, held = data.split_tokens(data.tokenize(tok, text), a.holdout)
     calib = data.random_windows(train, a.nsamples, a.seqlen, a.seed)
     windows = data.eval_windows(held, a.seqlen, a.holdout_tokens)
-    original = {k: v.clone() for k, v in model.state_dict().items()}
+    if cfg.rotation.kind == "hadamard":
+        from loaq.rotation import rotate_model
+
+        rotate_model(model, arch, cfg.rotation.seed)
     grid = []
 
     def score(alpha: float, beta: float) -> float:
-        model.load_state_dict(original)
+        q = copy.deepcopy(model)  # a fresh copy: quantize_model adds W4A4 hooks to the model it quantizes
         m = dataclasses.replace(cfg.method, alpha=alpha, beta=beta)
-        quantize_model(model, arch, calib, dataclasses.replace(cfg, method=m), batch_size=a.batch_size,
+        quantize_model(q, arch, calib, dataclasses.replace(cfg, method=m), batch_size=a.batch_size,
                        device=a.device, progress=False)
-        ppl = perplexity(model, windows, a.batch_size)
+        ppl = perplexity(q, windows, a.batch_size)
         grid.append({"alpha": alpha, "beta": beta, "ppl": ppl})
         print(f"alpha={alpha:<5g} beta={beta:<5g} held-out ppl={ppl:.3f}", flush=True)
         return ppl

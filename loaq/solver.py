@@ -7,7 +7,8 @@ It minimizes ``||X̂ (Q - W̃)||²`` over grid points ``Q`` given ``H = X̂ᵀX�
 Steps: dead columns -> damping (1 % of mean(diag H), escalated on a failed Cholesky) -> act-order
 permutation -> upper Cholesky factor ``U`` of ``H⁻¹`` -> column blocks with lazy updates (eq. 32).
 Group parameters are fitted once on ``W̃`` in the original column order ("static groups"), so act-order
-never changes which columns share a scale and every result exports as contiguous groups.
+never changes which columns share a scale and every result exports as contiguous groups; NeUQI
+(``spec.init``) weights that fit by the damped ``diag(H)``.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def _prepare(W: torch.Tensor, factor: Factor, spec: GridSpec, opts: SolverOption
     W = W.float().clone()
     in_f = W.shape[1]
     W[:, factor.dead] = 0
-    scales, zeros = fit_groups(W, spec)
+    scales, zeros = fit_groups(W, spec, torch.diag(factor.H))
     groups = column_groups(in_f, spec)
     perm = torch.argsort(torch.diag(factor.H), descending=True, stable=True) if opts.act_order else torch.arange(in_f)
     U = torch.linalg.cholesky(factor.inverse()[perm][:, perm], upper=True)

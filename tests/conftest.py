@@ -8,3 +8,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # triton.jit reads TRITON_INTERPRET when a kernel module is first imported, whichever test imports it first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer, arch) of the offline SmolLM2-135M in float32, loaded once; deep-copy before changing it."""
+    from loaq.models import load_model
+
+    model, tok, arch, _ = load_model(None)
+    return model, tok, arch

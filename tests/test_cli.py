@@ -71,6 +71,22 @@ def test_resume_flag_finishes_an_interrupted_run(model_dir, calib, tmp_path, mon
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_rotated_neuqi_w4a4_checkpoint_evaluates_as_quantized(model_dir, calib, tmp_path, capsys):
+    out = tmp_path / "h"
+    assert quantize(model_dir, calib, out, "--method", "loaq", "--bits", "4", "--act-bits", "4", "--rotate", "hadamard",
+                    "--rotate-seed", "5", "--init", "neuqi", "--eval", "--eval-text", calib, "--eval-tokens", "256",
+                    "--eval-seqlen", "32") == 0
+    meta = json.load(open(out / "loaq.json"))
+    assert meta["activations"] == {"bits": 4, "symmetric": False} and meta["rotation"]["seed"] == 5
+    assert meta["config"]["spec"]["init"] == "neuqi" and meta["config"]["rotation"]["kind"] == "hadamard"
+    assert os.path.exists(out / "rotation.safetensors")
+    assert main(["-q", "eval", "--quantized", str(out), "--eval-text", calib, "--eval-tokens", "256",
+                 "--eval-seqlen", "32", "--json", str(tmp_path / "e.json")]) == 0
+    assert json.load(open(tmp_path / "e.json"))["ppl"] == pytest.approx(meta["eval"]["ppl"], rel=1e-6)
+    err = one_line_error(capsys, quantize(model_dir, calib, tmp_path / "x", "--bits", "3", "--act-bits", "4"))
+    assert "--act-bits 4 needs 4-bit per-channel weights" in err
+
+
 @pytest.mark.parametrize("case", ["missing", "arch", "bits", "group", "empty", "exists"])
 def test_bad_inputs_give_one_line_and_leave_nothing(case, model_dir, calib, tmp_path, capsys):
     out = tmp_path / "out"

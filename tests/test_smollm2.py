@@ -9,16 +9,15 @@ from loaq import data
 from loaq.config import Method, QuantConfig
 from loaq.evaluate import hidden_mse, layer_outputs, perplexity
 from loaq.grids import GridSpec
-from loaq.models import load_model
 from loaq.pipeline import quantize_model
 
 SPEC = GridSpec(3, 0, False)  # 3-bit per-channel asymmetric
 
 
 @pytest.fixture(scope="module")
-def smol():
+def smol(smollm2):
     torch.manual_seed(0)
-    model, tok, arch, _ = load_model(None)
+    model, tok, arch = smollm2
     calib = data.random_windows(data.tokenize(tok, data.default_split("calib")), 16, 256, seed=0)
     evalw = data.eval_windows(data.tokenize(tok, data.default_split("eval")), 512, 4096)
     return model, arch, calib, evalw
@@ -44,6 +43,46 @@ def test_smollm2_gptq_beats_rtn_and_loaq_beats_gptq_on_hidden_error(smol):
     mse = {n: hidden_mse(ref, layer_outputs(m, arch, probe), eps) for n, m in (("gptq", gptq), ("loaq", loaq))}
     assert mse["loaq"]["mse"][-1] < mse["gptq"]["mse"][-1], mse
     assert mse["loaq"]["mse_normed"][-1] < mse["gptq"]["mse_normed"][-1], mse
+
+
+def test_rotated_smollm2_gives_the_same_logits(smol):
+    """576 = 36·16 (Paley II), head_dim 64, 1536 = 12·128 (Paley I), tied embeddings (untied)."""
+    from loaq.rotation import rotate_model
+
+    model, arch, _, evalw = smol
+    r = copy.deepcopy(model)
+    rot = rotate_model(r, arch, seed=0)
+    X = evalw[:2, :128]
+    with torch.no_grad():
+        ref, out = model(X).logits, r(X).logits
+    assert ((ref - out).abs().max() / ref.abs().max()).item() <= 1e-4
+    assert rot.untied and (rot.r1.K, rot.r2.K, rot.r4.K) == (36, 1, 12)
+
+
+def test_neuqi_weighted_error_is_at_most_minmax_on_every_channel(smol):
+    """Layer 0's q/k/v (diag H from calibration inputs) and layer 15's down_proj (unit weights)."""
+    from loaq.grids import fit_groups, fit_minmax, weighted_error
+    from loaq.pipeline import capture_inputs
+
+    model, arch, calib, _ = smol
+    hs, _ = capture_inputs(model, arch, calib[:8], 8, "cpu")
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        x = layer.input_layernorm(hs[0]).reshape(-1, 576)
+    attn = layer.self_attn
+    cases = [(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(), (x * x).sum(0)),
+             (model.model.layers[15].mlp.down_proj.weight.detach(), torch.ones(1536))]
+    for W, d in cases:
+        D = d.expand_as(W)
+        for spec in (GridSpec(2, 0, False, "neuqi"), GridSpec(3, 0, False, "neuqi"), GridSpec(4, 0, False, "neuqi"),
+                     GridSpec(2, 0, False, "neuqi-continuous"), GridSpec(3, 0, True, "neuqi")):
+            s, z = fit_groups(W, spec, d)
+            e = weighted_error(W, D, s[:, 0], z[:, 0], spec.maxq)
+            e_mm = weighted_error(W, D, *fit_minmax(W, spec), spec.maxq)
+            assert (e <= e_mm).all(), spec
+            assert e.sum() < 0.9 * e_mm.sum(), (spec, (e.sum() / e_mm.sum()).item())
+            if spec.init == "neuqi":
+                assert torch.equal(z, z.round())
 
 
 def test_group_128_is_refused_before_loading_smollm2(capsys):

@@ -18,7 +18,7 @@ ST_DTYPES = {"I32": torch.int32, "I64": torch.int64, "F32": torch.float32, "F16"
              "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8}
 
 
-def _parse_config(path: str):
+def parse_quantization_config(path: str):
     from compressed_tensors.quantization import QuantizationConfig
 
     cfg_path = os.path.join(path, "config.json")
@@ -66,7 +66,7 @@ def check_export(path: str) -> str:
 
     if not os.path.isdir(path):
         raise LoaQError(f"{path!r} does not exist")
-    qconfig = _parse_config(path)
+    qconfig = parse_quantization_config(path)
     specs = layer_specs(qconfig)
     acts = activations(qconfig)
     r4 = online_hadamard(path)
@@ -116,3 +116,31 @@ def check_export(path: str) -> str:
     extras = ("; W4A4" if any(acts.values()) else "") + (f"; online R4 on {len(r4)} linears" if r4 else "")
     return (f"ok: {len(specs)} packed linears in {groups} config group(s), {len(header)} tensors in "
             f"{len(set(weight_map.values()))} file(s){extras}")
+
+
+def decompress_export(path: str) -> dict[str, torch.Tensor]:
+    """Every packed linear of an export dequantized by compressed-tensors' own ``PackedQuantizationCompressor``."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    qconfig = parse_quantization_config(path)
+    weight_map = _tensor_index(path)
+    out = {}
+    for scheme in qconfig.config_groups.values():
+        for name in scheme.targets:
+            local = {}
+            for key in (k for k in weight_map if k.startswith(name + ".")):
+                with safe_open(os.path.join(path, weight_map[key]), "pt") as f:
+                    local[key.removeprefix(name + ".")] = f.get_tensor(key)
+            out[name] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+    return out
+
+
+def round_trip(native_dir: str, path: str) -> tuple[int, int]:
+    """(linears, bit-identical linears): the export decompressed by the library vs the native dequantized weights."""
+    from loaq.checkpoint import dequantized
+    from loaq.export.writer import read_native
+
+    native = read_native(native_dir)
+    got = decompress_export(path)
+    same = sum(torch.equal(got[n].float(), dequantized(r, native.specs[n])) for n, r in native.results.items() if n in got)
+    return len(native.results), same

@@ -7,10 +7,10 @@ one transform group ``"R4"`` on the ``input`` of every ``down_proj`` (exact-name
 
 - ``had_k`` None (``n`` a power of two): ``type "hadamard"``: compressed-tensors' deterministic Sylvester
   matrix divided by √n, the same transform;
-- any other ``had_k`` (e.g. a Paley order-12 matrix ⊗ H_128 for width 1536): the library's schema has
-  no such transform, so it is written as ``type "loaq-kronecker-hadamard"`` and the exact ``had_k``
-  (entries ±1) goes into ``config.json``'s top-level ``"loaq_transforms": {"R4": {...}}`` — a LoaQ
-  extension. Loaders that do not know it stop at the unknown type instead of computing something else;
+- any other ``had_k`` (e.g. a Paley order-12 matrix ⊗ H_128 for width 1536, or the seeded
+  ``√K · Q`` orthogonal fallback of :func:`loaq.hadamard.factor`): the library's schema has no such
+  transform, so it is written as ``type "loaq-kronecker-hadamard"`` and the exact float32 ``had_k``
+  goes into ``config.json``'s top-level ``"loaq_transforms": {"R4": {...}}`` — a LoaQ extension. Loaders that do not know it stop at the unknown type instead of computing something else;
   the LoaQ vLLM plugin and :func:`online_hadamard` apply it.
 """
 
@@ -31,16 +31,17 @@ DEFINITION = "y = x @ (had_k ⊗ H_{n/K}).T / sqrt(n), H Sylvester in natural or
 
 
 def r4_targets(arch, num_layers: int) -> list[str]:
-    """Exact names of the linears that read the online R4: the ``w_out`` of every layer's MLP sub-layer."""
-    mlp = next(sl for sl in arch.sublayers if sl.name == "mlp")
-    return [f"{arch.layers}.{i}.{mlp.module}.{mlp.w_out}" for i in range(num_layers)]
+    """Exact names of the linears that read the online R4 (``arch.online`` of every decoder layer)."""
+    return [f"{arch.layers}.{i}.{arch.online}" for i in range(num_layers)]
 
 
-def is_hadamard(had_k: torch.Tensor) -> bool:
-    """``had_k`` has entries ±1 and ``had_k had_kᵀ = K I`` (what makes the R4 above orthogonal)."""
+def is_scaled_orthogonal(had_k: torch.Tensor) -> bool:
+    """``had_k had_kᵀ = K I`` (float32 rounding aside): what makes the R4 above orthogonal."""
     k = had_k.shape[0]
-    had_k = had_k.float()
-    return had_k.shape == (k, k) and bool((had_k.abs() == 1).all()) and torch.equal(had_k @ had_k.T, k * torch.eye(k))
+    if had_k.ndim != 2 or had_k.shape != (k, k):
+        return False
+    had_k = had_k.double()
+    return torch.allclose(had_k @ had_k.T, k * torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-4 * k)
 
 
 def r4_config(targets: list[str], n: int, had_k: torch.Tensor | None) -> tuple[TransformConfig, dict | None]:
@@ -49,13 +50,14 @@ def r4_config(targets: list[str], n: int, had_k: torch.Tensor | None) -> tuple[T
     if n % k or (n // k) & (n // k - 1):
         raise LoaQError(f"online Hadamard of width {n} with a {k}x{k} factor is not K * 2**m; "
                         "the native checkpoint's rotation is inconsistent, re-run `loaq quantize --rotate hadamard`")
-    if had_k is not None and not is_hadamard(had_k):
-        raise LoaQError("the native checkpoint's r4.had_k is not a Hadamard matrix; re-run `loaq quantize --rotate hadamard`")
+    if had_k is not None and not is_scaled_orthogonal(had_k):
+        raise LoaQError("the native checkpoint's r4.had_k is not a Hadamard matrix (had_k had_kᵀ ≠ K I); "
+                        "re-run `loaq quantize --rotate hadamard`")
     apply = [TransformArgs(targets=targets, location="input")]
     if had_k is None:
         return TransformConfig(config_groups={GROUP: TransformScheme(type="hadamard", apply=apply)}), None
     scheme = TransformScheme(type=EXTENSION_TYPE, apply=apply)
-    ext = {GROUP: {"had_k": had_k.to(torch.int8).tolist(), "order": n, "definition": DEFINITION}}
+    ext = {GROUP: {"had_k": had_k.float().tolist(), "order": n, "definition": DEFINITION}}
     return TransformConfig(config_groups={GROUP: scheme}), ext
 
 
@@ -70,7 +72,7 @@ def _had_k_of(scheme: TransformScheme, ext: dict | None, n: int, where: str) -> 
         raise LoaQError(f"{where}: transform {EXTENSION_TYPE!r} needs config.json's {EXTENSION_KEY}.{GROUP}.had_k; "
                         "re-export with `loaq-export`")
     had_k = torch.tensor(ext[GROUP]["had_k"], dtype=torch.float32)
-    if had_k.ndim != 2 or not is_hadamard(had_k):
+    if not is_scaled_orthogonal(had_k):
         raise LoaQError(f"{where}: {EXTENSION_KEY}.{GROUP}.had_k is not a Hadamard matrix; re-export with `loaq-export`")
     return had_k
 

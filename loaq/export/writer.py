@@ -70,6 +70,9 @@ def _check_layer(name: str, r: QuantResult, spec: GridSpec) -> None:
     if tuple(r.scales.shape) != (out_f, spec.n_groups(in_f)) or r.zeros.shape != r.scales.shape:
         raise LoaQError(f"{name}: scales {tuple(r.scales.shape)} do not match {spec} on [{out_f}, {in_f}]; "
                         "the native checkpoint is inconsistent, re-run `loaq quantize`")
+    if not torch.equal(r.zeros, torch.round(r.zeros)):
+        raise LoaQError(f"{name} has real-valued zero points (--neuqi-continuous), which compressed-tensors cannot "
+                        "hold; re-quantize with --init neuqi (integer zero points) to export")
     if int(r.codes.max()) > spec.maxq or int(r.zeros.max()) > spec.maxq or int(r.zeros.min()) < 0:
         raise LoaQError(f"{name}: codes or zero points exceed {spec.bits} bits; the native checkpoint is inconsistent")
 
@@ -116,16 +119,16 @@ def _activations(path: str, meta: dict, specs: dict[str, GridSpec]) -> dict | No
 
 def _online_r4(path: str, meta: dict, config) -> tuple[list[str], int, torch.Tensor | None] | None:
     """(targets, width, had_k) of a rotated checkpoint's online R4 (``rotation.safetensors`` holds ``r4.had_k``)."""
+    from loaq.rotation import load_had_k
+
     rot = meta.get("rotation")
     if not rot:
         return None
+    had_k = load_had_k(path)
     k = rot.get("r4", {}).get("had_k_order", 1)
-    had_k = None
-    if k > 1:
-        f = os.path.join(path, "rotation.safetensors")
-        if not os.path.isfile(f):
-            raise LoaQError(f"native checkpoint {path!r} is rotated but rotation.safetensors is missing; re-run `loaq quantize`")
-        had_k = load_file(f)["r4.had_k"].float()
+    if (1 if had_k is None else had_k.shape[0]) != k:
+        raise LoaQError(f"native checkpoint {path!r} is rotated with a {k}x{k} R4 factor but rotation.safetensors "
+                        "does not hold it; re-run `loaq quantize`")
     return r4_targets(arch_of(config), config.num_hidden_layers), config.intermediate_size, had_k
 
 
@@ -192,7 +195,8 @@ def _rotation_text(native: Native) -> str:
         return "none"
     _, n, had_k = native.r4
     k = 1 if had_k is None else had_k.shape[0]
-    r4 = f"H_{n}" if k == 1 else f"H_{k} ⊗ H_{n // k}"
+    kind = native.meta["rotation"].get("r4", {}).get("kind", "hadamard")
+    r4 = f"H_{n}" if k == 1 else f"H_{k} ⊗ H_{n // k}" if kind == "hadamard" else f"({kind} {k}x{k}) ⊗ H_{n // k}"
     return (f"Hadamard (seed {native.meta['rotation'].get('seed')}): R1, R2 fused into the weights; online R4 = {r4} "
             "before every down_proj (`transform_config`; the LoaQ vLLM plugin applies it)")
 

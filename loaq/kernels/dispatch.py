@@ -84,8 +84,9 @@ def prepare_linear(w: PackedLinear, device: torch.device | str, act_bits: int = 
     runs the CUDA kernels under ``TRITON_INTERPRET=1`` (how the vLLM plugin's CUDA classes are tested).
     """
     device = torch.device(device)
+    checked = device if backend is None else ("cuda" if backend == "triton" else "cpu")
+    reason = check_linear(w, checked, act_bits, hadamard, had_k)
     backend = backend or ("triton" if device.type == "cuda" else "cpu")
-    reason = check_linear(w, "cuda" if backend == "triton" else "cpu", act_bits, hadamard, had_k)
     if reason is not None:
         raise ValueError(reason)
     w = PackedLinear(
@@ -134,13 +135,13 @@ def apply_linear(x: torch.Tensor, layer: PreparedLinear) -> torch.Tensor:
             act = quantize_activations(x, layer.act_sym)
         y = w4a4_matmul(act, layer.weight, x.dtype)
     else:
-        from loaq.kernels.cpu import cpu_quantize_activations, cpu_w4a4_matmul, cpu_wna16_matmul
+        from loaq.kernels.cpu import cpu_w4a4_linear, cpu_wna16_matmul
         from loaq.kernels.hadamard_ref import hadamard_transform_ref
 
         if layer.hadamard:
             x = hadamard_transform_ref(x, layer.had_k)
         if layer.kernel == "cpu_w4a4":
-            y = cpu_w4a4_matmul(cpu_quantize_activations(x, layer.act_sym), layer.weight, x.dtype)
+            y = cpu_w4a4_linear(x, layer.weight, layer.act_sym)
         else:
             y = cpu_wna16_matmul(x, layer.weight)
     return y.reshape(*shape[:-1], y.shape[-1])

@@ -23,9 +23,13 @@ Kernel layouts, built once at load time:
   (2 bits each, like the 2-bit layout) and row ``3*(k//32) + 2`` holds the high bit
   of all 32 values (bit ``k % 32``). No value straddles a word.
 * CPU, ``pack_lanes``: int32 ``[N, Kp / pf]`` (pf = 8, 10, 16 for 4, 3, 2 bits),
-  K padded to a multiple of 16 * pf. Row n is a series of blocks of 16 words; word
-  ``l`` of block ``B`` holds value ``k = B*16*pf + 16*t + l`` at bits ``t * bits``.
-  One SIMD load of 16 words then yields, per shift t, the codes of 16 consecutive k.
+  K padded to a multiple of 16 * pf. Each 16-bit half of a word holds ``h = 16 // bits``
+  values (4, 5, 8). Row n is a series of blocks of 16 words; word ``l`` of block ``B``
+  holds value ``k = B*16*pf + 32*t + 2*l + half`` at bits ``16*half + t*bits``
+  (t < h). One SIMD load of 16 words then yields, per shift t, the codes of 32
+  consecutive k as 16 pairs: each 32-bit lane holds k = 2l in its low and k = 2l+1 in
+  its high half, the order of 32 contiguous bf16 (or int16) activations, which is what
+  pairwise dot-product instructions (``vdpbf16ps``, ``vpdpwssd``) consume.
 """
 
 from __future__ import annotations
@@ -123,21 +127,22 @@ def unpack_kmajor(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 def pack_lanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """CPU layout from unsigned codes [N, K]: int32 ``[N, Kp / pf]``, see module doc."""
     n, k = codes.shape
-    pf = 32 // bits
-    kp = math.ceil(k / (16 * pf)) * 16 * pf
+    h = 16 // bits
+    kp = math.ceil(k / (32 * h)) * 32 * h
     u = torch.nn.functional.pad(codes.to(torch.int64), (0, kp - k))
-    u = u.reshape(n, kp // (16 * pf), pf, 16).transpose(2, 3)  # [n, B, l, t]
-    shifts = torch.arange(pf, device=u.device, dtype=torch.int64) * bits
-    return _to_int32((u << shifts).sum(-1).reshape(n, -1))
+    u = u.reshape(n, kp // (32 * h), h, 16, 2).permute(0, 1, 3, 4, 2)  # [n, B, l, half, t]
+    shifts = torch.arange(2, dtype=torch.int64)[:, None] * 16 + torch.arange(h, dtype=torch.int64) * bits
+    return _to_int32((u << shifts.to(u.device)).sum((-2, -1)).reshape(n, -1))
 
 
 def unpack_lanes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """Inverse of :func:`pack_lanes`: unsigned codes int32 [N, K]."""
     n = packed.shape[0]
-    pf = 32 // bits
-    shifts = torch.arange(pf, device=packed.device, dtype=torch.int64) * bits
-    u = ((packed.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return u.reshape(n, -1, 16, pf).transpose(2, 3).reshape(n, -1)[:, :k].to(torch.int32)
+    h = 16 // bits
+    shifts = torch.arange(2, dtype=torch.int64)[:, None] * 16 + torch.arange(h, dtype=torch.int64) * bits
+    w = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(n, -1, 16)[..., None, None]
+    u = (w >> shifts.to(packed.device)) & ((1 << bits) - 1)  # [n, B, l, half, t]
+    return u.permute(0, 1, 4, 2, 3).reshape(n, -1)[:, :k].to(torch.int32)
 
 
 def _pack_rows(u: torch.Tensor, bits: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from loaq.arch import arch_of
 from loaq.checkpoint import dequantized, load_native, save_native, tensors_to_results
 from loaq.config import Method, QuantConfig
+from loaq.export.check import decompress_export, round_trip
 from loaq.export.cli import main
 from loaq.export.pack import pack_layer, packed_shapes
 from loaq.export.scheme import quantization_config
@@ -48,19 +49,7 @@ def make_native(bases, kind, spec, path, layer_specs=None):
 
 
 def decompressed(out_dir):
-    """Every packed linear of an export, dequantized by compressed-tensors' PackedQuantizationCompressor."""
-    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationConfig
-
-    qc = json.load(open(os.path.join(out_dir, "config.json")))["quantization_config"]
-    qc = QuantizationConfig.model_validate({k: v for k, v in qc.items() if k in QuantizationConfig.model_fields})
-    sd = load_file(os.path.join(out_dir, "model.safetensors"))
-    out = {}
-    for scheme in qc.config_groups.values():
-        for name in scheme.targets:
-            local = {k.removeprefix(name + "."): v for k, v in sd.items() if k.startswith(name + ".")}
-            out[name] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
-    return out
+    return decompress_export(str(out_dir))
 
 
 def one_line_error(capsys, rc):
@@ -143,6 +132,7 @@ def test_shards_index_card_and_check(native_dir, tmp_path, capsys):
     index = json.load(open(out / "model.safetensors.index.json"))
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / f).is_file() for f in shards)
+    assert round_trip(native_dir, str(out)) == (14, 14)  # bit-exact through the library, read across shards
     assert {"tokenizer.json", "generation_config.json", "README.md", "config.json"} <= set(os.listdir(out))
     assert json.load(open(out / "config.json"))["dtype"] == "bfloat16"
     assert "α = 0.0" in (out / "README.md").read_text()

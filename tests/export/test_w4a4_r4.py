@@ -18,10 +18,9 @@ from tests.tiny import tiny_model, tiny_tokenizer
 
 
 def hadamard_12() -> torch.Tensor:
-    """An order-12 Hadamard matrix (compressed-tensors' stored one; any Hadamard matrix serves the export)."""
-    from compressed_tensors.transform.utils.hadamard import _fetch_hadamard_divisor
+    from loaq.hadamard import hadamard
 
-    return _fetch_hadamard_divisor(12, torch.float32)
+    return hadamard(12).float()
 
 
 @pytest.fixture(scope="module")
@@ -159,5 +158,78 @@ def test_rotated_native_without_a_valid_matrix_is_refused(wide_bases, tmp_path, 
     if case == "missing":
         os.unlink(os.path.join(native, "rotation.safetensors"))
     err = one_line_error(capsys, main([native, str(tmp_path / "x")]))
-    assert {"missing": "rotation.safetensors is missing", "not_hadamard": "is not a Hadamard matrix"}[case] in err
+    assert {"missing": "does not hold it", "not_hadamard": "is not a Hadamard matrix"}[case] in err
     assert not (tmp_path / "x").exists()
+
+
+def without_hooks(model):
+    for m in model.modules():
+        m._forward_pre_hooks.clear()
+    return model
+
+
+@pytest.mark.parametrize("case", ["w4a4_asym", "w4a4_sym_r4"])
+def test_load_export_computes_what_the_native_simulates(wide_bases, tmp_path, case):
+    from loaq.checkpoint import load_native
+    from loaq.export.load import load_export
+
+    sym = case.endswith("r4")
+    native = with_meta(make_native(wide_bases, "llama", GridSpec(4, 0, sym), tmp_path / "n"),
+                       activations={"bits": 4, "symmetric": sym})
+    if sym:
+        rotated(native, 192, hadamard_12())
+    assert main([native, str(tmp_path / "x"), "--dtype", "float32"]) == 0
+    model, _ = load_export(str(tmp_path / "x"))
+    ref = load_native(native)[0]  # the engine's simulation: R4 and the activation quantizer as pre-hooks
+    plain = without_hooks(load_native(native)[0])
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want, w16 = model(ids).logits, ref(ids).logits, plain(ids).logits
+    assert torch.equal(got, want)  # same library dequantization, same hooks: exact in float32
+    assert not torch.allclose(got, w16, atol=1e-3)  # and the activation quantizer / R4 really ran
+
+
+def test_engine_rotation_exports_the_r4_it_applied(wide_bases, tmp_path):
+    """Rotate with the engine (192 = 12·16: a Paley factor), quantize W4A4, export: the R4 the export
+    declares is the engine's, and the exported model computes the native one's logits exactly."""
+    from loaq.actquant import ActSpec
+    from loaq.arch import arch_of
+    from loaq.checkpoint import load_native, save_native
+    from loaq.config import Method, QuantConfig
+    from loaq.export.load import load_export
+    from loaq.pipeline import quantize_model
+    from loaq.rotation import load_had_k, rotate_model
+
+    base, tok = wide_bases["llama"]
+    model = copy.deepcopy(base)
+    arch = arch_of(model.config)
+    rotation = rotate_model(model, arch, seed=3)
+    cfg = QuantConfig(spec=GridSpec(4, 0, False), method=Method("rtn"), act=ActSpec(4, False))
+    results = quantize_model(model, arch, torch.zeros(1, 1, dtype=torch.long), cfg, progress=False)
+    native = str(tmp_path / "n")
+    save_native(native, model, tok, results, {"config": cfg.to_dict(), "source_model": "tiny",
+                                              "activations": cfg.act.meta()}, False, rotation=rotation)
+    assert main([native, str(tmp_path / "x"), "--dtype", "float32"]) == 0
+    r4 = online_hadamard(str(tmp_path / "x"))
+    had_k = load_had_k(native)
+    assert had_k is not None and had_k.shape == (12, 12)
+    assert list(r4) == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    assert all(torch.equal(v, had_k) for v in r4.values())
+    exported, _ = load_export(str(tmp_path / "x"))
+    ref, _, _ = load_native(native)
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, ref(ids).logits)
+
+
+def test_continuous_zero_points_are_refused(bases, tmp_path, capsys):
+    native = make_native(bases, "llama", GridSpec(3, 0, False), tmp_path / "n")
+    q = os.path.join(native, "quantized.safetensors")
+    from safetensors.torch import load_file
+
+    t = load_file(q)
+    key = "model.layers.0.mlp.up_proj.zeros"
+    t[key] = t[key].float() + 0.25
+    save_file(t, q)
+    err = one_line_error(capsys, main([native, str(tmp_path / "x")]))
+    assert "real-valued zero points" in err and "--init neuqi" in err and not (tmp_path / "x").exists()

@@ -1,4 +1,8 @@
-"""CPU kernels (compiled C++, fused unpack-and-FMA / dequantize + oneDNN) vs the references.
+"""CPU kernels (compiled C++, fused unpack-and-multiply / dequantize + oneDNN) vs the references.
+
+Every decode-path test runs twice: with the dot-product instructions this CPU has
+(``vdpbf16ps`` for bf16 activations, ``vpdpwssd`` for W4A4) and with ``USE_DOT = False``,
+the portable fp32 code that CPUs without them run.
 
 Tolerances: with fp32 activations and fp32 scales everything is fp32 arithmetic in a
 different order: 1e-5 of max |y|. With bf16 activations the reference rounds the
@@ -8,8 +12,10 @@ dequantized weight and the output to bf16 (eps 2**-8): 2e-2.
 import pytest
 import torch
 
+from loaq.kernels import cpu
 from loaq.kernels.cpu import (
-    DEQUANT_MIN_M, cpu_quantize_activations, cpu_w4a4_matmul, cpu_wna16_matmul, prepare_cpu,
+    DEQUANT_MIN_M, DEQUANT_MIN_M_DOT, cpu_quantize_activations, cpu_w4a4_linear, cpu_w4a4_matmul, cpu_wna16_matmul, features,
+    prepare_cpu,
 )
 from loaq.kernels.w4a4_ref import quantize_activations_ref, w4a4_int_accum_ref, w4a4_matmul_ref
 from loaq.kernels.wna16_ref import wna16_matmul_ref
@@ -18,23 +24,38 @@ from tests.kernels.helpers import make_packed, rel_err
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
+@pytest.fixture(params=[True, False], ids=["dot", "portable"])
+def use_dot(request, monkeypatch):
+    monkeypatch.setattr(cpu, "USE_DOT", request.param)
+    return request.param
+
+
+def test_library_uses_the_dot_products_this_cpu_has():
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    assert ("bf16" in features()) == ("avx512_bf16" in flags)
+    assert ("int" in features()) == ("avx512_vnni" in flags)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", [None, 32, 128])
 @pytest.mark.parametrize("asym", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_wna16_matches_reference(bits, group, asym, dtype):
+def test_cpu_wna16_matches_reference(bits, group, asym, dtype, use_dot):
     n, k = 37, 352  # K: partial last group of 128 and partial lane block for every width
     w = make_packed(bits, n, k, group, asym, dtype, seed=bits, device="cpu")
     prepared = prepare_cpu(w)
     gen = torch.Generator().manual_seed(0)
-    for m in (1, 6, DEQUANT_MIN_M + 1):  # 1 and 4+2 token blocks, then the dequant path
+    for m in (1, 3, 6, DEQUANT_MIN_M + 1, 19, DEQUANT_MIN_M_DOT):  # token blocks of 1, 2, 4, 8; dequant
         x = torch.randn(m, k, generator=gen).to(dtype)
         y = cpu_wna16_matmul(x, prepared)
         assert y.dtype == dtype
         assert rel_err(y, wna16_matmul_ref(x, w)) < TOL[dtype], m
+    x = torch.randn(2, 3, 2 * k, generator=gen).to(dtype)[..., ::2]  # strided, 3-d
+    assert rel_err(cpu_wna16_matmul(x, prepared), wna16_matmul_ref(x, w)) < TOL[dtype]
 
 
-def test_cpu_fp16_activations_run_through_fp32():
+def test_cpu_fp16_activations_run_through_fp32(use_dot):
     w = make_packed(4, 16, 64, 32, True, torch.float16, device="cpu")
     x = torch.randn(3, 64).half()
     y = cpu_wna16_matmul(x, prepare_cpu(w))
@@ -53,8 +74,9 @@ def test_cpu_activation_quantizer_is_bit_exact(sym, dtype):
 
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("asym_w", [False, True])
-def test_cpu_w4a4_exact_and_scaled(sym, asym_w):
-    n, k, m = 24, 200, 5
+def test_cpu_w4a4_exact_and_scaled(sym, asym_w, use_dot):
+    n, k = 26, 200  # N: 6 blocks of 4 output channels and a tail of 2
+    m = 13 if use_dot else 5  # M: a block of 8 tokens + 5; the GEMV either way (M >= 8 portable: bf16 GEMM)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(4))
     act = quantize_activations_ref(x, sym)
     w = make_packed(4, n, k, None, asym_w, torch.float32, device="cpu")
@@ -65,3 +87,21 @@ def test_cpu_w4a4_exact_and_scaled(sym, asym_w):
     assert torch.equal(exact.double(), w4a4_int_accum_ref(act, unit).double())
     y = cpu_w4a4_matmul(act, prepare_cpu(w), torch.bfloat16)
     assert rel_err(y, w4a4_matmul_ref(act, w, torch.bfloat16)) < 1e-2
+    if use_dot and "int" in features():  # integer path: the reference's epilogue, bit for bit
+        assert torch.equal(cpu_w4a4_matmul(act, prepare_cpu(w), torch.float32), w4a4_matmul_ref(act, w, torch.float32))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_w4a4_linear_is_quantize_then_matmul(sym, dtype, use_dot):
+    n, k = 22, 300  # K: not a multiple of 32
+    w = make_packed(4, n, k, None, True, torch.float32, seed=7, device="cpu")
+    prepared = prepare_cpu(w)
+    gen = torch.Generator().manual_seed(8)
+    for m in (1, 3, 11, DEQUANT_MIN_M_DOT):  # fused decode call, then quantizer + dequant GEMM
+        x = (torch.randn(m, 2 * k, generator=gen) * 2).to(dtype)[:, ::2]  # strided rows
+        y = cpu_w4a4_linear(x, prepared, sym)
+        assert y.dtype == dtype
+        two_step = cpu_w4a4_matmul(cpu_quantize_activations(x, sym), prepared, dtype)
+        assert torch.equal(y, two_step), m
+        assert rel_err(y, w4a4_matmul_ref(quantize_activations_ref(x, sym), w, dtype)) < 1e-2, m

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from loaq.hadamard import hadamard
 from loaq.kernels.hadamard import hadamard_quantize, hadamard_transform
 from loaq.kernels.hadamard_ref import hadamard_transform_ref
 from loaq.kernels.w4a4_ref import quantize_activations_ref
@@ -12,25 +13,8 @@ from tests.kernels.helpers import DEVICE, rel_err
 
 
 def _had_k(k: int) -> torch.Tensor | None:
-    """Paley-I Hadamard matrix for k = q + 1, q prime = 3 mod 4 (12, 20, 24); None for 1."""
-    if k == 1:
-        return None
-    q = k - 1
-    residues = {(i * i) % q for i in range(1, q)}
-    chi = [0] + [1 if i in residues else -1 for i in range(1, q)]
-    s = torch.zeros(k, k)
-    s[0, 1:], s[1:, 0] = 1, -1
-    for i in range(q):
-        for j in range(q):
-            s[i + 1, j + 1] = chi[(j - i) % q]
-    return s + torch.eye(k)
-
-
-@pytest.mark.parametrize("k", [1, 12, 20, 24])
-def test_paley_matrices_are_hadamard(k):
-    h = _had_k(k)
-    if h is not None:
-        assert torch.equal(h @ h.t(), k * torch.eye(k))
+    """The engine's K×K Hadamard factor (loaq.hadamard: Paley I for 12, 20, 24), None for 1."""
+    return None if k == 1 else hadamard(k).float()
 
 
 @pytest.mark.parametrize("k,p", [(1, 64), (1, 256), (12, 16), (20, 8), (24, 4)])

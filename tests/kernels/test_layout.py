@@ -29,6 +29,20 @@ def test_pack_codes_equals_compressed_tensors_packing(bits):
     assert torch.equal(unpack_codes(packed, bits, 45), q.int() + (1 << (bits - 1)))
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cpu_lanes_put_32_consecutive_k_in_16_pairs_per_shift(bits):
+    h = 16 // bits  # values per 16-bit half
+    block, t, lane, half = 1, h - 1, 5, 1
+    k = block * 32 * h + 32 * t + 2 * lane + half
+    codes = torch.zeros(1, 2 * 32 * h, dtype=torch.int32)
+    codes[0, k] = (1 << bits) - 1
+    packed = pack_lanes(codes, bits)
+    expected = torch.zeros_like(packed)
+    word = ((1 << bits) - 1) << (16 * half + bits * t)
+    expected[0, 16 * block + lane] = word - (1 << 32) if word >= 1 << 31 else word  # as int32
+    assert torch.equal(packed, expected)
+
+
 def test_3bit_layout_is_two_low_planes_and_one_high_plane():
     codes = torch.zeros(2, 64, dtype=torch.int32)
     codes[1, 32 + 17] = 0b101  # second 32-block, position 17

@@ -1,0 +1,185 @@
+"""Hadamard rotation of a pre-norm decoder (QuaRot-style), exact in full precision (``--rotate hadamard``).
+
+Applied to the float model before calibration; every step is one small function in float64:
+
+1. untie ``lm_head`` from the token embeddings when they are tied (the final norm is fused into
+   ``lm_head`` only), and say so (``config.tie_word_embeddings = False``, ``untied_embeddings``);
+2. fuse each RMSNorm's scale into the linears that read it (``W ← W diag(g)``, final norm into
+   ``lm_head``); norm weights become 1, so ``Norm(x R) = Norm(x) R`` for orthogonal ``R`` (RMSNorm has
+   no mean to centre, embeddings need nothing else);
+3. R1 on the residual stream, ``R1 = diag(±1 from seed) · Mᵀ`` with ``M`` the Hadamard map of
+   :mod:`loaq.hadamard`: embeddings ``E ← E R1``, every ``W_in`` and ``lm_head`` ``W ← W R1``, every
+   ``W_out`` ``W ← R1ᵀ W`` (bias ``b ← b R1``);
+4. R2 per attention head, ``Mᵀ`` of order ``head_dim``: ``v_proj`` output side, ``o_proj`` input side;
+5. R4, the online Hadamard before ``down_proj``: ``down_proj`` gets ``W ← W Mᵀ`` and a forward
+   pre-hook applies ``x ← hadamard_transform_ref(x, had_k) = x Mᵀ`` at run time (CONTRACT.md).
+
+The rotation is recorded in the native checkpoint (``loaq.json`` ``"rotation"``: seed, orders, kinds,
+what absorbed what; ``rotation.safetensors``: ``"r4.had_k"``, absent when K = 1). Helpers:
+:func:`load_had_k` (``native_dir -> Tensor | None``) and :func:`attach_online` re-create R4 on a
+loaded model (:func:`loaq.checkpoint.load_native` does both).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loaq import hadamard
+from loaq.arch import Arch
+from loaq.errors import LoaQError
+from loaq.kernels.hadamard_ref import hadamard_transform_ref
+
+KINDS = ("none", "hadamard")
+R4_FILE = "rotation.safetensors"
+
+
+@dataclass(frozen=True)
+class RotationSpec:
+    kind: str = "none"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise LoaQError(f"--rotate {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
+
+
+@dataclass
+class Rotation:
+    """What :func:`rotate_model` did: the three factors and whether embeddings were untied."""
+
+    seed: int
+    r1: hadamard.Factor
+    r2: hadamard.Factor
+    r4: hadamard.Factor
+    untied: bool
+
+    def meta(self) -> dict:
+        """The checkpoint's ``"rotation"`` entry (CONTRACT.md)."""
+        def site(f):
+            return {"order": f.n, "had_k_order": f.K, "kind": f.kind}
+
+        return {"kind": "hadamard", "seed": self.seed, "r1": {**site(self.r1), "random_signs": True},
+                "r2": site(self.r2), "r4": site(self.r4), "untied_embeddings": self.untied,
+                "fused_norms": True,
+                "absorbed": {"r1": "embed_tokens (right), W_in and lm_head (input side), W_out (output side)",
+                             "r2": "v_proj (output side, per head), o_proj (input side, per head)",
+                             "r4": "down_proj (input side); online hadamard_transform_ref(x, r4.had_k) before it"}}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self.r4.had_k is None else {"r4.had_k": self.r4.had_k.float().contiguous()}
+
+
+def _update(p: torch.Tensor, fn) -> None:
+    """``p ← fn(p)`` computed in float64."""
+    p.data.copy_(fn(p.data.double()).to(p.dtype))
+
+
+def untie_embeddings(model: nn.Module, arch: Arch) -> bool:
+    """Give ``lm_head`` its own copy of tied embeddings; True if they were tied."""
+    head, embed = model.get_submodule(arch.lm_head), model.get_submodule(arch.embed)
+    if head.weight is not embed.weight and not model.config.tie_word_embeddings:
+        return False
+    head.weight = nn.Parameter(embed.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    return True
+
+
+def fuse_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
+    """Move the RMSNorm scale ``g`` into the linears reading it: ``W ← W diag(g)``, ``g ← 1``."""
+    g = norm.weight.data.double()
+    for lin in readers:
+        _update(lin.weight, lambda W: W * g[None, :])
+    norm.weight.data.fill_(1.0)
+
+
+def rotate_embedding(embed: nn.Embedding, R) -> None:
+    """Embeddings ``E ← E R``; ``R(x)`` computes ``x R`` (float64) for every rotation helper here."""
+    _update(embed.weight, R)
+
+
+def rotate_input(lin: nn.Linear, R) -> None:
+    """The linear reads ``x R`` instead of ``x``: ``W ← W R``."""
+    _update(lin.weight, R)
+
+
+def rotate_output(lin: nn.Linear, R) -> None:
+    """The linear writes ``y R`` instead of ``y``: ``W ← Rᵀ W = (Wᵀ R)ᵀ``, ``b ← b R``."""
+    _update(lin.weight, lambda W: R(W.T).T)
+    if lin.bias is not None:
+        _update(lin.bias, R)
+
+
+def per_head(R, head_dim: int):
+    """``x (I_heads ⊗ R)``: the same rotation on every head of width ``head_dim``."""
+    return lambda x: R(x.reshape(*x.shape[:-1], -1, head_dim)).reshape(x.shape)
+
+
+class OnlineHadamard:
+    """Forward pre-hook: ``x ← hadamard_transform_ref(x, had_k)`` (the online R4)."""
+
+    def __init__(self, had_k: torch.Tensor | None):
+        self.had_k = had_k
+
+    def __call__(self, _module: nn.Module, args: tuple) -> tuple:
+        return (hadamard_transform_ref(args[0], self.had_k), *args[1:])
+
+
+def attach_online(model: nn.Module, arch: Arch, had_k: torch.Tensor | None) -> list:
+    """Register the online R4 on every layer's ``arch.online`` linear; returns the hook handles."""
+    return [layer.get_submodule(arch.online).register_forward_pre_hook(OnlineHadamard(had_k))
+            for layer in arch.decoder_layers(model)]
+
+
+def load_had_k(native_dir: str) -> torch.Tensor | None:
+    """R4's ``had_k`` stored in a native checkpoint (None when its order is a power of two)."""
+    from safetensors.torch import load_file
+
+    p = os.path.join(native_dir, R4_FILE)
+    return load_file(p).get("r4.had_k") if os.path.isfile(p) else None
+
+
+def _random_signs(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, arch: Arch, seed: int = 0) -> Rotation:
+    """Rotate ``model`` in place (steps 1-5 of the module docstring); its function is unchanged."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    untied = untie_embeddings(model, arch)
+    layers = arch.decoder_layers(model)
+    for layer in layers:
+        for sl in arch.sublayers:
+            fuse_norm(layer.get_submodule(sl.norm), [layer.get_submodule(f"{sl.module}.{n}") for n in sl.w_in])
+    fuse_norm(model.get_submodule(arch.final_norm), [model.get_submodule(arch.lm_head)])
+
+    r1, r2, r4 = (hadamard.factor(n, seed) for n in (cfg.hidden_size, head_dim, cfg.intermediate_size))
+    signs = _random_signs(cfg.hidden_size, seed)
+
+    def R1(x):  # x diag(s) Mᵀ
+        return hadamard.multiply(x * signs, r1)
+
+    def R2(x):
+        return hadamard.multiply(x, r2)
+
+    def R4(x):
+        return hadamard.multiply(x, r4)
+
+    rotate_embedding(model.get_submodule(arch.embed), R1)
+    for layer in layers:
+        for sl in arch.sublayers:
+            for n in sl.w_in:
+                rotate_input(layer.get_submodule(f"{sl.module}.{n}"), R1)
+            rotate_output(layer.get_submodule(f"{sl.module}.{sl.w_out}"), R1)
+        rotate_output(layer.get_submodule(arch.value), per_head(R2, head_dim))
+        rotate_input(layer.get_submodule(arch.attn_out), per_head(R2, head_dim))
+        rotate_input(layer.get_submodule(arch.online), R4)
+    rotate_input(model.get_submodule(arch.lm_head), R1)
+    attach_online(model, arch, r4.had_k)
+    return Rotation(seed, r1, r2, r4, untied)

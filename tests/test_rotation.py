@@ -1,0 +1,54 @@
+"""Hadamard rotation (loaq.rotation) leaves the float model's function unchanged."""
+
+import copy
+
+import pytest
+import torch
+
+from loaq.arch import arch_of
+from loaq.rotation import rotate_model
+from tests.tiny import CONFIGS, tiny_model, tokens
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def rotated_logits(model, X, seed=0):
+    r = copy.deepcopy(model)
+    rot = rotate_model(r, arch_of(r.config), seed)
+    with torch.no_grad():
+        return model(X).logits, r(X).logits, r, rot
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_rotated_tiny_model_gives_the_same_logits(kind):
+    ref, out, r, rot = rotated_logits(tiny_model(kind), tokens())
+    assert rel_err(ref, out) <= 1e-4
+    layer = r.model.layers[0]
+    assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+    assert rot.meta()["r4"]["order"] == 128 and not rot.untied
+
+
+def test_odd_orders_and_tied_embeddings():
+    """hidden 96 = 12·8, head_dim 24 = 12·2, intermediate 224 = 28·8, tied embeddings (untied on rotation)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=96, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in n else p.normal_(0, 0.08)
+    ref, out, r, rot = rotated_logits(model, tokens(), seed=7)
+    assert rel_err(ref, out) <= 1e-4
+    m = rot.meta()
+    assert (m["r1"]["had_k_order"], m["r2"]["had_k_order"], m["r4"]["had_k_order"]) == (12, 12, 28)
+    assert m["untied_embeddings"] and not r.config.tie_word_embeddings
+    assert r.lm_head.weight.data_ptr() != r.model.embed_tokens.weight.data_ptr()
+    assert tuple(rot.tensors()["r4.had_k"].shape) == (28, 28)
+    # a different seed is a different (still exact) rotation
+    _, out2, r2, _ = rotated_logits(model, tokens(), seed=8)
+    assert rel_err(ref, out2) <= 1e-4
+    assert not torch.equal(r.model.embed_tokens.weight, r2.model.embed_tokens.weight)
