@@ -309,8 +309,8 @@ def cmd_serve(a) -> int:
     if not os.path.isdir(a.dir):
         raise LoaQError(f"{a.dir!r} does not exist; pass the directory `loaq-export` wrote")
     check_model_dir(a.dir)
-    extra = a.vllm_args[1:] if a.vllm_args[:1] == ["--"] else a.vllm_args
-    return serve(a.dir, a.host, a.port, a.name, a.max_model_len, a.max_num_seqs, a.kv_cache_gib, a.timeout, extra)
+    return serve(a.dir, a.host, a.port, a.name, a.max_model_len, a.max_num_seqs, a.kv_cache_gib, a.timeout,
+                 a.vllm_args)
 
 
 def cmd_plot(a) -> int:
@@ -391,14 +391,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-num-seqs", type=int, help="concurrent sequences (CPU default 64)")
     v.add_argument("--kv-cache-gib", type=int, help="CPU KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE, default 1)")
     v.add_argument("--timeout", type=float, default=900, help="seconds to wait for the server to start (default 900)")
-    v.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: passed on to vLLM's server")
-    v.set_defaults(func=cmd_serve)
+    v.set_defaults(func=cmd_serve, vllm_args=[])  # arguments after `--` go to vLLM's server (see main)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:  # `loaq serve DIR [flags] -- VLLM_ARGS`
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
     a = p.parse_args(argv)
+    if extra and a.cmd != "serve":
+        p.error(f"arguments after -- are passed to vLLM by `loaq serve` only; got them for `loaq {a.cmd}`")
+    a.vllm_args = extra
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -61,7 +62,9 @@ def server_command(model_dir: str, host: str, port: int, name: str, max_model_le
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", host,
            "--port", str(port), "--served-model-name", name]
     cpu = not _cuda()
-    max_model_len = max_model_len or (CPU_DEFAULTS["max_model_len"] if cpu else None)
+    if not max_model_len and cpu:  # the CPU default, capped at what the model supports
+        config = json.load(open(os.path.join(model_dir, "config.json")))
+        max_model_len = min(CPU_DEFAULTS["max_model_len"], config.get("max_position_embeddings") or 1 << 30)
     max_num_seqs = max_num_seqs or (CPU_DEFAULTS["max_num_seqs"] if cpu else None)
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
@@ -120,10 +123,12 @@ class Server:
             return ""
 
     def _last_error(self) -> str:
-        """The last line of the log that names an error (for a one-line message)."""
-        for line in reversed(self.log_tail(200).splitlines()):
-            if "Error" in line or "error" in line:
-                return line.strip()[-300:]
+        """The last line of the log that names an exception (for a one-line message)."""
+        lines = self.log_tail(200).splitlines()
+        for pattern in (r"\w*(Error|Exception)\b:|Value error,", r"[Ee]rror"):
+            hits = [ln.strip() for ln in lines if re.search(pattern, ln)]
+            if hits:
+                return hits[-1][:300]
         return "no error line in the log"
 
     def healthy(self) -> bool:
@@ -177,10 +182,17 @@ class Server:
         self.stop()
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM: stop the server like Ctrl-C does
+
+
 def serve(model_dir: str, host: str, port: int, name: str | None, max_model_len: int | None,
           max_num_seqs: int | None, kv_cache_gib: int | None, timeout: float, extra: list[str]) -> int:
     """Start the server, print its URL and model name, run until Ctrl-C, then stop it cleanly."""
     server = Server(model_dir, host, port, name, max_model_len, max_num_seqs, kv_cache_gib, extra)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`cmd &`)
+    signal.signal(signal.SIGTERM, _terminate)
     print(f"starting vLLM for {model_dir} (log: {server.log_path})", flush=True)
     try:
         server.start(timeout, progress=lambda m: print(m, flush=True))
@@ -196,3 +208,5 @@ def serve(model_dir: str, host: str, port: int, name: str | None, max_model_len:
         return 0
     finally:
         server.stop()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

@@ -122,3 +122,18 @@ def test_config_routes_and_refuses_w4a4_it_cannot_run():
     assert c._loaq_scheme(layer, "x.c") is None  # 8-bit: vLLM's own scheme
     with pytest.raises(ValueError, match="W4A4 with 4-bit group weights .* has no LoaQ kernel"):
         c._loaq_scheme(layer, "x.b")
+
+
+def test_plugin_refuses_another_vllm_and_registers_once():
+    import vllm
+    from vllm.model_executor.layers.quantization import get_quantization_config
+
+    from loaq.errors import LoaQError
+    from loaq.serve.plugin import check_vllm_version, register
+
+    check_vllm_version(vllm.__version__)
+    with pytest.raises(LoaQError, match=r"built for vLLM 0\.32\.x, found 0\.33\.0; install loaq\[serve\]"):
+        check_vllm_version("0.33.0")
+    register()
+    register()
+    assert get_quantization_config("compressed-tensors") is S.LoaQCompressedTensorsConfig

@@ -88,7 +88,7 @@ def test_a_server_that_cannot_start_reports_the_log(tmp_path):
 
     (tmp_path / "config.json").write_text("{}")
     srv = Server(str(tmp_path), max_model_len=64)
-    with pytest.raises(LoaQError, match=r"exited with status .*full log: "):
+    with pytest.raises(LoaQError, match=r"exited with status 1 while starting \(.*model_type.*\); full log: "):
         srv.start(timeout=300)
     assert srv.proc.poll() is not None
 
@@ -98,3 +98,52 @@ def test_native_checkpoint_is_refused_with_the_fix(tiny_exports):
 
     with pytest.raises(LoaQError, match="export it first: loaq-export"):
         check_model_dir(tiny_exports[True][1])
+
+
+def test_cli_serve_flags_and_vllm_args(tiny_exports, monkeypatch):
+    import loaq.serve.server as srv
+    from loaq.cli import main
+
+    seen = {}
+    monkeypatch.setattr(srv, "serve", lambda *args: seen.setdefault("args", args) and 0)
+    assert main(["serve", tiny_exports[True][0], "--port", "8123", "--name", "t", "--", "--enforce-eager", "--port", "9"]) == 0
+    model_dir, host, port, name, *_, extra = seen["args"]
+    assert (model_dir, host, port, name, extra) == (tiny_exports[True][0], "127.0.0.1", 8123, "t",
+                                                    ["--enforce-eager", "--port", "9"])
+
+
+def test_cli_serve_refuses_a_missing_directory(tmp_path, capsys):
+    from loaq.cli import main
+
+    assert main(["serve", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "does not exist" in err and "\n" not in err
+
+
+def test_serve_prints_the_url_and_stops_on_ctrl_c(monkeypatch, capsys):
+    import loaq.serve.server as srv
+
+    events = []
+
+    class Proc:
+        pid = 0
+
+        def poll(self):
+            raise KeyboardInterrupt  # Ctrl-C while serving
+
+    class FakeServer:
+        def __init__(self, *args):
+            self.name, self.url, self.log_path, self.proc = "m", "http://127.0.0.1:1", "log", Proc()
+
+        def start(self, timeout, progress):
+            events.append("start")
+
+        def stop(self):
+            events.append("stop")
+            return 0
+
+    monkeypatch.setattr(srv, "Server", FakeServer)
+    assert srv.serve("d", "127.0.0.1", 1, None, None, None, None, 10, []) == 0
+    out = capsys.readouterr().out
+    assert "serving 'm' at http://127.0.0.1:1/v1" in out and "server stopped" in out
+    assert events[0] == "start" and "stop" in events
