@@ -22,7 +22,9 @@ def server(tiny_exports):
     """One real vLLM OpenAI server on 127.0.0.1 (free port) serving the all-variant export; always stopped."""
     from loaq.serve.server import Server
 
-    srv = Server(tiny_exports[True][0], name="tiny", max_model_len=512, max_num_seqs=32)
+    # float32 like the tiny checkpoint (vLLM on CPU would otherwise pick bf16): the served model can then be
+    # compared with the local references closely
+    srv = Server(tiny_exports[True][0], name="tiny", max_model_len=512, max_num_seqs=32, extra=["--dtype", "float32"])
     try:
         srv.start(timeout=600)
         yield srv

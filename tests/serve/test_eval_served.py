@@ -5,9 +5,12 @@ It uses the serving tests' one session server (``tests/serve/conftest.py``: the 
 export — 2/3/4-bit, W4A4, online R4 — served by vLLM with the LoaQ plugin); the local side loads the
 same directory the way ``loaq eval --model EXPORT_DIR`` does (:func:`loaq.export.load.load_export`).
 
-Tolerance: vLLM computes in the served dtype with its own kernels, so summed continuation log-probs
-may differ from transformers' float32 by rounding: per choice |Δ| <= 0.25 nats and mean |Δ| <= 0.05;
-accuracy within one example per task (the argmax may flip only on near-ties).
+Tolerance: the server runs in float32 (tests/serve/conftest.py) but with vLLM's attention instead of
+transformers' sdpa. The served model quantizes activations to 4 bits (W4A4 layers): a float32 rounding
+difference that moves one activation across a rounding boundary changes that value by a whole step, so
+summed continuation log-probs differ by more than rounding. Measured: mean |Δ| 0.09 nats, max 0.52 over
+36 choices. Bounds: per choice |Δ| <= 1.0 nats, mean |Δ| <= 0.25, accuracy within one example per task;
+a missing R4 or activation quantizer moves them by several nats.
 """
 
 import torch
@@ -17,7 +20,7 @@ from loaq.tasks import names
 from loaq.zeroshot import evaluate_tasks, hf_lm, served_lm
 from tests.test_zeroshot import data_dir, write_bigbench  # noqa: F401  (the module fixture and its generator)
 
-MAX_ABS, MEAN_ABS = 0.25, 0.05
+MAX_ABS, MEAN_ABS = 1.0, 0.25
 
 
 def test_served_model_scores_as_the_local_checkpoint(server, data_dir):  # noqa: F811
