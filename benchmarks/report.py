@@ -70,6 +70,12 @@ def load_runs(results: str) -> list[dict]:
     runs: dict[str, dict] = {}
     for path in sorted(glob.glob(os.path.join(results, "*.json"))):
         doc = json.load(open(path))
+        if isinstance(doc, dict) and doc.get("extended", {}).get("rows"):  # quality.py --tables (issue #8)
+            ext = doc["extended"]
+            runs[path + "#extended"] = {"path": path, "command": ext.get("command", "?"), "date": ext.get("date", ""),
+                                        "nsamples": ext.get("nsamples"), "seqlen": ext.get("seqlen"),
+                                        "rows": [extended_row(r) for r in ext["rows"]], "zero_shot": None,
+                                        "files": [os.path.basename(path)]}
         rows = doc.get("rows") if isinstance(doc, dict) else None
         if not (rows and all("method" in r and "bits" in r and "ppl" in r for r in rows)):
             continue
@@ -87,6 +93,16 @@ def load_runs(results: str) -> list[dict]:
         else:
             runs[key if doc.get("zero_shot") else path] = run
     return sorted(runs.values(), key=lambda r: r["date"])
+
+
+EXT_METHODS = {"loaq -NOA": "loaq-nonoa", "loaq -SOA": "loaq-nosoa", "loaq -both": "loaq-nosoa-nonoa"}
+
+
+def extended_row(r: dict) -> dict:
+    """A ``quality.py --tables`` row (rotate / init / act_bits as run) in this report's row vocabulary."""
+    return {**r, "method": EXT_METHODS.get(r["method"], r["method"]), "hadamard": r.get("rotate") == "hadamard",
+            "init": None if r.get("init") in (None, "-", "minmax") else r["init"],
+            "act_bits": None if r.get("act_bits") in (None, 16) else r["act_bits"]}
 
 
 def _row_key(r: dict) -> tuple:
