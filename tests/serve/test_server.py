@@ -64,14 +64,15 @@ def test_32_concurrent_requests_all_answered(server):
     with ThreadPoolExecutor(32) as pool:
         outs = list(pool.map(lambda p: c.completions.create(model="tiny", prompt=p, **GREEDY), prompts))
     assert [o.usage.completion_tokens for o in outs] == [12] * 32 and all(o.choices[0].text for o in outs)
-    # Batching must not change the computation beyond rounding: the first token's log-probability of a prompt
-    # alone equals its value inside the batch of 32 (float32 server; M = 1 and M = 32 take different kernel
-    # paths, so later greedy tokens may flip on the tiny random model's near-ties and are not compared).
+    # Batching must not mix requests up: the first token's log-probability of a prompt alone matches its value
+    # inside the batch of 32. Not exactly: M = 1 and M = 32 take different kernel paths, whose rounding can flip
+    # a 4-bit activation code of the W4A4 layers (up to 0.3 nats measured in test_plugin), so greedy texts are
+    # not compared; another request's row would be off by whole nats.
     one = dict(GREEDY, max_tokens=1, logprobs=1)
     solo = c.completions.create(model="tiny", prompt=prompts[5], **one).choices[0].logprobs.token_logprobs[0]
     with ThreadPoolExecutor(32) as pool:
         batch = list(pool.map(lambda p: c.completions.create(model="tiny", prompt=p, **one), prompts))
-    assert abs(batch[5].choices[0].logprobs.token_logprobs[0] - solo) < 1e-3
+    assert abs(batch[5].choices[0].logprobs.token_logprobs[0] - solo) < 0.5
 
 
 @pytest.mark.parametrize("path,body", [
