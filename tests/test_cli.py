@@ -152,3 +152,23 @@ def test_quantize_with_export_writes_a_checked_compressed_tensors_dir(model_dir,
     other = tmp_path / "n2"
     assert quantize(model_dir, calib, other, "--export", str(exp)) == 2  # export target exists: refused up front
     assert "--force" in capsys.readouterr().err and not other.exists()
+
+
+def test_quantize_rotated_w4a4_with_export_serves_what_it_evaluated(model_dir, calib, tmp_path):
+    """`loaq quantize --rotate hadamard --act-bits 4 --export`: the export declares W4A4 and the engine's R4, and
+    loads (load_export) to the same logits as the native checkpoint (load_native)."""
+    import torch
+
+    from loaq.checkpoint import load_native
+    from loaq.export.check import check_export
+    from loaq.export.load import load_export
+    from loaq.export.transform import online_hadamard
+
+    out, exp = tmp_path / "n", tmp_path / "ct"
+    assert quantize(model_dir, calib, out, "--method", "loaq", "--bits", "4", "--rotate", "hadamard", "--act-bits", "4",
+                    "--export", str(exp), "--export-dtype", "float32") == 0
+    assert check_export(str(exp)).endswith("; W4A4; online R4 on 2 linears")
+    assert list(online_hadamard(str(exp))) == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_export(str(exp))[0](ids).logits, load_native(str(out))[0](ids).logits)
