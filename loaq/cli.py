@@ -212,6 +212,10 @@ def cmd_eval(a) -> int:
         if not a.quantized:
             raise LoaQError("--mse compares a quantized checkpoint with its source model; pass --quantized DIR")
         ref, _, _, _ = load_model(meta["source_model"])
+        if meta.get("rotation"):  # compare in the rotated basis (R1 is rebuilt from the seed)
+            from loaq.rotation import rotate_model
+
+            rotate_model(ref, arch, meta["rotation"]["seed"])
         ids = data.tokenize(tok, data.default_split("calib") if not a.calib else data.read_text(a.calib))
         w = data.random_windows(ids, a.mse_samples, a.eval_seqlen, seed=1234)
         record |= hidden_mse(layer_outputs(ref, arch, w), layer_outputs(model, arch, w), model.config.rms_norm_eps)
