@@ -194,19 +194,19 @@ def write(rows: list[dict], a, quiet: bool = False) -> None:
         print("\n".join(lines))
 
 
-FOUR = ("gptq", "gptaq", "qronos", "loaq")
+FOUR = ("loaq", "gptq", "qronos", "gptaq")  # LoaQ first: on a busy machine the run may not finish
 W2, W3, W4 = GridSpec(2, 0, False), GridSpec(3, 0, False), GridSpec(4, 0, False)
 W2N = GridSpec(2, 0, False, "neuqi")
 A4 = ActSpec(4, False)
-# table -> [(spec, rotate, act, [(label, Method)])]
+# table -> [(spec, rotate, act, [(label, Method)])], most important setting first
 TABLES = {
-    "2": [(W2, "hadamard", ActSpec(), [(m, Method(m)) for m in FOUR]),
-          (W3, "hadamard", ActSpec(), [(m, Method(m)) for m in FOUR])],
-    "4": [(W4, "none", A4, [(m, Method(m)) for m in FOUR]), (W4, "hadamard", A4, [(m, Method(m)) for m in FOUR])],
-    "3": [(W2N, "none", ActSpec(), [(m, Method(m)) for m in FOUR]),
-          (W2N, "hadamard", ActSpec(), [(m, Method(m)) for m in FOUR])],
-    "5": [(W2, "none", ActSpec(), [("loaq", Method("loaq")), ("loaq -NOA", Method("loaq", rescale=False))]),
-          (W2, "hadamard", ActSpec(), [("loaq -NOA", Method("loaq", rescale=False))])],
+    "2": [(W3, "hadamard", ActSpec(), [(m, Method(m)) for m in FOUR]),
+          (W2, "hadamard", ActSpec(), [(m, Method(m)) for m in FOUR])],
+    "4": [(W4, "hadamard", A4, [(m, Method(m)) for m in FOUR]), (W4, "none", A4, [(m, Method(m)) for m in FOUR])],
+    "3": [(W2N, "hadamard", ActSpec(), [(m, Method(m)) for m in FOUR]),
+          (W2N, "none", ActSpec(), [(m, Method(m)) for m in FOUR])],
+    "5": [(W2, "hadamard", ActSpec(), [("loaq -NOA", Method("loaq", rescale=False))]),
+          (W2, "none", ActSpec(), [("loaq", Method("loaq")), ("loaq -NOA", Method("loaq", rescale=False))])],
 }
 
 

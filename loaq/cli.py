@@ -233,6 +233,7 @@ def _load_for_eval(a):
 
 def cmd_eval(a) -> int:
     from loaq import data
+    from loaq.checkpoint import read_meta
     from loaq.evaluate import hidden_mse, layer_outputs, perplexity
     from loaq.models import load_model
 
@@ -265,6 +266,11 @@ def cmd_eval(a) -> int:
         if not a.quantized:
             raise LoaQError("--mse compares a quantized checkpoint with its source model; pass --quantized DIR")
         ref, _, _, _ = load_model(record["source_model"])
+        rotation = read_meta(a.quantized).get("rotation")
+        if rotation:  # compare in the rotated basis (R1 is rebuilt from the seed)
+            from loaq.rotation import rotate_model
+
+            rotate_model(ref, arch, rotation["seed"])
         ids = data.tokenize(tok, data.default_split("calib") if not a.calib else data.read_text(a.calib))
         w = data.random_windows(ids, a.mse_samples, a.eval_seqlen, seed=1234)
         record |= hidden_mse(layer_outputs(ref, arch, w), layer_outputs(model, arch, w), model.config.rms_norm_eps)

