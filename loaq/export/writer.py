@@ -213,18 +213,13 @@ def export(native_dir: str, out_dir: str, *, dtype: torch.dtype = torch.bfloat16
         for f in sorted(os.listdir(native_dir)):
             if f not in NATIVE_ONLY and os.path.isfile(os.path.join(native_dir, f)):
                 shutil.copy2(os.path.join(native_dir, f), os.path.join(tmp, f))
-        config = dict(native.config, dtype=str(dtype).removeprefix("torch."))
+        tc, ext = r4_config(*native.r4) if native.r4 else (None, None)
+        config = dict(native.config, dtype=str(dtype).removeprefix("torch."), **({EXTENSION_KEY: ext} if ext else {}))
         config.pop("torch_dtype", None)
         with open(os.path.join(tmp, "config.json"), "w") as fh:
             json.dump(config, fh, indent=2)
-        tc, ext = r4_config(*native.r4) if native.r4 else (None, None)
         ModelCompressor(quantization_config=quantization_config(native.specs, native.act),
-                        transform_config=tc).update_config(tmp)
-        if ext:
-            cfg_path = os.path.join(tmp, "config.json")
-            written = json.load(open(cfg_path))
-            with open(cfg_path, "w") as fh:
-                json.dump({**written, EXTENSION_KEY: ext}, fh, indent=2, sort_keys=True)
+                        transform_config=tc).update_config(tmp)  # adds quantization_config, keeps the rest
         with open(os.path.join(tmp, "loaq_export.json"), "w") as fh:
             json.dump({"native": native.meta}, fh, indent=2)
         total = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)
