@@ -104,6 +104,8 @@ def main() -> None:
                                                          "report.py merges runs with equal settings)")
     ap.add_argument("--out", default="benchmarks/results/quality")
     ap.add_argument("--tables", help="issue #8 tables to run, in this order, e.g. 2,4,3,5 (appends a section)")
+    ap.add_argument("--resume", action="store_true", help="--tables: keep the rows an earlier run with the same "
+                                                          "budget measured")
     a = ap.parse_args()
     if a.tables:
         return run_tables(a)
@@ -211,40 +213,65 @@ TABLES = {
 
 
 def run_tables(a) -> None:
+    """The issue #8 rows, rewritten after every row. With --resume, rows of an earlier run with the same
+    budget and zero-shot settings are kept and not re-run (a stopped run goes on where it stopped)."""
     path = a.out + ".json"
     doc = json.load(open(path)) if os.path.exists(path) else {"rows": []}
+    tasks = parse_names(a.tasks) if a.zero_shot else []
+    for t in tasks:  # missing task data fails before hours of quantization
+        task_config(t)
+    zs = {"tasks": tasks, "limit": a.zero_shot_limit, "harness": "lm-eval " + _lm_eval_version()} if tasks else None
     ext = {"command": "python " + " ".join(sys.argv), "machine": _machine(), "nsamples": a.nsamples,
-           "seqlen": a.seqlen, "eval": "ppl16k: first 16,384 eval-split tokens, 32 windows of 512", "rows": []}
+           "seqlen": a.seqlen, "eval": "ppl16k: first 16,384 eval-split tokens, 32 windows of 512",
+           "zero_shot": zs, "rows": []}
+    old = doc.get("extended") or {}
+    same = a.resume and (old.get("nsamples"), old.get("seqlen"), old.get("zero_shot")) == (a.nsamples, a.seqlen, zs)
+    done = {_row_key(r): r for r in old.get("rows", [])} if same else {}
+    if a.resume and not same and old:
+        print("--resume: the earlier run used another budget or zero-shot setting; starting afresh", flush=True)
     doc["extended"] = ext
     model, tok, arch, _ = load_model(None)
+
+    def zero_shot(m) -> dict | None:
+        if not tasks:
+            return None
+        z = evaluate_tasks(hf_lm(m, tok, a.batch_size), tasks, a.zero_shot_limit)
+        return {k: v for k, v in z.items() if k != "loglikelihoods"}
+
     calib = data.random_windows(data.tokenize(tok, data.default_split("calib")), a.nsamples, a.seqlen, seed=0)
     evalw = data.eval_windows(data.tokenize(tok, data.default_split("eval")), 512, 16384)
-    fp = perplexity(model, evalw)
-    ext["rows"].append(dict(table="-", method="fp32", bits=32, group=0, rotate="none", init="-", act_bits=16,
-                            alpha=None, beta=None, ppl=fp, quant_seconds=0.0))
+    fp = dict(table="-", method="fp32", bits=32, group=0, rotate="none", init="-", act_bits=16, alpha=None, beta=None,
+              quant_seconds=0.0)
+    ext["rows"].append(done.get(_row_key(fp)) or dict(fp, ppl=perplexity(model, evalw), zero_shot=zero_shot(model)))
     rotated = None
     for t in a.tables.split(","):
         for spec, rot, act, methods in TABLES[t]:
-            if rot == "hadamard" and rotated is None:
-                rotated = copy.deepcopy(model)
-                rotate_model(rotated, arch, 0)  # exact in fp (tests/test_smollm2.py), so no second fp row
-            base = rotated if rot == "hadamard" else model
             for label, method in methods:
                 cfg = QuantConfig(spec=spec, method=method, act=act, rotation=RotationSpec(rot, 0))
-                m = copy.deepcopy(base)
+                row = dict(table=t, method=label, bits=spec.bits, group=spec.group_size, rotate=rot, init=spec.init,
+                           act_bits=act.bits, alpha=cfg.method.alpha if method.name in ("gptaq", "loaq") else None,
+                           beta=cfg.method.beta if method.name == "loaq" else None)
+                if _row_key(row) in done:
+                    ext["rows"].append(done[_row_key(row)])
+                    continue
+                if rot == "hadamard" and rotated is None:
+                    rotated = copy.deepcopy(model)
+                    rotate_model(rotated, arch, 0)  # exact in fp (tests/test_smollm2.py), so no second fp row
+                m = copy.deepcopy(rotated if rot == "hadamard" else model)
                 gc.collect()
                 t0 = time.time()
                 quantize_model(m, arch, calib, cfg, batch_size=a.batch_size, progress=False)
-                secs = time.time() - t0
-                row = dict(table=t, method=label, bits=spec.bits, group=spec.group_size, rotate=rot, init=spec.init,
-                           act_bits=act.bits, alpha=cfg.method.alpha if method.name in ("gptaq", "loaq") else None,
-                           beta=cfg.method.beta if method.name == "loaq" else None, ppl=perplexity(m, evalw),
-                           quant_seconds=round(secs, 2))
+                row.update(quant_seconds=round(time.time() - t0, 2), ppl=perplexity(m, evalw), zero_shot=zero_shot(m))
                 del m
                 ext["rows"].append(row)
                 print(row, flush=True)
                 ext["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
                 _write_extended(doc, a)
+    _write_extended(doc, a)
+
+
+def _row_key(r: dict) -> tuple:
+    return tuple(r.get(k) for k in ("table", "method", "bits", "group", "rotate", "init", "act_bits", "alpha", "beta"))
 
 
 def _machine() -> str:
@@ -261,14 +288,18 @@ def _write_extended(doc: dict, a) -> None:
     fp = ext["rows"][0]["ppl"]
     lines = [EXT_TITLE, "", f"Command: `{ext['command']}`  ", f"Machine: {ext['machine']}  ",
              f"Date: {ext.get('date', '-')}  ",
-             f"Budget: {ext['nsamples']}x{ext['seqlen']} calibration tokens (the table above used 64x512), ppl16k; "
-             f"fp32 {fp:.3f} (the rotated fp model is the same function).", "",
-             "| table | bits | rotate | init | act | method | alpha | beta | ppl | ppl / fp | quant s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in ext["rows"][1:]:
+             f"Budget: {ext['nsamples']}x{ext['seqlen']} calibration tokens{' (the table above used 64x512)' if head else ''}, ppl16k; "
+             f"fp32 {fp:.3f} (the rotated fp model is the same function).  ", "",
+             "| table | bits | rotate | init | act | method | alpha | beta | ppl | ppl / fp | 0-shot avg acc | quant s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    zs = ext.get("zero_shot")
+    if zs:
+        lines[6:6] = [f"Zero-shot: lm-evaluation-harness ({zs['harness']}) acc averaged over {', '.join(zs['tasks'])}, "
+                      f"first {zs['limit']} examples of each.  "]
+    for r in ext["rows"]:
         lines.append(f"| {r['table']} | {r['bits']} | {r['rotate']} | {r['init']} | A{r['act_bits']} | {r['method']} | "
                      f"{r['alpha'] if r['alpha'] is not None else '-'} | {r['beta'] if r['beta'] is not None else '-'} | "
-                     f"{r['ppl']:.3f} | {r['ppl'] / fp:.3f} | {r['quant_seconds']:.1f} |")
+                     f"{r['ppl']:.3f} | {r['ppl'] / fp:.3f} | {_acc(r)} | {r['quant_seconds']:.1f} |")
     lines += ["", "Table 5: with the default β = 0 the SOA term β·H⁻¹B vanishes, so LoaQ -SOA is LoaQ and -both is "
               "-NOA, bit for bit (not re-run)."]
     with open(md, "w") as fh:

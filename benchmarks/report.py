@@ -74,7 +74,7 @@ def load_runs(results: str) -> list[dict]:
             ext = doc["extended"]
             runs[path + "#extended"] = {"path": path, "command": ext.get("command", "?"), "date": ext.get("date", ""),
                                         "nsamples": ext.get("nsamples"), "seqlen": ext.get("seqlen"),
-                                        "rows": [extended_row(r) for r in ext["rows"]], "zero_shot": None,
+                                        "rows": [extended_row(r) for r in ext["rows"]], "zero_shot": ext.get("zero_shot"),
                                         "files": [os.path.basename(path)]}
         rows = doc.get("rows") if isinstance(doc, dict) else None
         if not (rows and all("method" in r and "bits" in r and "ppl" in r for r in rows)):

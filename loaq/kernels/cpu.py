@@ -14,8 +14,9 @@ pair per 32-bit lane, in the order of 32 contiguous 16-bit activations.
     of 8 tokens share each decoded weight vector, so this path runs up to
     ``M < DEQUANT_MIN_M_DOT``.
   - W4A4 on CPUs with AVX512-VNNI: ``vpdpwssd`` of the codes with the int16
-    activation codes, exact int32 sums, then the reference's fp32 epilogue; also
-    up to ``M < DEQUANT_MIN_M_DOT``, with blocks of 8 tokens.
+    activation codes, exact int32 sums, then the reference's fp32 epilogue, with
+    blocks of 8 tokens. It runs at every M, prefill included: it beats dequantize +
+    GEMM by about 2x at 16-512 tokens, so W4A4 on these CPUs has no crossover.
   - otherwise (fp32 activations, older CPUs, ``USE_DOT = False``): portable fp32 FMAs
     (GCC vector extensions) against x copied in pair order, up to 4 tokens per
     decoded weight vector.
@@ -502,6 +503,7 @@ int loaq_w4a4_gemv(const int8_t* codes, const int32_t* zero, const float* sx, in
     int32_t* xsum = (int32_t*)malloc(M * sizeof(int32_t));
     float* y = (float*)malloc(M * N * sizeof(float));
     if (!xq || !xsum || !y) { free(xq); free(xsum); free(y); return 2; }
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * kp > 65536)
     for (int64_t m = 0; m < M; ++m) {
         int32_t sum = 0;
         for (int64_t k = 0; k < kp; ++k) {
@@ -551,7 +553,7 @@ int loaq_w4a4_gemv(const int8_t* codes, const int32_t* zero, const float* sx, in
 #endif
 }
 
-// Both W4A4 steps in one call (decode): quantize x [M, K] (fp32, or bf16 if x_bf16; row
+// Both W4A4 steps in one call (any M on VNNI CPUs): quantize x [M, K] (fp32, or bf16 if x_bf16; row
 // stride ldx) per token as loaq_act_quant does, then loaq_w4a4_gemv.
 int loaq_w4a4_linear(const void* x, int x_bf16, int64_t M, int64_t ldx, int sym, const LoaqWeight* wd,
                      void* out, int out_bf16, int nthreads) {
@@ -561,6 +563,7 @@ int loaq_w4a4_linear(const void* x, int x_bf16, int64_t M, int64_t ldx, int sym,
     float* sx = (float*)(codes + kc);
     int32_t* zero = (int32_t*)(sx + M);
     int32_t* rowsum = zero + M;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * K > 65536)
     for (int64_t m = 0; m < M; ++m)
         act_quant_row(x, x_bf16, m * ldx, K, sym, codes + m * K, sx + m, zero + m, rowsum + m);
     int rc = loaq_w4a4_gemv(codes, zero, sx, M, wd, out, out_bf16, nthreads);
@@ -721,9 +724,12 @@ def _dequant_min_m(dtype: torch.dtype) -> int:
     return DEQUANT_MIN_M_DOT if dtype is torch.bfloat16 and USE_DOT and "bf16" in features() else DEQUANT_MIN_M
 
 
-def _int_dot(m: int) -> bool:
-    """Whether W4A4 with m tokens runs the integer dot-product GEMV."""
-    return m < DEQUANT_MIN_M_DOT and USE_DOT and "int" in features()
+def _int_dot() -> bool:
+    """Whether W4A4 runs the integer dot-product kernel: at every M where the CPU has VNNI. It reads each
+    decoded weight vector for 8 tokens and beats both the bf16 oneDNN GEMM and dequantize + GEMM at every M
+    measured (16..512 tokens, SmolLM2 shapes, 1 thread: 1.4-1.9x the bf16 GEMM, about 2x dequantize + GEMM;
+    benchmarks/results/kernels.md), so it has no prefill crossover."""
+    return USE_DOT and "int" in features()
 
 
 def cpu_wna16_matmul(x: torch.Tensor, w: CpuWeight) -> torch.Tensor:
@@ -755,7 +761,7 @@ def cpu_w4a4_matmul(act: ActQuant, w: CpuWeight, out_dtype: torch.dtype) -> torc
     """W4A4 on CPU: ``sx * ((a - za) @ ((b - zb) * sw).T)``, exact integer sums."""
     assert w.bits == 4 and w.scales.shape[1] == 1, "W4A4 needs 4-bit per-channel weights"
     m = act.codes.shape[0]
-    if _int_dot(m):
+    if _int_dot():
         y = torch.empty((m, w.n), dtype=torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
         rc = _library().loaq_w4a4_gemv(act.codes.data_ptr(), act.zero.data_ptr(), act.scale.data_ptr(), m,
                                        w.addr, y.data_ptr(), y.dtype == torch.bfloat16,
@@ -772,8 +778,8 @@ def cpu_w4a4_matmul(act: ActQuant, w: CpuWeight, out_dtype: torch.dtype) -> torc
 
 def cpu_w4a4_linear(x: torch.Tensor, w: CpuWeight, sym: bool) -> torch.Tensor:
     """W4A4 ``x @ W.T`` for x [M, K]: per-token activation quantization, then the integer
-    GEMM; returns x.dtype. At decode on VNNI CPUs both steps run in one C call."""
-    if x.dtype in _NATIVE and x.stride(-1) == 1 and _int_dot(x.shape[0]):
+    GEMM; returns x.dtype. On VNNI CPUs both steps run in one C call."""
+    if x.dtype in _NATIVE and x.stride(-1) == 1 and _int_dot():
         y = torch.empty(x.shape[0], w.n, dtype=x.dtype)
         rc = _library().loaq_w4a4_linear(x.data_ptr(), x.dtype is torch.bfloat16, x.shape[0], x.stride(0), sym,
                                          w.addr, y.data_ptr(), x.dtype is torch.bfloat16, torch.get_num_threads())

@@ -98,10 +98,14 @@ def test_cpu_w4a4_linear_is_quantize_then_matmul(sym, dtype, use_dot):
     w = make_packed(4, n, k, None, True, torch.float32, seed=7, device="cpu")
     prepared = prepare_cpu(w)
     gen = torch.Generator().manual_seed(8)
-    for m in (1, 3, 11, DEQUANT_MIN_M_DOT):  # fused decode call, then quantizer + dequant GEMM
+    # VNNI: one fused call at every M (blocks of 8 tokens + a tail); portable: quantizer + dequant GEMM from M = 8
+    for m in (1, 3, 11, DEQUANT_MIN_M_DOT, 2 * DEQUANT_MIN_M_DOT + 5):
         x = (torch.randn(m, 2 * k, generator=gen) * 2).to(dtype)[:, ::2]  # strided rows
         y = cpu_w4a4_linear(x, prepared, sym)
         assert y.dtype == dtype
         two_step = cpu_w4a4_matmul(cpu_quantize_activations(x, sym), prepared, dtype)
         assert torch.equal(y, two_step), m
-        assert rel_err(y, w4a4_matmul_ref(quantize_activations_ref(x, sym), w, dtype)) < 1e-2, m
+        act = quantize_activations_ref(x, sym)
+        assert rel_err(y, w4a4_matmul_ref(act, w, dtype)) < 1e-2, m
+        if use_dot and "int" in features():  # exact integer sums and the reference's epilogue at any M
+            assert torch.equal(y, w4a4_matmul_ref(act, w, dtype)), m
