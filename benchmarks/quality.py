@@ -8,16 +8,21 @@ rtn, gptq, gptaq, qronos, lloa, loaq. Perplexity is ppl16k on the DATA.md evalua
 --search; GPTAQ uses its own default weighting 0.25. quant_seconds is the wall time of
 quantize_model; peak_mem_mb is the peak RSS above the level before quantization (sampled every 20 ms).
 
-With --tables (issue #8: the paper's Tables 2-5 on SmolLM2) it instead appends an "extended" section
-to both files, rewritten after every row so a partial run keeps what it measured:
+With --tables (issue #8: the paper's Tables 2-5 on SmolLM2; 1 and 7 for their zero-shot column) it instead
+appends an "extended" section to both files, rewritten after every row so a partial run keeps what it
+measured (--resume goes on from there):
 
-    nice -n 10 python benchmarks/quality.py --nsamples 32 --seqlen 512 --tables 2,4,3,5
+    nice -n 10 python benchmarks/quality.py --nsamples 32 --seqlen 512 --tables 2,4,3,5,1,7 --zero-shot \
+        --zero-shot-limit 100 --resume --out benchmarks/results/quality_tables
 
+- Tables 1 and 7: 2- and 3-bit per-channel, no rotation: gptq, gptaq, qronos, loaq (with --zero-shot, the
+  zero-shot column of the main table's settings);
 - Table 2: 2- and 3-bit per-channel with Hadamard (rotate=hadamard): gptq, gptaq, qronos, loaq;
 - Table 4: W4A4 (4-bit per-channel weights, 4-bit per-token asymmetric activations), without and with Hadamard;
 - Table 3: 2-bit per-channel with NeUQI (integer zero points), without and with Hadamard;
 - Table 5: LoaQ ablation at 2-bit: -NOA (no RMSNorm rescaling) without and with Hadamard, plus full
-  LoaQ without Hadamard (with Hadamard it is Table 2's row). With the default β = 0, -SOA is LoaQ itself
+  LoaQ without Hadamard (with Hadamard it is Table 2's row; a setting that two tables share is measured
+  once and listed in both). With the default β = 0, -SOA is LoaQ itself
   and -both is -NOA (the SOA term is β·H⁻¹B), so those rows are recorded as identical, not re-run.
 Rows carry rotate, init and act_bits. α, β: the defaults from `loaq search` (loaq.config), never tuned
 on the evaluation split.
@@ -202,6 +207,8 @@ W2N = GridSpec(2, 0, False, "neuqi")
 A4 = ActSpec(4, False)
 # table -> [(spec, rotate, act, [(label, Method)])], most important setting first
 TABLES = {
+    "1": [(W2, "none", ActSpec(), [(m, Method(m)) for m in FOUR])],
+    "7": [(W3, "none", ActSpec(), [(m, Method(m)) for m in FOUR])],
     "2": [(W3, "hadamard", ActSpec(), [(m, Method(m)) for m in FOUR]),
           (W2, "hadamard", ActSpec(), [(m, Method(m)) for m in FOUR])],
     "4": [(W4, "hadamard", A4, [(m, Method(m)) for m in FOUR]), (W4, "none", A4, [(m, Method(m)) for m in FOUR])],
@@ -251,8 +258,10 @@ def run_tables(a) -> None:
                 row = dict(table=t, method=label, bits=spec.bits, group=spec.group_size, rotate=rot, init=spec.init,
                            act_bits=act.bits, alpha=cfg.method.alpha if method.name in ("gptaq", "loaq") else None,
                            beta=cfg.method.beta if method.name == "loaq" else None)
-                if _row_key(row) in done:
-                    ext["rows"].append(done[_row_key(row)])
+                same = done.get(_row_key(row)) or next((r for r in ext["rows"] + list(done.values())
+                                                        if _row_key(r)[1:] == _row_key(row)[1:]), None)
+                if same:  # measured earlier, or the same setting in another table (Table 5's LoaQ is Table 1's)
+                    ext["rows"].append(dict(same, table=t))
                     continue
                 if rot == "hadamard" and rotated is None:
                     rotated = copy.deepcopy(model)
