@@ -28,6 +28,7 @@ BASELINES = ("gptq", "gptaq", "qronos")
 MAIN = (*BASELINES, "loaq")
 NO, HAD = {"hadamard": False}, {"hadamard": True}
 W2, W3 = {"bits": 2, "group": 0}, {"bits": 3, "group": 0}
+W4A4 = {"bits": 4, "group": 0, "act_bits": 4}
 PENDING = "needs the engine's {} runs (issue #8); regenerate with the quality benchmark once it has them"
 
 # id, title, methods (rows), column groups (title, selector), per-task columns, why it can be missing
@@ -38,7 +39,7 @@ TABLES = [
     ("3", "2-bit channel-wise with NeUQI initialization (paper Table 3)", MAIN,
      [("W2 NeUQI", W2 | NO | {"init": "neuqi"}), ("W2 NeUQI + Hadamard", W2 | HAD | {"init": "neuqi"})], False, "NeUQI"),
     ("4", "W4A4, 4-bit channel-wise weights, 4-bit per-token dynamic activations (paper Table 4)", MAIN,
-     [("W4A4", {"bits": 4, "group": 0, "act_bits": 4} | NO), ("W4A4 + Hadamard", {"bits": 4, "group": 0, "act_bits": 4} | HAD)],
+     [("W4A4", W4A4 | NO), ("W4A4 + Hadamard", W4A4 | HAD)],
      False, "W4A4"),
     ("5", "Ablation of SOA and NOA, 2-bit channel-wise (paper Table 5)", ("loaq", "loaq-nosoa", "loaq-nonoa", "loaq-nosoa-nonoa"),
      [("W2", W2 | NO), ("W2 + Hadamard", W2 | HAD)], False, "ablation"),
@@ -200,7 +201,9 @@ def claims(runs: list[dict], used: dict[int, str]) -> list[str]:
                              ("... and with the Hadamard transform (Table 2)", "W2 + Hadamard", W2 | HAD),
                              ("", "W3 + Hadamard", W3 | HAD),
                              ("... with NeUQI (Table 3)", "W2 NeUQI", W2 | NO | {"init": "neuqi"}),
-                             ("... at W4A4 (Table 4)", "W4A4", {"bits": 4, "group": 0, "act_bits": 4} | NO),
+                             ("", "W2 NeUQI + Hadamard", W2 | HAD | {"init": "neuqi"}),
+                             ("... at W4A4 (Table 4)", "W4A4", W4A4 | NO),
+                             ("", "W4A4 + Hadamard", W4A4 | HAD),
                              ("(not in the paper) 4-bit group 64", "W4 g64", {"bits": 4, "group": 64} | NO)):
         got = [(m, r) for m in ("ppl", "acc") if (r := _vs_baselines(runs, used, sel, m))]
         if not got:
@@ -215,6 +218,17 @@ def claims(runs: list[dict], used: dict[int, str]) -> list[str]:
         ratio = lambda t: t[0] / t[2]  # noqa: E731
         lines.append(f"| the gap narrows as bits grow (Section 4.3) | W2 → W3 | LoaQ ppl / best baseline ppl | "
                      f"{ratio(w2):.3f} → {ratio(w3):.3f} | - | {w2[4]}, {w3[4]} | {'yes' if ratio(w3) > ratio(w2) else 'no'} |")
+    lines += _paired(runs, used, "NOA (the RMSNorm rescaling of W_out's tokens) helps (Table 5)", "loaq", "loaq-nonoa",
+                     [("W2", W2 | NO), ("W2 + Hadamard", W2 | HAD)])
+    lines += _paired(runs, used, "the Hadamard transform helps LoaQ (Table 2 vs Tables 1/7)", "loaq", "loaq",
+                     [("W2", W2), ("W3", W3)], (HAD, NO))
+    for i in ordered(runs):  # issue #8's goal: with Hadamard, 3-bit LoaQ within 15 % of the fp perplexity
+        if (r := in_run(runs[i], "loaq", W3 | HAD)) and (fp := in_run(runs[i], "fp32", {"bits": 32, "group": 0})):
+            q = r["ppl"] / fp["ppl"]
+            lines.append(f"| (issue #8's goal) W3 + Hadamard LoaQ within 15 % of fp | W3 + Hadamard | ppl / fp32 ppl | "
+                         f"{q:.3f} | fp32 {fp_ppl(fp)} | {used.setdefault(i, chr(ord('a') + len(used)))} | "
+                         f"{'yes' if q <= 1.15 else 'no'} |")
+            break
     timed = [(i, t) for i in ordered(runs) if "loaq" in (t := {m: r["quant_seconds"] for m in ("loaq", *BASELINES)
                                                              if (r := in_run(runs[i], m, W3 | NO)) and r.get("quant_seconds")})]
     if timed:
@@ -226,6 +240,27 @@ def claims(runs: list[dict], used: dict[int, str]) -> list[str]:
                          f"time / GPTQ's | {times['loaq'] / times['gptq']:.2f}× | {others} | "
                          f"{used.setdefault(i, chr(ord('a') + len(used)))} | {'yes' if slower else 'no'} |")
     return lines
+
+
+def fp_ppl(row: dict) -> str:
+    return fmt_ppl(row["ppl"])
+
+
+def _paired(runs: list[dict], used: dict[int, str], claim: str, method: str, other: str,
+            settings: list[tuple[str, dict]], extra: tuple[dict, dict] = ({}, {})) -> list[str]:
+    """Claim rows comparing ``method`` under ``sel | extra[0]`` with ``other`` under ``sel | extra[1]`` (one run
+    holding both; lower ppl = the claim holds)."""
+    out = []
+    for name, sel in settings:
+        for i in ordered(runs):
+            a, b = in_run(runs[i], method, sel | extra[0]), in_run(runs[i], other, sel | extra[1])
+            if a and b:
+                label = other if other != method else f"{other} {'without' if extra[1].get('hadamard') is False else 'with'} Hadamard"
+                out.append(f"| {claim} | {name} | ppl ↓ | {fmt_ppl(a['ppl'])} | {label} {fmt_ppl(b['ppl'])} | "
+                           f"{used.setdefault(i, chr(ord('a') + len(used)))} | {'yes' if a['ppl'] <= b['ppl'] else 'no'} |")
+                claim = ""
+                break
+    return out
 
 
 # DATA.md §4: fp32 SmolLM2 on the first 250 examples, scored by an independent (non-harness) script: acc, acc_norm
