@@ -292,7 +292,8 @@ def _write_extended(doc: dict, a) -> None:
     with open(a.out + ".json", "w") as fh:
         json.dump(doc, fh, indent=2)
     md = a.out + ".md"
-    head = open(md).read().split(EXT_TITLE)[0].rstrip() + "\n\n" if os.path.exists(md) else ""
+    head = open(md).read().split(EXT_TITLE)[0].strip() if os.path.exists(md) else ""
+    head = head + "\n\n" if head else ""
     ext = doc["extended"]
     fp = ext["rows"][0]["ppl"]
     lines = [EXT_TITLE, "", f"Command: `{ext['command']}`  ", f"Machine: {ext['machine']}  ",
