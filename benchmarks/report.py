@@ -320,7 +320,9 @@ def size_ppl_rows(results: str, runs: list[dict]) -> str | None:
     """Join export.json's size on disk per grid with the perplexity of each method on that grid (size does
     not depend on the method) into ``size_ppl.json``; its path, or None without both inputs."""
     path = os.path.join(results, "export.json")
-    qrun = max((r for r in runs if in_run(r, "loaq", W2 | NO)), key=lambda r: len(r["rows"]), default=None)
+    plain = lambda r: sum(row["method"] in ("rtn", "gptq", "loaq") and not row.get("hadamard")  # noqa: E731
+                          and not row.get("init") and not row.get("act_bits") for row in r["rows"])
+    qrun = max((r for r in runs if in_run(r, "loaq", W2 | NO)), key=plain, default=None)  # most weight-only grids
     if not os.path.isfile(path) or qrun is None:
         return None
     doc = json.load(open(path))
