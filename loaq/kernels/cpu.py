@@ -737,13 +737,7 @@ def cpu_wna16_matmul(x: torch.Tensor, w: CpuWeight) -> torch.Tensor:
     shape, dtype = x.shape, x.dtype  # each tensor attribute costs ~0.1-0.2 us: read them once
     assert shape[-1] == w.k, f"x has K={shape[-1]}, weight has K={w.k}"
     if len(shape) == 2 and dtype in _NATIVE and shape[0] < _dequant_min_m(dtype) and x.stride(1) == 1:
-        # decode: _gemv inlined, since Python overhead is ~10 % of a SmolLM2 layer's GEMV (576², 1 token)
-        m, bf16 = shape[0], dtype is torch.bfloat16
-        y = torch.empty(m, w.n, dtype=dtype)
-        rc = _library().loaq_gemv(x.data_ptr(), m, x.stride(0), w.addr, y.data_ptr(), bf16 | bf16 << 1 | USE_DOT << 2,
-                                  torch.get_num_threads())
-        assert rc == 0, f"loaq_gemv failed with code {rc}"
-        return y
+        return _gemv(x, w, dtype)  # decode: the shortest path, Python overhead counts here
     x2 = x.reshape(-1, w.k)
     dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
     if x2.shape[0] >= _dequant_min_m(dtype):
