@@ -114,16 +114,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.tables:
         return run_tables(a)
-    tasks = parse_names(a.tasks) if a.zero_shot else []
-    for t in tasks:  # missing task data fails before hours of quantization
-        task_config(t)
-
-    def zero_shot(m) -> dict | None:
-        if not tasks:
-            return None
-        z = evaluate_tasks(hf_lm(m, tok, a.batch_size), tasks, a.zero_shot_limit)
-        return {k: v for k, v in z.items() if k != "loglikelihoods"}
-
+    tasks = zero_shot_tasks(a)
+    zero_shot = lambda m: zero_shot_acc(m, tok, tasks, a)  # noqa: E731
     alpha, beta = 0.5, 0.5
     if a.search:
         s = json.load(open(a.search))
@@ -159,6 +151,22 @@ def main() -> None:
             write(rows, a, quiet=True)  # a long run keeps every finished row
             del m
     write(rows, a)
+
+
+def zero_shot_tasks(a) -> list[str]:
+    """The --zero-shot task names, each checked to have its data (a missing one fails before hours of work)."""
+    tasks = parse_names(a.tasks) if a.zero_shot else []
+    for t in tasks:
+        task_config(t)
+    return tasks
+
+
+def zero_shot_acc(m, tok, tasks: list[str], a) -> dict | None:
+    """lm-eval accuracy of model ``m`` on ``tasks`` (first --zero-shot-limit examples), without the raw loglikelihoods."""
+    if not tasks:
+        return None
+    z = evaluate_tasks(hf_lm(m, tok, a.batch_size), tasks, a.zero_shot_limit)
+    return {k: v for k, v in z.items() if k != "loglikelihoods"}
 
 
 def tasks_of(rows: list[dict]) -> list[str]:
@@ -224,27 +232,21 @@ def run_tables(a) -> None:
     budget and zero-shot settings are kept and not re-run (a stopped run goes on where it stopped)."""
     path = a.out + ".json"
     doc = json.load(open(path)) if os.path.exists(path) else {"rows": []}
-    tasks = parse_names(a.tasks) if a.zero_shot else []
-    for t in tasks:  # missing task data fails before hours of quantization
-        task_config(t)
+    tasks = zero_shot_tasks(a)
     zs = {"tasks": tasks, "limit": a.zero_shot_limit, "harness": "lm-eval " + _lm_eval_version()} if tasks else None
     ext = {"command": "python " + " ".join(sys.argv), "machine": _machine(), "nsamples": a.nsamples,
            "seqlen": a.seqlen, "eval": "ppl16k: first 16,384 eval-split tokens, 32 windows of 512",
            "zero_shot": zs, "rows": []}
     old = doc.get("extended") or {}
-    same = a.resume and (old.get("nsamples"), old.get("seqlen"), old.get("zero_shot")) == (a.nsamples, a.seqlen, zs)
-    done = {_row_key(r): r for r in old.get("rows", [])} if same else {}
-    if a.resume and not same and old:
+    resumable = a.resume and (old.get("nsamples"), old.get("seqlen"), old.get("zero_shot")) == (a.nsamples, a.seqlen, zs)
+    done = {_row_key(r): r for r in old.get("rows", [])} if resumable else {}
+    if resumable and old.get("date"):  # the date of the newest row; a run that adds none keeps it
+        ext["date"] = old["date"]
+    if a.resume and not resumable and old:
         print("--resume: the earlier run used another budget or zero-shot setting; starting afresh", flush=True)
     doc["extended"] = ext
     model, tok, arch, _ = load_model(None)
-
-    def zero_shot(m) -> dict | None:
-        if not tasks:
-            return None
-        z = evaluate_tasks(hf_lm(m, tok, a.batch_size), tasks, a.zero_shot_limit)
-        return {k: v for k, v in z.items() if k != "loglikelihoods"}
-
+    zero_shot = lambda m: zero_shot_acc(m, tok, tasks, a)  # noqa: E731
     calib = data.random_windows(data.tokenize(tok, data.default_split("calib")), a.nsamples, a.seqlen, seed=0)
     evalw = data.eval_windows(data.tokenize(tok, data.default_split("eval")), 512, 16384)
     fp = dict(table="-", method="fp32", bits=32, group=0, rotate="none", init="-", act_bits=16, alpha=None, beta=None,
@@ -258,10 +260,10 @@ def run_tables(a) -> None:
                 row = dict(table=t, method=label, bits=spec.bits, group=spec.group_size, rotate=rot, init=spec.init,
                            act_bits=act.bits, alpha=cfg.method.alpha if method.name in ("gptaq", "loaq") else None,
                            beta=cfg.method.beta if method.name == "loaq" else None)
-                same = done.get(_row_key(row)) or next((r for r in ext["rows"] + list(done.values())
-                                                        if _row_key(r)[1:] == _row_key(row)[1:]), None)
-                if same:  # measured earlier, or the same setting in another table (Table 5's LoaQ is Table 1's)
-                    ext["rows"].append(dict(same, table=t))
+                earlier = done.get(_row_key(row)) or next((r for r in ext["rows"] + list(done.values())
+                                                           if _row_key(r)[1:] == _row_key(row)[1:]), None)
+                if earlier:  # measured before, or the same setting in another table (Table 5's LoaQ is Table 1's)
+                    ext["rows"].append(dict(earlier, table=t))
                     continue
                 if rot == "hadamard" and rotated is None:
                     rotated = copy.deepcopy(model)

@@ -226,7 +226,7 @@ def claims(runs: list[dict], used: dict[int, str]) -> list[str]:
         if (r := in_run(runs[i], "loaq", W3 | HAD)) and (fp := in_run(runs[i], "fp32", {"bits": 32, "group": 0})):
             q = r["ppl"] / fp["ppl"]
             lines.append(f"| (issue #8's goal) W3 + Hadamard LoaQ within 15 % of fp | W3 + Hadamard | ppl / fp32 ppl | "
-                         f"{q:.3f} | fp32 {fp_ppl(fp)} | {used.setdefault(i, chr(ord('a') + len(used)))} | "
+                         f"{q:.3f} | fp32 {fmt_ppl(fp['ppl'])} | {used.setdefault(i, chr(ord('a') + len(used)))} | "
                          f"{'yes' if q <= 1.15 else 'no'} |")
             break
     timed = [(i, t) for i in ordered(runs) if "loaq" in (t := {m: r["quant_seconds"] for m in ("loaq", *BASELINES)
@@ -240,10 +240,6 @@ def claims(runs: list[dict], used: dict[int, str]) -> list[str]:
                          f"time / GPTQ's | {times['loaq'] / times['gptq']:.2f}× | {others} | "
                          f"{used.setdefault(i, chr(ord('a') + len(used)))} | {'yes' if slower else 'no'} |")
     return lines
-
-
-def fp_ppl(row: dict) -> str:
-    return fmt_ppl(row["ppl"])
 
 
 def _paired(runs: list[dict], used: dict[int, str], claim: str, method: str, other: str,
