@@ -18,18 +18,13 @@ import re
 
 import torch
 
+from loaq.cache import cache_dir
 from loaq.errors import LoaQError
 
 WIKI = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 N_CALIB_ARTICLES = 80
 _TAIL = re.compile(r"^==\s*(See also|References|Notes|Footnotes|Citations|Further reading|External links"
                    r"|Bibliography|Sources)\s*==\s*$", re.M | re.I)
-
-
-def cache_dir() -> str:
-    d = os.environ.get("LOAQ_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "loaq"))
-    os.makedirs(d, exist_ok=True)
-    return d
 
 
 def _clean(raw: str) -> str:
