@@ -49,7 +49,7 @@ import torch
 from loaq import data
 from loaq.actquant import ActSpec
 from loaq.config import Method, QuantConfig
-from loaq.evaluate import perplexity
+from loaq.metrics import perplexity
 from loaq.grids import GridSpec
 from loaq.models import load_model
 from loaq.pipeline import quantize_model

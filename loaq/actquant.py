@@ -2,7 +2,7 @@
 
 The fake-quantized value is ``(codes - zero) * scale`` of the serving kernels' reference
 :func:`loaq.kernels.w4a4_ref.quantize_activations_ref` (computed in float32, cast back to the input
-dtype), so calibration, evaluation and serving see the same activations (CONTRACT.md).
+dtype), so calibration, evaluation and serving see the same activations.
 It runs as a forward pre-hook on each quantized linear, after any other pre-hook already there
 (the online Hadamard R4 before ``down_proj``, :mod:`loaq.rotation`).
 """
@@ -34,7 +34,7 @@ class ActSpec:
         return self.bits < 16
 
     def meta(self) -> dict | None:
-        """The checkpoint's ``"activations"`` entry (CONTRACT.md)."""
+        """The checkpoint's ``"activations"`` entry (:mod:`loaq.checkpoint`)."""
         return {"bits": self.bits, "symmetric": self.symmetric} if self.enabled else None
 
 

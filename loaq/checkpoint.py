@@ -9,7 +9,7 @@ A native checkpoint directory holds everything an exporter needs, nothing to rec
   float32 only for NeUQI's continuous zero points, which compressed-tensors cannot hold);
 - ``model.safetensors``: every other tensor of the model (embeddings, norms, lm_head, biases);
 - ``config.json``, ``generation_config.json`` and the tokenizer files;
-- W4A4 and rotation (CONTRACT.md): ``loaq.json`` ``"activations"`` (``{"bits": 4, "symmetric": …}``)
+- W4A4 and rotation: ``loaq.json`` ``"activations"`` (``{"bits": 4, "symmetric": …}``)
   and ``"rotation"`` (:meth:`loaq.rotation.Rotation.meta`), plus ``rotation.safetensors`` with
   ``"r4.had_k"``. R1/R2 and the norm scales are already in the stored weights; :func:`load_native`
   re-attaches the online R4 and the activation fake quantizer so the loaded model is the deployed one.
@@ -99,10 +99,6 @@ class LayerStore:
             return None
         st = torch.load(p, weights_only=True)
         return st["next_layer"], st["h"], st["h_hat"]
-
-    def resume_point(self) -> int | None:
-        saved = self.load_streams()
-        return saved[0] if saved else None
 
     def load_layers(self, model, upto: int) -> dict[str, QuantResult]:
         """Results of layers ``0..upto-1``, written back into ``model``'s weights."""

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
-import time
 
 from loaq.errors import LoaQError
 
@@ -27,65 +24,69 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    from loaq.config import METHODS
+    """Every flag defaults to None ("not given"), so a --recipe's value stands unless a flag overrides it."""
+    from loaq.methods import METHODS
 
-    p.add_argument("--method", default="loaq", choices=METHODS)
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--group-size", type=int, default=0, help="0 = per output channel (default)")
-    p.add_argument("--sym", action="store_true", help="symmetric grid (default: asymmetric)")
+    p.add_argument("--recipe", help="YAML/JSON recipe, or a finished run's loaq.json / directory (flags override it)")
+    p.add_argument("--method", choices=METHODS, help="default: loaq")
+    p.add_argument("--bits", type=int, help="default: 3")
+    p.add_argument("--group-size", type=int, help="0 = per output channel (default)")
+    p.add_argument("--sym", action=argparse.BooleanOptionalAction, help="symmetric grid (default: asymmetric)")
     p.add_argument("--alpha", type=float, help="α of LLOA/LoaQ (eq. 8) or GPTAQ's weighting")
     p.add_argument("--beta", type=float, help="β of LoaQ's sub-layer term (eq. 10/12)")
-    p.add_argument("--no-rescale", action="store_true", help="LoaQ without the RMSNorm rescaling (NOA off)")
-    p.add_argument("--no-soa", action="store_true", help="LoaQ without the sub-layer residual term (SOA off)")
-    p.add_argument("--shat", default="text", choices=("text", "alg"), help="ŝ = R(ĥ+X̂W) (text) or R(h+X̂W) (Algorithm 1)")
-    p.add_argument("--no-act-order", action="store_true")
-    p.add_argument("--blocksize", type=int, default=128)
-    p.add_argument("--percdamp", type=float, default=0.01)
-    p.add_argument("--calib", help="calibration text: .txt, directory of .txt, or .jsonl (default: DATA.md calib split)")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rotate", default="none", choices=("none", "hadamard"),
+    p.add_argument("--no-rescale", action="store_const", const=False, dest="rescale",
+                   help="LoaQ without the RMSNorm rescaling (NOA off)")
+    p.add_argument("--no-soa", action="store_const", const=False, dest="soa",
+                   help="LoaQ without the sub-layer residual term (SOA off)")
+    p.add_argument("--shat", choices=("text", "alg"), help="ŝ = R(ĥ+X̂W) (text, default) or R(h+X̂W) (Algorithm 1)")
+    p.add_argument("--no-act-order", action="store_const", const=False, dest="act_order")
+    p.add_argument("--blocksize", type=int, help="default: 128")
+    p.add_argument("--percdamp", type=float, help="default: 0.01")
+    p.add_argument("--calib", help="calibration source: .txt, directory of .txt, .jsonl (text or chat messages), "
+                                   "or a datasets directory / data file (default: DATA.md calib split)")
+    p.add_argument("--calib-split", help="split of a datasets source (default: train)")
+    p.add_argument("--calib-field", help="text or messages field (default: 'text', else 'messages')")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction,
+                   help="render message lists with the tokenizer's chat template (default: when the field holds messages)")
+    p.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
+    p.add_argument("--seqlen", type=int, help="tokens per window (default: 2048)")
+    p.add_argument("--seed", type=int, help="seed of the window offsets (default: 0)")
+    p.add_argument("--rotate", choices=("none", "hadamard"),
                    help="Hadamard-rotate the model first (R1, per-head R2, online R4; QuaRot-style)")
-    p.add_argument("--rotate-seed", type=int, default=0, help="seed of R1's random signs")
-    p.add_argument("--init", default="minmax", choices=("minmax", "neuqi"),
-                   help="grid parameter initialization: min-max or NeUQI (arXiv 2505.17595)")
+    p.add_argument("--rotate-seed", type=int, help="seed of R1's random signs (default: 0)")
+    p.add_argument("--init", choices=("minmax", "neuqi"),
+                   help="grid parameter initialization: min-max (default) or NeUQI (arXiv 2505.17595)")
     p.add_argument("--neuqi-continuous", action="store_true",
                    help="NeUQI with real-valued zero points (not exportable to compressed-tensors)")
-    p.add_argument("--act-bits", type=int, default=16, choices=(16, 4), help="4 = W4A4: per-token dynamic 4-bit activations")
-    p.add_argument("--act-sym", action="store_true", help="symmetric activation grid (default: asymmetric)")
+    p.add_argument("--act-bits", type=int, choices=(16, 4), help="4 = W4A4: per-token dynamic 4-bit activations")
+    p.add_argument("--act-sym", action=argparse.BooleanOptionalAction, help="symmetric activation grid (default: asymmetric)")
 
 
-def _quant_config(a):
-    from loaq.actquant import ActSpec
-    from loaq.config import Method, QuantConfig
-    from loaq.grids import GridSpec
-    from loaq.rotation import RotationSpec
-    from loaq.solver import SolverOptions
+def _recipe(a):
+    """The run's :class:`loaq.recipe.Recipe`: ``--recipe`` (or the defaults) with the given flags on top."""
+    from loaq.recipe import load_recipe
 
     if a.neuqi_continuous and a.init != "neuqi":
         raise LoaQError("--neuqi-continuous needs --init neuqi")
-    init = "neuqi-continuous" if a.neuqi_continuous else a.init
-    return QuantConfig(
-        spec=GridSpec(a.bits, a.group_size, a.sym, init),
-        method=Method(a.method, a.alpha, a.beta, not a.no_rescale, not a.no_soa, a.shat),
-        solver=SolverOptions(a.blocksize, not a.no_act_order, a.percdamp),
-        act=ActSpec(a.act_bits, a.act_sym),
-        rotation=RotationSpec(a.rotate, a.rotate_seed),
-    )
+    flags = {
+        "spec": {"bits": a.bits, "group_size": a.group_size, "symmetric": a.sym,
+                 "init": "neuqi-continuous" if a.neuqi_continuous else a.init},
+        "method": {"name": a.method, "alpha": a.alpha, "beta": a.beta, "rescale": a.rescale, "soa": a.soa,
+                   "shat": a.shat},
+        "solver": {"blocksize": a.blocksize, "act_order": a.act_order, "percdamp": a.percdamp},
+        "act": {"bits": a.act_bits, "symmetric": a.act_sym},
+        "rotation": {"kind": a.rotate, "seed": a.rotate_seed},
+        "calibration": {"source": a.calib, "split": a.calib_split, "field": a.calib_field, "chat": a.chat,
+                        "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed},
+        "model": a.model,
+    }
+    return load_recipe(a.recipe, flags)
 
 
-def _calib_text(path: str | None) -> str:
-    from loaq import data
+def _evaluation(a):
+    from loaq.api import Evaluation
 
-    return data.read_text(path) if path else data.default_split("calib")
-
-
-def _eval_windows(tok, a):
-    from loaq import data
-
-    text = data.read_text(a.eval_text) if a.eval_text else data.default_split("eval")
-    return data.eval_windows(data.tokenize(tok, text), a.eval_seqlen, a.eval_tokens)
+    return Evaluation(a.eval_text, a.eval_tokens, a.eval_seqlen)
 
 
 def _table(rows: list[dict]) -> str:
@@ -106,177 +107,84 @@ def _table(rows: list[dict]) -> str:
 
 
 def cmd_quantize(a) -> int:
-    import torch
+    from loaq.api import quantize
 
-    from loaq import data
-    from loaq.arch import input_widths
-    from loaq.checkpoint import LayerStore, check_output, save_native
-    from loaq.evaluate import perplexity
-    from loaq.grids import check_group_size
-    from loaq.models import load_config, resolve
-    from loaq.arch import arch_of
-    from loaq.pipeline import quantize_model
-    import loaq
-
-    out = a.out
-    work = out.rstrip("/") + ".partial"
-    if not a.force:
-        check_output(out, False)
-        if a.export:
-            check_output(a.export, False)
-        if os.path.exists(work) and not a.resume:
-            raise LoaQError(f"an interrupted run is in {work!r}; pass --resume to continue it or --force to start over")
-    elif os.path.exists(work) and not a.resume:
-        shutil.rmtree(work)
-    cfg = _quant_config(a)
-    src = resolve(a.model)
-    config = load_config(src)
-    arch_of(config)
-    check_group_size(cfg.spec, input_widths(config))
-    text = _calib_text(a.calib)
-
-    from loaq.models import load_model
-
-    t0 = time.time()
-    model, tok, arch, src = load_model(a.model)
-    ids = data.tokenize(tok, text)
-    calib = data.random_windows(ids, a.nsamples, a.seqlen, a.seed)
-    calib_hash = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]
-    rows = []
+    recipe = _recipe(a)
+    run = quantize(recipe.model, recipe, out=a.out, export=a.export, export_dtype=a.export_dtype, device=a.device,
+                   batch_size=a.batch_size, resume=a.resume, force=a.force,
+                   evaluation=_evaluation(a) if a.eval else None, progress=not a.quiet)
+    if run.rotation is not None and run.rotation.untied:
+        print("note: lm_head untied from the embeddings (the final norm is fused into lm_head only)")
+    t = run.timings
+    print(f"wrote {run.out} ({len(run.results)} linears, quantized in {t['quantize']:.1f}s, total {t['total']:.1f}s)")
+    if run.export:
+        print(f"exported {run.export} (compressed-tensors pack-quantized)")
     if a.eval:
-        windows = _eval_windows(tok, a)
-        rows.append(dict(label="fp32", method="-", bits=32, group="-", ppl=perplexity(model, windows, a.batch_size)))
-    rotation = None
-    if cfg.rotation.kind == "hadamard":
-        from loaq.rotation import rotate_model
-
-        rotation = rotate_model(model, arch, cfg.rotation.seed)
-        if rotation.untied:
-            print("note: lm_head untied from the embeddings (the final norm is fused into lm_head only)")
-    store = LayerStore(work, cfg.digest(calib_hash), cfg.spec)
-    t1 = time.time()
-    results = quantize_model(model, arch, calib, cfg, batch_size=a.batch_size, device=a.device, store=store,
-                             progress=not a.quiet)
-    seconds = time.time() - t1
-    meta = {
-        "config": cfg.to_dict(),
-        "calibration": {"source": a.calib or "default:wiki-calib", "nsamples": a.nsamples, "seqlen": a.seqlen,
-                        "seed": a.seed, "hash": calib_hash},
-        "source_model": src.label,
-        "arch": model.config.architectures[0],
-        "versions": {"loaq": loaq.__version__, "torch": torch.__version__, "transformers": __import__("transformers").__version__},
-        "quant_seconds": round(seconds, 2),
-        "activations": cfg.act.meta(),
-    }
-    if a.eval:
-        ppl = perplexity(model, windows, a.batch_size)
-        rows.append(dict(label="quantized", method=cfg.method.name, bits=cfg.spec.bits, group=cfg.spec.group_size, ppl=ppl))
-        meta["eval"] = {"ppl": ppl, "fp_ppl": rows[0]["ppl"], "tokens": int(windows.numel()), "seqlen": a.eval_seqlen}
-    save_native(out, model, tok, results, meta, force=True, rotation=rotation)
-    shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {out} ({len(results)} linears, quantized in {seconds:.1f}s, total {time.time() - t0:.1f}s)")
-    if a.export:
-        from loaq.export.writer import DTYPES, export
-
-        export(out, a.export, dtype=DTYPES[a.export_dtype], force=a.force)
-        print(f"exported {a.export} (compressed-tensors pack-quantized)")
-    if rows:
-        print(_table(rows))
+        spec = recipe.config.spec
+        print(_table([dict(label="fp32", method="-", bits=32, group="-", ppl=run.fp_ppl),
+                      dict(label="quantized", method=recipe.config.method.name, bits=spec.bits, group=spec.group_size,
+                           ppl=run.ppl)]))
     return 0
 
 
-def _load_for_eval(a):
-    """(model, tokenizer, arch, row label, record) for the model ``loaq eval`` scores: a native checkpoint
-    as load_native simulates it (b), else ``--model`` (a: fp; c: a compressed-tensors export), else none
-    (d: ``--server``)."""
-    from loaq.arch import arch_of
-    from loaq.checkpoint import load_native
-    from loaq.models import load_config, load_model, resolve
-
-    if a.server:
-        if a.quantized or a.model or a.fake_bits or a.mse:
-            raise LoaQError("--server scores the served model; drop --quantized/--model/--fake-bits/--mse")
-        if not a.tasks:
-            raise LoaQError("--server needs --tasks (perplexity is measured on a local model)")
-        label = dict(label="served", method="-", bits="-", group="-")
-        return None, None, None, label, {"server": a.server, "served_model": a.served_model}
-    if a.quantized:
-        model, tok, meta = load_native(a.quantized)
-        c = meta["config"]
-        label = dict(label="quantized", method=c["method"]["name"], bits=c["spec"]["bits"], group=c["spec"]["group_size"])
-        return model, tok, arch_of(model.config), label, {"checkpoint": a.quantized, "source_model": meta["source_model"],
-                                                          "hadamard": bool(meta.get("rotation"))}
-    src = resolve(a.model)
-    if not src.gguf_file and getattr(load_config(src), "quantization_config", None) is not None:
-        from loaq.export.check import parse_quantization_config
-        from loaq.export.load import load_export
-
-        if a.fake_bits or a.mse:
-            raise LoaQError("--fake-bits/--mse take an fp model or a native checkpoint, not an export")
-        model, tok = load_export(src.directory)  # (c) with its online R4 and W4A4 as the plugin serves them
-        w = next(iter(parse_quantization_config(src.directory).config_groups.values())).weights
-        label = dict(label="export", method="-", bits=w.num_bits, group=w.group_size or 0)
-        return model, tok, arch_of(model.config), label, {"model": src.label}
-    model, tok, arch, src = load_model(a.model)
-    label = dict(label="fp32", method="-", bits=32, group="-")
-    if a.fake_bits:
-        from loaq.config import Method, QuantConfig
-        from loaq.grids import GridSpec
-        from loaq.pipeline import quantize_model
-        import torch
-
-        cfg = QuantConfig(spec=GridSpec(a.fake_bits, a.group_size, a.sym), method=Method("rtn"))
-        quantize_model(model, arch, torch.zeros(1, 1, dtype=torch.long), cfg, progress=False)
-        label = dict(label="fake-rtn", method="rtn", bits=a.fake_bits, group=a.group_size)
-    return model, tok, arch, label, {"model": src.label}
-
-
 def cmd_eval(a) -> int:
-    from loaq import data
-    from loaq.checkpoint import read_meta
-    from loaq.evaluate import hidden_mse, layer_outputs, perplexity
-    from loaq.models import load_model
+    import loaq.api as api
 
     tasks = None
     if a.tasks:
-        from loaq.tasks import parse_names, task_config
+        from loaq.tasks import parse_names
 
         tasks = parse_names(a.tasks)
-        for t in tasks:  # missing task data fails before any model loads
-            task_config(t, a.tasks_dir)
-    if a.server and not a.served_model:
-        raise LoaQError("--server needs --served-model NAME (the model name the server was started with)")
-    model, tok, arch, label, record = _load_for_eval(a)
-    row = dict(label, ppl=None)
-    if model is not None and not a.no_ppl:
-        windows = _eval_windows(tok, a)
-        row["ppl"] = perplexity(model, windows, a.batch_size, progress=not a.quiet)
-        record |= {"eval_tokens": int(windows.numel()), "eval_seqlen": a.eval_seqlen}
-    record |= {"ppl": row["ppl"], **label}
-    if tasks:
-        from loaq.zeroshot import evaluate_tasks, hf_lm, served_lm
+        api.check_tasks(tasks, a.tasks_dir)  # missing task data fails before any model loads
+    if a.server:
+        if not a.served_model:
+            raise LoaQError("--server needs --served-model NAME (the model name the server was started with)")
+        if a.quantized or a.model or a.fake_bits or a.mse:
+            raise LoaQError("--server scores the served model; drop --quantized/--model/--fake-bits/--mse")
+        if not tasks:
+            raise LoaQError("--server needs --tasks (perplexity is measured on a local model)")
+        z = api.evaluate_server(a.server, a.served_model, tasks, tokenizer=a.tokenizer, limit=a.limit,
+                                tasks_dir=a.tasks_dir, batch_size=a.batch_size)
+        label = dict(label="served", method="-", bits="-", group="-")
+        record = {"server": a.server, "served_model": a.served_model, "ppl": None, **label, "zero_shot": z}
+        return _report_eval(a, dict(label, ppl=None, zero_shot=z), record)
+    if a.mse and not a.quantized:
+        raise LoaQError("--mse compares a quantized checkpoint with its source model; pass --quantized DIR")
+    if a.fake_bits and a.quantized:
+        raise LoaQError("--fake-bits quantizes --model with RTN; drop --quantized")
+    m = api.load(a.quantized or a.model)
+    if m.kind == "export" and (a.fake_bits or a.mse):
+        raise LoaQError("--fake-bits/--mse take an fp model or a native checkpoint, not an export")
+    label = {"native": "quantized", "export": "export", "fp": "fp32"}[m.kind]
+    row = dict(label=label, **m.label)
+    record = {"model": m.source} if m.kind != "native" else {"checkpoint": a.quantized, "source_model": m.source,
+                                                              "hadamard": bool(m.meta.get("rotation"))}
+    if a.fake_bits:
+        from loaq.config import Method, QuantConfig
+        from loaq.grids import GridSpec
 
-        if a.server:
-            lm = served_lm(a.server, a.served_model, a.tokenizer or a.served_model, a.batch_size)
-        else:
-            lm = hf_lm(model, tok, a.batch_size)
-        z = evaluate_tasks(lm, tasks, a.limit, a.tasks_dir)
-        row["zero_shot"] = record["zero_shot"] = {k: v for k, v in z.items() if k != "loglikelihoods"}
+        cfg = QuantConfig(spec=GridSpec(a.fake_bits, a.group_size, a.sym), method=Method("rtn"))
+        api.quantize(m.model, cfg, tokenizer=m.tokenizer, progress=False)
+        row = dict(label="fake-rtn", method="rtn", bits=a.fake_bits, group=a.group_size)
+    r = api.evaluate(m, evaluation=None if a.no_ppl else _evaluation(a), tasks=tasks, limit=a.limit,
+                     tasks_dir=a.tasks_dir, batch_size=a.batch_size, progress=not a.quiet)
+    row |= {"ppl": r["ppl"], "zero_shot": r["zero_shot"]}
+    if r["ppl"] is not None:
+        record |= {"eval_tokens": r["eval_tokens"], "eval_seqlen": r["eval_seqlen"]}
+    record |= {"ppl": r["ppl"], **{k: v for k, v in row.items() if k not in ("ppl", "zero_shot")}}
+    if r["zero_shot"]:
+        record["zero_shot"] = r["zero_shot"]
     if a.mse:
-        if not a.quantized:
-            raise LoaQError("--mse compares a quantized checkpoint with its source model; pass --quantized DIR")
-        ref, _, _, _ = load_model(record["source_model"])
-        rotation = read_meta(a.quantized).get("rotation")
-        if rotation:  # compare in the rotated basis (R1 is rebuilt from the seed)
-            from loaq.rotation import rotate_model
+        from loaq.config import Calibration
 
-            rotate_model(ref, arch, rotation["seed"])
-        ids = data.tokenize(tok, data.default_split("calib") if not a.calib else data.read_text(a.calib))
-        w = data.random_windows(ids, a.mse_samples, a.eval_seqlen, seed=1234)
-        record |= hidden_mse(layer_outputs(ref, arch, w), layer_outputs(model, arch, w), model.config.rms_norm_eps)
+        record |= api.layer_mse(m, Calibration(a.calib, a.mse_samples, a.eval_seqlen, seed=1234))
         record |= {"mse_windows": a.mse_samples, "mse_seqlen": a.eval_seqlen}
+    return _report_eval(a, row, record)
+
+
+def _report_eval(a, row: dict, record: dict) -> int:
     print(_table([row]))
-    if a.mse:
+    if "mse" in record:
         print("per-layer MSE (last 3):", [f"{x:.4g}" for x in record["mse"][-3:]],
               "normed:", [f"{x:.4g}" for x in record["mse_normed"][-3:]])
     if a.json:
@@ -300,9 +208,11 @@ def cmd_tasks(a) -> int:
 
 
 def cmd_search(a) -> int:
-    from loaq.search import search
+    from loaq.search import floats, search
 
-    result = search(a)
+    recipe = _recipe(a)
+    result = search(recipe.model, recipe, floats(a.alphas), floats(a.betas), holdout=a.holdout,
+                    holdout_tokens=a.holdout_tokens, batch_size=a.batch_size, device=a.device)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(result, fh, indent=2)
@@ -336,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(q)
     _add_quant_args(q)
     _add_eval_args(q)
+    q.set_defaults(nsamples=None, seqlen=None)
     q.add_argument("--out", required=True, help="output directory of the native checkpoint")
     q.add_argument("--force", action="store_true", help="overwrite an existing output")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its per-layer checkpoints")

@@ -1,4 +1,9 @@
-"""Typed settings of one quantization run (flags map onto these 1:1)."""
+"""Typed settings of one quantization run: grid, method, solver, activations, rotation.
+
+Flags (:mod:`loaq.cli`), recipes (:mod:`loaq.recipe`) and Python callers all build a :class:`QuantConfig`;
+``QuantConfig.to_dict()`` is what ``loaq.json`` records under ``"config"`` and ``QuantConfig.from_dict``
+reads it back, refusing unknown fields and meaningless combinations with one line each.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +12,27 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from loaq import methods
 from loaq.actquant import ActSpec
 from loaq.errors import LoaQError
 from loaq.grids import GridSpec
 from loaq.rotation import RotationSpec
 from loaq.solver import SolverOptions
 
-METHODS = ("rtn", "gptq", "gptaq", "qronos", "lloa", "loaq")
-# α (and β) when not given: GPTAQ's own default weighting; LoaQ's from `loaq search` on SmolLM2 W3
-# (benchmarks/results/search_w3*.json: α = 0.25 best of {0,.25,.5,.75,1}; β = 0 best of
-# {0,.05,.1,.15,.25,.5,.75,1} on held-out calibration text). LLOA takes LoaQ's α.
-DEFAULT_ALPHA = {"gptaq": 0.25, "lloa": 0.25, "loaq": 0.25}
-DEFAULT_BETA = {"loaq": 0.0}
+METHODS = tuple(methods.METHODS)
 
 
 @dataclass(frozen=True)
 class Method:
-    """A method and its knobs.
+    """A method (:mod:`loaq.methods`) and its settings; ``None`` takes the method's default.
 
     - ``alpha``: LLOA/LoaQ's ``α`` (eq. 8), GPTAQ's weighting of the asymmetric term;
     - ``beta``: LoaQ's ``β`` on the sub-layer residual term (eq. 10/12);
     - ``rescale`` (NOA) and ``soa``: switch LoaQ's normalized / sub-layer approximation off (Table 5);
     - ``shat``: ``"text"`` takes ``ŝ = R(ĥ + X̂W)`` (Section 3.3), ``"alg"`` takes ``R(h + X̂W)`` (Algorithm 1 line 11).
+
+    A setting the method does not use is refused (``Method("gptq", beta=0.5)``), as are LoaQ settings that
+    cancel each other (``shat="alg"`` without ``rescale``, ``beta`` without ``soa``).
     """
 
     name: str = "loaq"
@@ -39,24 +43,32 @@ class Method:
     shat: str = "text"
 
     def __post_init__(self):
-        if self.name not in METHODS:
-            raise LoaQError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
+        r = methods.rule(self.name)
         if self.shat not in ("text", "alg"):
             raise LoaQError(f"--shat {self.shat!r} is unknown; use 'text' or 'alg'")
-        if self.alpha is None:
-            object.__setattr__(self, "alpha", DEFAULT_ALPHA.get(self.name, 0.0))
-        if self.beta is None:
-            object.__setattr__(self, "beta", DEFAULT_BETA.get(self.name, 0.0))
+        methods.check_settings(r, {"alpha": self.alpha, "beta": self.beta, "rescale": self.rescale,
+                                   "soa": self.soa, "shat": self.shat})
+        for k in ("alpha", "beta"):
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, float(r.settings.get(k, methods.NEUTRAL[k])))
+        if self.shat == "alg" and not self.rescale:
+            raise LoaQError("--shat alg changes NOA's ŝ, which --no-rescale switches off; drop one of them")
+        if self.beta and not self.soa:
+            raise LoaQError(f"--beta {self.beta:g} weights the SOA term, which --no-soa switches off; drop one of them")
+
+    @property
+    def rule(self) -> methods.MethodRule:
+        return methods.rule(self.name)
 
     @property
     def two_stream(self) -> bool:
         """Needs the full-precision stream (X, h) beside the quantized one."""
-        return self.name in ("gptaq", "qronos", "lloa", "loaq")
+        return self.rule.two_stream
 
     @property
     def resets_fp_stream(self) -> bool:
         """Qronos feeds the float layer with the quantized stream's input, resetting the error per layer."""
-        return self.name == "qronos"
+        return self.rule.resets_fp_stream
 
 
 @dataclass(frozen=True)
@@ -74,10 +86,74 @@ class QuantConfig:
         if self.act.enabled and (self.spec.bits != 4 or self.spec.group_size != 0):
             raise LoaQError(f"--act-bits 4 needs 4-bit per-channel weights (--bits 4 --group-size 0), got --bits "
                             f"{self.spec.bits} --group-size {self.spec.group_size}: the W4A4 serving kernels take only that")
+        if self.act.symmetric and not self.act.enabled:
+            raise LoaQError("--act-sym sets the grid of quantized activations; add --act-bits 4 or drop it")
+        if self.rotation.kind == "none" and self.rotation.seed != 0:
+            raise LoaQError("--rotate-seed seeds the Hadamard rotation; add --rotate hadamard or drop it")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        """The inverse of :meth:`to_dict`; missing fields take their defaults, unknown ones are refused."""
+        parts = {f.name: f.type for f in dataclasses.fields(cls)}
+        _no_unknown(d, parts, "recipe")
+        types = {"spec": GridSpec, "method": Method, "solver": SolverOptions, "act": ActSpec, "rotation": RotationSpec}
+        kw = {}
+        for name, typ in types.items():
+            sub = d.get(name) or {}
+            if not isinstance(sub, dict):
+                raise LoaQError(f"recipe field {name!r} must be a mapping of settings, got {sub!r}")
+            _no_unknown(sub, {f.name for f in dataclasses.fields(typ)}, f"recipe section {name!r}")
+            kw[name] = typ(**sub)
+        return cls(**kw)
+
     def digest(self, calib_hash: str) -> str:
         blob = json.dumps({"config": self.to_dict(), "calib": calib_hash}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _no_unknown(d: dict, known, where: str) -> None:
+    bad = sorted(set(d) - set(known))
+    if bad:
+        raise LoaQError(f"{where} has unknown field(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+
+
+DEFAULT_CALIB = "default:wiki-calib"  # how loaq.json names the default corpus's calibration split
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration text and windows: ``nsamples`` windows of ``seqlen`` tokens at offsets drawn with ``seed``.
+
+    ``source``: ``None`` (the default corpus, DATA.md), a ``.txt`` file, a directory of ``.txt``, a ``.jsonl``
+    (``text`` or chat ``messages``), or a ``datasets`` source (a ``save_to_disk`` directory or data files)
+    read at ``split``/``field``; ``chat`` renders ``messages`` through the tokenizer's chat template
+    (``None``: whenever the field holds messages). Paper: 128 × 2048 tokens.
+    """
+
+    source: str | None = None
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    split: str = "train"
+    field: str | None = None
+    chat: bool | None = None
+
+    def __post_init__(self):
+        if self.source == DEFAULT_CALIB:
+            object.__setattr__(self, "source", None)
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise LoaQError(f"calibration needs --nsamples ≥ 1 and --seqlen ≥ 2, got {self.nsamples} and {self.seqlen}")
+
+    def meta(self, calib_hash: str) -> dict:
+        """The checkpoint's ``"calibration"`` entry; :func:`loaq.recipe.read_recipe` reads it back."""
+        return {"source": self.source or DEFAULT_CALIB, "split": self.split, "field": self.field, "chat": self.chat,
+                "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed, "hash": calib_hash}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        known = {f.name for f in dataclasses.fields(cls)}
+        _no_unknown({k: v for k, v in d.items() if k != "hash"}, known, "recipe section 'calibration'")
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -118,3 +118,24 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None) -> torc
     if n == 0:
         raise LoaQError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seqlen}")
     return ids[: n * seqlen].reshape(n, seqlen)
+
+
+# --- TEMPORARY until the inputs branch lands ---
+from dataclasses import dataclass as _dc
+
+
+@_dc(frozen=True)
+class CalibSource:
+    path: str | None = None
+    split: str = "train"
+    field: str | None = None
+    chat: bool | None = None
+
+
+def check_source(path: str) -> None:
+    if not os.path.exists(path):
+        raise LoaQError(f"calibration path {path!r} does not exist; pass a .txt file, a directory of .txt files or a .jsonl file")
+
+
+def calibration_ids(source: CalibSource, tokenizer) -> torch.Tensor:
+    return tokenize(tokenizer, read_text(source.path) if source.path else default_split("calib"))

@@ -19,9 +19,9 @@ reports ``kind = "random-orthogonal"``; the checkpoint metadata says so): the tr
 orthogonal and runs the same way, only ``had_k`` is no longer ±1.
 
 The fast transform is the kernels' reference :func:`loaq.kernels.hadamard_ref.hadamard_transform_ref`
-(``x @ (had_k ⊗ H_{2^m})ᵀ / √n``, O(n log n) butterflies plus a K×K product); :func:`transform`
-only picks ``had_k`` for it. :func:`matrix` is the same map as a dense float64 matrix and
-:func:`multiply` applies it in float64 Kronecker-factored (O(n (K + 2^m)) per row), for fusing into weights.
+(``x @ (had_k ⊗ H_{2^m})ᵀ / √n``, O(n log n) butterflies plus a K×K product, fed ``factor(n).had_k``);
+:func:`multiply` applies the same map in float64 Kronecker-factored (O(n (K + 2^m)) per row), for fusing
+into weights.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from functools import lru_cache
 
 import torch
 
-from loaq.kernels.hadamard_ref import hadamard_transform_ref
 
 
 def sylvester(n: int) -> torch.Tensor:
@@ -129,21 +128,11 @@ def factor(n: int, seed: int = 0) -> Factor:
     return Factor(n, K, (math.sqrt(K) * Q).float().contiguous(), "random-orthogonal")
 
 
-def matrix(f: Factor) -> torch.Tensor:
-    """The dense orthonormal ``(had_k ⊗ H_{2^m}) / √n`` (float64): ``transform(x, f) = x @ matrix(f)ᵀ``."""
-    had_k = torch.ones(1, 1, dtype=torch.float64) if f.had_k is None else f.had_k.double().contiguous()
-    return torch.kron(had_k, sylvester(f.n // f.K)) / math.sqrt(f.n)
-
-
 def multiply(x: torch.Tensor, f: Factor) -> torch.Tensor:
-    """``x @ matrix(f)ᵀ`` in ``x``'s dtype (float64 to fuse into weights) without forming the n×n matrix:
+    """``x @ Mᵀ`` with ``M = (had_k ⊗ H_{2^m}) / √n`` in ``x``'s dtype (float64 to fuse into weights) without forming the n×n matrix:
     the last dim viewed as [K, 2^m] gets ``had_k`` on the left and ``H_{2^m}ᵀ`` on the right."""
     P = f.n // f.K
     had_k = torch.ones(1, 1, dtype=x.dtype) if f.had_k is None else f.had_k.to(x.dtype)
     y = had_k @ (x.reshape(-1, f.K, P) @ sylvester(P).to(x.dtype).T)
     return y.reshape(x.shape) / math.sqrt(f.n)
 
-
-def transform(x: torch.Tensor, f: Factor) -> torch.Tensor:
-    """Fast ``x @ matrix(f)ᵀ`` along the last dim (the kernels' reference, fp32 arithmetic)."""
-    return hadamard_transform_ref(x, f.had_k)

@@ -35,9 +35,8 @@ from loaq import actquant
 from loaq.arch import Arch, SubLayer, rms_factor
 from loaq.config import QuantConfig
 from loaq.grids import rtn as rtn_quantize, dequantize, expand
-from loaq.solver import QuantResult, factorize, gptq_solve, qronos_solve
+from loaq.solver import QuantResult, factorize
 from loaq.stats import Stats
-from loaq.targets import output_target
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +95,11 @@ def _set_weight(linear: nn.Linear, Q: torch.Tensor) -> None:
 
 def solve_group(names: list[str], linears: list[nn.Linear], stats: Stats, cfg: QuantConfig,
                 label: str, B: torch.Tensor | None = None) -> dict[str, QuantResult]:
-    """Quantize linears sharing one input (their rows stacked) with the configured method."""
-    m, spec, opts = cfg.method, cfg.spec, cfg.solver
+    """Quantize linears sharing one input (their rows stacked) with the method's registry rule (:mod:`loaq.methods`)."""
+    m = cfg.method
     W = torch.cat([lin.weight.detach().float() for lin in linears])
-    factor = factorize(stats.H, opts.percdamp, label)
-    if m.name == "gptq":
-        res = gptq_solve(W, factor, spec, opts)
-    elif m.name == "gptaq":
-        res = gptq_solve(W, factor, spec, opts, dXXT=stats.C.T, gptaq_alpha=m.alpha)
-    elif m.name == "qronos":
-        res = qronos_solve(W, factor, stats.C, spec, opts)
-    else:  # lloa / loaq
-        res = gptq_solve(output_target(W, factor, stats.C, m.alpha, B, m.beta), factor, spec, opts)
+    factor = factorize(stats.H, cfg.solver.percdamp, label)
+    res = m.rule.solve(W, factor, stats.C, B, m, cfg.spec, cfg.solver)
     out, row = {}, 0
     for name, lin in zip(names, linears):
         n = lin.out_features
@@ -142,7 +134,7 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
     # (b) W_out: inputs X̂ (quantized W_in on ĥ) and X (float sub-layer on h)
     w_out = mod.get_submodule(sl.w_out)
     fp_out = fp_layer.get_submodule(sl.module).get_submodule(sl.w_out) if two else None
-    use_B = m.name == "loaq" and m.soa and m.beta != 0
+    use_B = m.rule.output_stats and m.soa and m.beta != 0
     st = Stats(w_out.in_features, cross=two, n_res=w_out.out_features if use_B else 0, device=device)
     y_fp, X_hats = [], []
     with torch.no_grad():
@@ -156,7 +148,7 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
             h = streams.h[b]
             X, y = _catch_input(fp_out, lambda: sl.run(fp_layer, h, streams.kwargs[b]))
             y_fp.append(y)
-            if m.name != "loaq":
+            if not m.rule.output_stats:
                 st.add(X_hat, X)
                 continue
             bias = fp_out.bias if fp_out.bias is not None else 0
@@ -231,7 +223,7 @@ def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: Quant
 
     layers = arch.decoder_layers(model)
     results: dict[str, QuantResult] = {}
-    if cfg.method.name == "rtn":
+    if cfg.method.rule.solve is None:  # round to nearest: no calibration
         for i, layer in enumerate(layers):
             results |= rtn_layer(layer, arch, cfg, f"{arch.layers}.{i}.")
         return results

@@ -12,7 +12,7 @@ Applied to the float model before calibration; every step is one small function 
    ``W_out`` ``W ← R1ᵀ W`` (bias ``b ← b R1``);
 4. R2 per attention head, ``Mᵀ`` of order ``head_dim``: ``v_proj`` output side, ``o_proj`` input side;
 5. R4, the online Hadamard before ``down_proj``: ``down_proj`` gets ``W ← W Mᵀ`` and a forward
-   pre-hook applies ``x ← hadamard_transform_ref(x, had_k) = x Mᵀ`` at run time (CONTRACT.md).
+   pre-hook applies ``x ← hadamard_transform_ref(x, had_k) = x Mᵀ`` at run time (:mod:`loaq.kernels.hadamard_ref`).
 
 The rotation is recorded in the native checkpoint (``loaq.json`` ``"rotation"``: seed, orders, kinds,
 what absorbed what; ``rotation.safetensors``: ``"r4.had_k"``, absent when K = 1). Helpers:
@@ -58,7 +58,7 @@ class Rotation:
     untied: bool
 
     def meta(self) -> dict:
-        """The checkpoint's ``"rotation"`` entry (CONTRACT.md)."""
+        """The checkpoint's ``"rotation"`` entry (:mod:`loaq.checkpoint`)."""
         def site(f):
             return {"order": f.n, "had_k_order": f.K, "kind": f.kind}
 

@@ -5,7 +5,9 @@ Weights are stored as ``nn.Linear`` does, ``W`` of shape [out, in]; the paper wr
 
     W̃ᵀ = Wᵀ + H⁻¹ (α C Wᵀ + β B),   B = X̂ᵀ R,
 
-with a single Cholesky solve. ``α = β = 0`` returns ``W``: plain GPTQ.
+with a single Cholesky solve. ``α = β = 0`` returns ``W``, but the run is plain GPTQ only on ``W_in``:
+on ``W_out`` LoaQ's NOA still builds ``H`` from the rescaled ``X̂' = ŝX̂`` (GPTQ's is ``X̂ᵀX̂``), so
+LoaQ at ``α = β = 0`` is GPTQ only with ``rescale=False``.
 
 - LLOA (eq. 8): ``B = 0``; minimizes ``||X̂Q - XW||`` at ``α = 1`` (Appendix A, eqs. 23-26).
 - SOA (eq. 10): ``R = h - ĥ``; NOA (eq. 12): ``R = s h - ŝ ĥ`` with ``H, C, B`` built from the

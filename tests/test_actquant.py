@@ -26,7 +26,7 @@ W4 = GridSpec(4, 0, False)
 
 
 def plain_fake_quant(x, sym):
-    """Per-row 4-bit min-max fake quantization written out in plain torch (the formulas of CONTRACT.md)."""
+    """Per-row 4-bit min-max fake quantization written out in plain torch (the formulas of loaq.kernels.w4a4_ref)."""
     x = x.float()
     if sym:
         s = x.abs().amax(-1, keepdim=True) / torch.full_like(x[..., :1], 7.0)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from loaq import hadamard
+from loaq.kernels.hadamard_ref import hadamard_transform_ref
 
 # K factors of SmolLM2 (576 = 36·16, 1536 = 12·128), Qwen2.5-0.5B (896 = 28·32, 4864 = 76·64),
 # Qwen2.5-7B (18944 = 148·128), Mistral/LLaMA-3 (14336 = 28·512), 40 = 20·2 and a few more.
@@ -46,8 +47,12 @@ def test_unknown_order_falls_back_to_a_seeded_orthogonal_factor():
 
 @pytest.mark.parametrize("n", [64, 576, 896, 1536, 172 * 4])
 def test_fast_transform_equals_dense_product(n):
+    """The weight-side product (float64) and the kernels' runtime reference (float32) both equal ``x Mᵀ``
+    with the dense orthonormal ``M = (had_k ⊗ H_{2^m}) / √n`` built here."""
     f = hadamard.factor(n)
-    M = hadamard.matrix(f)
+    had_k = torch.ones(1, 1, dtype=torch.float64) if f.had_k is None else f.had_k.double()
+    M = torch.kron(had_k, hadamard.sylvester(n // f.K)) / n**0.5
     assert torch.allclose(M @ M.T, torch.eye(n, dtype=torch.float64), atol=1e-6)
     x = torch.randn(7, n, generator=torch.Generator().manual_seed(n))
-    assert torch.allclose(hadamard.transform(x, f), (x.double() @ M.T).float(), atol=2e-6, rtol=0)
+    assert torch.allclose(hadamard.multiply(x.double(), f), x.double() @ M.T, atol=1e-10, rtol=0)
+    assert torch.allclose(hadamard_transform_ref(x, f.had_k), (x.double() @ M.T).float(), atol=2e-6, rtol=0)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from loaq.arch import arch_of
 from loaq.checkpoint import LayerStore, load_native, save_native
 from loaq.config import Method, QuantConfig
-from loaq.evaluate import hidden_mse, layer_outputs
+from loaq.metrics import hidden_mse, layer_outputs
 from loaq.grids import GridSpec
 from loaq.pipeline import quantize_model
 from tests.tiny import CONFIGS, tiny_model, tokens
@@ -75,7 +75,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
     store.save_layer = save_then_die
     with pytest.raises(Killed):
         run("qwen3", Method("loaq", alpha=0.5, beta=0.5), store=store)
-    assert store.resume_point() == 1
+    assert store.load_streams()[0] == 1
     resumed_store = LayerStore(str(tmp_path / "w"), "d", SPEC)
     _, resumed = run("qwen3", Method("loaq", alpha=0.5, beta=0.5), store=resumed_store)
     assert sorted(resumed) == sorted(full) and codes_equal(full, resumed)

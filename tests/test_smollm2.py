@@ -7,7 +7,7 @@ import torch
 
 from loaq import data
 from loaq.config import Method, QuantConfig
-from loaq.evaluate import hidden_mse, layer_outputs, perplexity
+from loaq.metrics import hidden_mse, layer_outputs, perplexity
 from loaq.grids import GridSpec
 from loaq.pipeline import quantize_model
 

@@ -1,0 +1,357 @@
+"""The Python API: one typed function per job. The CLI, ``loaq search`` and the benchmarks call these.
+
+    import loaq
+    from loaq import Calibration, QuantConfig, Method, GridSpec
+
+    run = loaq.quantize("path/to/model", QuantConfig(spec=GridSpec(4, 64), method=Method("loaq")),
+                        Calibration(nsamples=32, seqlen=512), out="runs/w4", export="runs/w4-ct")
+    m = loaq.load("runs/w4-ct")                      # runs as the vLLM plugin serves it
+    print(loaq.evaluate(m)["ppl"])
+
+:func:`quantize` owns resolve → architecture check → load → rotate (``config.rotation``) → calibration
+windows → the two-stream pipeline (:mod:`loaq.pipeline`) → native checkpoint (:mod:`loaq.checkpoint`)
+→ export (:mod:`loaq.export`). Every user mistake it can see before the heavy work (paths, settings,
+group sizes, an existing output) is refused first, with one line, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from loaq.config import Calibration, QuantConfig
+from loaq.errors import LoaQError
+from loaq.recipe import Recipe, build, load_recipe
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Perplexity text: ``text`` (``None``: the default corpus's evaluation split; or a file like
+    calibration's), the first ``tokens`` tokens in windows of ``seqlen`` (DATA.md's ppl16k)."""
+
+    text: str | None = None
+    tokens: int = 16384
+    seqlen: int = 512
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize` did: the quantized model (in memory, simulating the deployed one), its
+    per-linear codes, the metadata written to ``loaq.json``, the paths written and the seconds per step."""
+
+    model: nn.Module
+    tokenizer: object
+    results: dict
+    meta: dict
+    recipe: Recipe
+    out: str | None = None
+    export: str | None = None
+    rotation: object = None
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def ppl(self) -> float | None:
+        return (self.meta.get("eval") or {}).get("ppl")
+
+    @property
+    def fp_ppl(self) -> float | None:
+        return (self.meta.get("eval") or {}).get("fp_ppl")
+
+
+@dataclass
+class Loaded:
+    """A model :func:`load` made runnable: ``kind`` is ``fp``, ``native`` (dequantized, with its online
+    R4 and W4A4 hooks) or ``export`` (compressed-tensors, decompressed, the same hooks); ``label`` names
+    method/bits/group for tables; ``meta`` is the native ``loaq.json`` (empty otherwise)."""
+
+    model: nn.Module
+    tokenizer: object
+    arch: object
+    kind: str
+    source: str
+    label: dict
+    meta: dict = field(default_factory=dict)
+
+
+def as_recipe(config: QuantConfig | Recipe | str | dict | None, calibration: Calibration | None = None) -> Recipe:
+    """A :class:`Recipe` from a config, a recipe, a recipe file or a recipe-shaped dict; ``calibration``
+    replaces the recipe's."""
+    if isinstance(config, Recipe):
+        rec = config
+    elif isinstance(config, QuantConfig):
+        rec = Recipe(config, Calibration())
+    elif isinstance(config, str):
+        rec = load_recipe(config)
+    elif isinstance(config, dict):
+        from loaq.recipe import SECTIONS
+
+        rec = build({"config": {k: config[k] for k in SECTIONS if k in config},
+                     "calibration": config.get("calibration") or {}, "model": config.get("model"), "hash": None})
+    elif config is None:
+        rec = build()
+    else:
+        raise LoaQError(f"config must be a QuantConfig, a Recipe, a recipe path or dict, got {type(config).__name__}")
+    if calibration is not None and not isinstance(calibration, torch.Tensor):
+        rec = Recipe(rec.config, calibration, rec.model, None)
+    return rec
+
+
+def calibration_windows(tokenizer, cal: Calibration) -> torch.Tensor:
+    """``[nsamples, seqlen]`` token windows of ``cal`` (random offsets drawn with ``cal.seed``)."""
+    from loaq import data
+
+    ids = data.calibration_ids(data.CalibSource(cal.source, cal.split, cal.field, cal.chat), tokenizer)
+    return data.random_windows(ids, cal.nsamples, cal.seqlen, cal.seed)
+
+
+def eval_windows(tokenizer, ev: Evaluation) -> torch.Tensor:
+    """Non-overlapping perplexity windows of ``ev`` (GPTQ's protocol)."""
+    from loaq import data
+
+    text = data.read_text(ev.text) if ev.text else data.default_split("eval")
+    return data.eval_windows(data.tokenize(tokenizer, text), ev.seqlen, ev.tokens)
+
+
+def _check_outputs(out: str | None, export: str | None, force: bool, resume: bool) -> str | None:
+    """The per-layer work directory of ``out`` after refusing outputs that exist (unless ``force``)."""
+    from loaq.checkpoint import check_output
+
+    if out is None:
+        if export or resume:
+            raise LoaQError("export and resume need out=DIR (the native checkpoint they read and write)")
+        return None
+    work = out.rstrip("/") + ".partial"
+    if not force:
+        check_output(out, False)
+        if export:
+            check_output(export, False)
+        if os.path.exists(work) and not resume:
+            raise LoaQError(f"an interrupted run is in {work!r}; pass --resume to continue it or --force to start over")
+    elif os.path.exists(work) and not resume:
+        shutil.rmtree(work)
+    return work
+
+
+def check_model(model: str | nn.Module | None, cfg: QuantConfig):
+    """Refuse a model ``cfg`` cannot quantize (path, architecture, group size) before any weight loads;
+    returns the resolved :class:`loaq.models.Source` of a path (``None`` for a loaded module)."""
+    from loaq.arch import arch_of, input_widths
+    from loaq.grids import check_group_size
+    from loaq.models import load_config, resolve
+
+    if isinstance(model, nn.Module):
+        config, src = model.config, None
+    else:
+        src = resolve(model)
+        config = load_config(src)
+    arch_of(config)
+    check_group_size(cfg.spec, input_widths(config))
+    return src
+
+
+def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe | str | dict | None = None,
+             calibration: Calibration | torch.Tensor | None = None, out: str | None = None, *, tokenizer=None,
+             export: str | None = None, export_dtype: str = "bfloat16", device: str = "cpu", batch_size: int = 8,
+             resume: bool = False, force: bool = False, evaluation: Evaluation | None = None,
+             progress: bool = True) -> QuantizeResult:
+    """Quantize ``model`` and (with ``out``) write its native checkpoint, (with ``export``) its
+    compressed-tensors export.
+
+    - ``model``: a local HF directory, a ``.gguf`` file, a hub id, ``None`` (the recipe's model, else the
+      default SmolLM2-135M-Instruct), or a loaded causal LM (with ``tokenizer``; it is quantized in place);
+    - ``config``: :class:`QuantConfig`, :class:`Recipe`, a recipe file / finished run, a recipe dict, or
+      ``None`` (defaults: LoaQ W3 per channel);
+    - ``calibration``: :class:`Calibration` (overrides the recipe's), or ready ``[n, L]`` token windows;
+    - ``resume`` continues an interrupted run from its per-layer checkpoints in ``out + ".partial"``;
+    - ``evaluation`` also measures fp and quantized perplexity (recorded in ``loaq.json``).
+    """
+    import loaq
+    from loaq.checkpoint import LayerStore, save_native
+    from loaq.metrics import perplexity
+    from loaq.pipeline import quantize_model
+
+    t_start = time.time()
+    rec = as_recipe(config, calibration)
+    cfg = rec.config
+    work = _check_outputs(out, export, force, resume)
+    if export_dtype not in ("bfloat16", "float16", "float32"):
+        raise LoaQError(f"export dtype {export_dtype!r} is unknown; use bfloat16, float16 or float32")
+    model = model if model is not None else rec.model
+    src = check_model(model, cfg)
+    if isinstance(model, nn.Module) and tokenizer is None:
+        raise LoaQError("quantize(<a loaded model>) needs tokenizer=<its tokenizer>")
+    calibrated = cfg.method.rule.solve is not None
+    if calibrated and not isinstance(calibration, torch.Tensor) and rec.calibration.source:
+        from loaq import data
+
+        data.check_source(rec.calibration.source)  # a bad path fails before the weights load
+    timings = {}
+    if src is None:
+        from loaq.arch import arch_of
+
+        m, tok, arch, label = model, tokenizer, arch_of(model.config), getattr(model, "name_or_path", "")
+    else:
+        from loaq.models import load_model
+
+        t0 = time.time()
+        m, tok, arch, _ = load_model(src.label)
+        timings["load"] = time.time() - t0
+        label = src.label
+    if isinstance(calibration, torch.Tensor):
+        calib = calibration
+    elif calibrated:
+        calib = calibration_windows(tok, rec.calibration)
+    else:
+        calib = torch.zeros(1, 1, dtype=torch.long)  # round to nearest reads no data
+    calib_hash = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16] if calibrated else None
+    if calibrated and rec.calib_hash and rec.calib_hash != calib_hash:
+        import logging
+
+        logging.getLogger(__name__).warning("the calibration tokens differ from the recipe's run (hash %s, now %s): "
+                                            "the codes will not reproduce it", rec.calib_hash, calib_hash)
+    meta_eval = {}
+    if evaluation is not None:
+        windows = eval_windows(tok, evaluation)
+        meta_eval["fp_ppl"] = perplexity(m, windows, batch_size)
+    rotation = None
+    if cfg.rotation.kind == "hadamard":
+        from loaq.rotation import rotate_model
+
+        rotation = rotate_model(m, arch, cfg.rotation.seed)
+    store = LayerStore(work, cfg.digest(calib_hash), cfg.spec) if work else None
+    t0 = time.time()
+    results = quantize_model(m, arch, calib, cfg, batch_size=batch_size, device=device, store=store, progress=progress)
+    timings["quantize"] = time.time() - t0
+    cal_meta = None
+    if calibrated:
+        cal_meta = (rec.calibration.meta(calib_hash) if not isinstance(calibration, torch.Tensor) else
+                    {"source": "token windows", "nsamples": calib.shape[0], "seqlen": calib.shape[1], "hash": calib_hash})
+    meta = {
+        "config": cfg.to_dict(),
+        "calibration": cal_meta,
+        "source_model": label,
+        "arch": m.config.architectures[0],
+        "versions": {"loaq": loaq.__version__, "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
+        "quant_seconds": round(timings["quantize"], 2),
+        "activations": cfg.act.meta(),
+    }
+    if evaluation is not None:
+        meta_eval["ppl"] = perplexity(m, windows, batch_size)
+        meta["eval"] = {"ppl": meta_eval["ppl"], "fp_ppl": meta_eval["fp_ppl"], "tokens": int(windows.numel()),
+                        "seqlen": evaluation.seqlen}
+    if out:
+        t0 = time.time()
+        save_native(out, m, tok, results, meta, force=True, rotation=rotation)
+        shutil.rmtree(work, ignore_errors=True)
+        timings["save"] = time.time() - t0
+    if export:
+        from loaq.export.writer import DTYPES, export as write_export
+
+        t0 = time.time()
+        write_export(out, export, dtype=DTYPES[export_dtype], force=force)
+        timings["export"] = time.time() - t0
+    timings["total"] = time.time() - t_start
+    return QuantizeResult(m, tok, results, meta, rec, out, export, rotation, timings)
+
+
+def load(path: str | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
+    """A runnable model from ``path``: a native checkpoint (``loaq quantize --out``), a compressed-tensors
+    export (with its online R4 and W4A4 activations as the plugin serves them), or a float model (HF
+    directory, ``.gguf``, hub id; ``None`` = the default model)."""
+    from loaq.arch import arch_of
+
+    if path and os.path.isfile(os.path.join(path, "loaq.json")):
+        from loaq.checkpoint import load_native
+
+        model, tok, meta = load_native(path, dtype)
+        c = meta["config"]
+        label = dict(method=c["method"]["name"], bits=c["spec"]["bits"], group=c["spec"]["group_size"])
+        return Loaded(model, tok, arch_of(model.config), "native", meta["source_model"], label, meta)
+    from loaq.models import load_config, load_model, resolve
+
+    src = resolve(path)
+    if not src.gguf_file and getattr(load_config(src), "quantization_config", None) is not None:
+        from loaq.export.check import parse_quantization_config
+        from loaq.export.load import load_export
+
+        model, tok = load_export(src.directory, dtype)
+        w = next(iter(parse_quantization_config(src.directory).config_groups.values())).weights
+        label = dict(method="-", bits=w.num_bits, group=w.group_size or 0)
+        return Loaded(model, tok, arch_of(model.config), "export", src.label, label)
+    model, tok, arch, src = load_model(src.label, dtype)
+    return Loaded(model, tok, arch, "fp", src.label, dict(method="-", bits=32, group="-"))
+
+
+def evaluate(model: Loaded | str | nn.Module | None = None, tokenizer=None, *,
+             evaluation: Evaluation | None = Evaluation(), tasks: list[str] | None = None, limit: int | None = None,
+             tasks_dir: str | None = None, batch_size: int = 8, progress: bool = False) -> dict:
+    """Perplexity (``evaluation``; ``None`` skips it) and zero-shot accuracy (``tasks``, through
+    lm-evaluation-harness) of a model: a :class:`Loaded`, a path :func:`load` takes, or a module with
+    ``tokenizer``. Returns ``{"ppl", "eval_tokens", "eval_seqlen", "zero_shot"}`` (absent parts ``None``)."""
+    from loaq.metrics import perplexity
+
+    if tasks:
+        check_tasks(tasks, tasks_dir)
+    if model is None or isinstance(model, str):
+        model = load(model)
+    if isinstance(model, Loaded):
+        model, tokenizer = model.model, model.tokenizer
+    if tokenizer is None:
+        raise LoaQError("evaluate(<a module>) needs tokenizer=<its tokenizer>")
+    out = {"ppl": None, "eval_tokens": None, "eval_seqlen": None, "zero_shot": None}
+    if evaluation is not None:
+        windows = eval_windows(tokenizer, evaluation)
+        out.update(ppl=perplexity(model, windows, batch_size, progress=progress), eval_tokens=int(windows.numel()),
+                   eval_seqlen=evaluation.seqlen)
+    if tasks:
+        from loaq.zeroshot import evaluate_tasks, hf_lm
+
+        z = evaluate_tasks(hf_lm(model, tokenizer, batch_size), tasks, limit, tasks_dir)
+        out["zero_shot"] = {k: v for k, v in z.items() if k != "loglikelihoods"}
+    return out
+
+
+def evaluate_server(url: str, served_model: str, tasks: list[str], *, tokenizer: str | None = None,
+                    limit: int | None = None, tasks_dir: str | None = None, batch_size: int = 8) -> dict:
+    """Zero-shot accuracy of a running OpenAI-compatible server (vLLM) serving ``served_model``."""
+    from loaq.zeroshot import evaluate_tasks, served_lm
+
+    check_tasks(tasks, tasks_dir)
+    z = evaluate_tasks(served_lm(url, served_model, tokenizer or served_model, batch_size), tasks, limit, tasks_dir)
+    return {k: v for k, v in z.items() if k != "loglikelihoods"}
+
+
+def check_tasks(tasks: list[str], tasks_dir: str | None) -> None:
+    """Fail before any model loads when a task's prepared data is missing."""
+    from loaq.tasks import task_config
+
+    for t in tasks:
+        task_config(t, tasks_dir)
+
+
+def layer_mse(quantized: Loaded, calibration: Calibration = Calibration(nsamples=16, seqlen=512, seed=1234),
+              batch_size: int = 4) -> dict:
+    """Per-layer hidden-state MSE (the paper's Figures 3/4) of a native checkpoint against its source
+    model, in the rotated basis when the checkpoint was rotated (R1 rebuilt from the seed)."""
+    from loaq.metrics import hidden_mse, layer_outputs
+    from loaq.models import load_model
+
+    if quantized.kind != "native":
+        raise LoaQError("the per-layer MSE compares a native checkpoint with its source model; pass --quantized DIR")
+    ref, _, _, _ = load_model(quantized.source)
+    rotation = quantized.meta.get("rotation")
+    if rotation:
+        from loaq.rotation import rotate_model
+
+        rotate_model(ref, quantized.arch, rotation["seed"])
+    w = calibration_windows(quantized.tokenizer, calibration)
+    eps = quantized.model.config.rms_norm_eps
+    return hidden_mse(layer_outputs(ref, quantized.arch, w, batch_size),
+                      layer_outputs(quantized.model, quantized.arch, w, batch_size), eps)
