@@ -66,7 +66,7 @@ def resolve(path: str | None) -> Source:
     """
     path = path or default_model_path()
     hub = _HUB_ID.fullmatch(path)
-    if not os.path.exists(path) and hub and not path.endswith(".gguf") and ".." not in path and "--" not in path:
+    if hub and not path.endswith(".gguf") and not os.path.exists(path):
         return resolve_hub(hub["repo"], hub["rev"])
     if not os.path.exists(path):
         raise LoaQError(f"model path {path!r} does not exist; pass a Hugging Face model directory or a .gguf file")
@@ -98,8 +98,8 @@ def hub_cache() -> str:
 def resolve_hub(repo_id: str, revision: str | None = None) -> Source:
     """The local snapshot of Hub model ``repo_id`` at ``revision`` (default ``main``), downloading it unless offline."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, IncompleteSnapshotError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, IncompleteSnapshotError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
     name = f"{repo_id}@{revision}" if revision else repo_id
     offline = _offline_var()
@@ -126,6 +126,12 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> Source:
     except RevisionNotFoundError:
         raise LoaQError(f"model {repo_id!r} has no revision {revision!r} on the Hugging Face Hub; pass an existing "
                         "branch, tag or commit after '@'") from None
+    except HfHubHTTPError as e:
+        raise LoaQError(f"the Hugging Face Hub failed on model {name!r} ({e.response.status_code}); try again later, "
+                        "or pass a local directory or .gguf file") from None
+    except HFValidationError:
+        raise LoaQError(f"model path {name!r} does not exist and is no valid Hugging Face Hub id; pass a Hugging Face "
+                        "model directory, a .gguf file or an org/name id") from None
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise LoaQError(f"Hub model {name!r} has no config.json (a GGUF-only repository?); download its .gguf file and "
                         "pass that path")

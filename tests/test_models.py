@@ -73,3 +73,8 @@ def test_local_directory_and_gguf_sources_are_unchanged(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"")
     g = resolve(str(tmp_path / "x.gguf"))
     assert (g.directory, g.gguf_file, g.label) == (str(tmp_path), "x.gguf", str(tmp_path / "x.gguf"))
+
+
+def test_invalid_hub_id_is_one_line(hub_cache):
+    with pytest.raises(LoaQError, match="does not exist and is no valid Hugging Face Hub id"):
+        resolve("tiny-org/name-")
