@@ -200,7 +200,7 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
         from loaq.models import load_model
 
         t0 = time.time()
-        m, tok, arch, _ = load_model(src.label)
+        m, tok, arch, _ = load_model(src)
         timings["load"] = time.time() - t0
         label = src.label
     if isinstance(calibration, torch.Tensor):
@@ -285,7 +285,7 @@ def load(path: str | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
         w = next(iter(parse_quantization_config(src.directory).config_groups.values())).weights
         label = dict(method="-", bits=w.num_bits, group=w.group_size or 0)
         return Loaded(model, tok, arch_of(model.config), "export", src.label, label)
-    model, tok, arch, src = load_model(src.label, dtype)
+    model, tok, arch, src = load_model(src, dtype)
     return Loaded(model, tok, arch, "fp", src.label, dict(method="-", bits=32, group="-"))
 
 

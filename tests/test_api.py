@@ -205,3 +205,49 @@ def test_quantize_exports_and_load_runs_the_export(model_dir, calib, tmp_path):
     assert ev["ppl"] == pytest.approx(run.ppl, rel=1e-6) and ev["eval_tokens"] == 256
     assert run.fp_ppl == pytest.approx(loaq.evaluate(model_dir, evaluation=loaq.Evaluation(calib, 256, 32))["ppl"], rel=1e-6)
     assert run.fp_ppl != run.ppl
+
+
+def test_chat_and_dataset_calibration_through_the_cli(model_dir, tmp_path):
+    """``--calib`` with chat messages (rendered by the chat template) and a saved dataset with
+    ``--calib-split``/``--calib-field`` give the codes of the API run on the same source."""
+    from datasets import Dataset, DatasetDict
+
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    chat_dir = tmp_path / "chat_model"
+    import shutil
+
+    shutil.copytree(model_dir, chat_dir)
+    tok.save_pretrained(chat_dir)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": TEXT[i * 40:(i + 1) * 400]},
+                                                        {"role": "assistant", "content": TEXT[:300]}]})
+                               for i in range(4)) + "\n")
+    assert cli(str(chat_dir), tmp_path / "c", "--calib", str(chats), "--nsamples", "4", "--seqlen", "32") == 0
+    run = loaq.quantize(str(chat_dir), None, Calibration(str(chats), **CAL), batch_size=2, progress=False)
+    assert json.load(open(tmp_path / "c" / "loaq.json"))["calibration"]["source"] == str(chats)
+    c = codes(tmp_path / "c")
+    assert all(torch.equal(c[f"{k}.codes"], r.codes) for k, r in run.results.items())
+    ds = tmp_path / "ds"
+    DatasetDict({"validation": Dataset.from_dict({"body": [TEXT] * 3}), "train": Dataset.from_dict({"body": ["x"]})}
+                ).save_to_disk(str(ds))
+    assert cli(model_dir, tmp_path / "d", "--calib", str(ds), "--calib-split", "validation", "--calib-field", "body",
+               "--nsamples", "4", "--seqlen", "32") == 0
+    meta = json.load(open(tmp_path / "d" / "loaq.json"))["calibration"]
+    assert (meta["split"], meta["field"]) == ("validation", "body")
+    run = loaq.quantize(model_dir, None, Calibration(str(ds), split="validation", field="body", **CAL), batch_size=2,
+                        progress=False)
+    d = codes(tmp_path / "d")
+    assert all(torch.equal(d[f"{k}.codes"], r.codes) for k, r in run.results.items())
+
+
+def test_offline_hub_id_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    rc = main(["-q", "quantize", "--model", "nobody/not-cached-model", "--out", str(tmp_path / "o"),
+               "--export", str(tmp_path / "ct")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "HF_HUB_OFFLINE" in err and "nobody/not-cached-model" in err and "\n" not in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "ct").exists() and not (tmp_path / "o.partial").exists()
