@@ -13,13 +13,13 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
 import torch
 
+from loaq.bench import command, machine, utc_date
 from loaq.checkpoint import save_native
 from loaq.config import Method, QuantConfig
 from loaq.export.check import check_export, round_trip
@@ -83,8 +83,7 @@ def main(argv=None) -> int:
                   f"{r['round_trip']}", flush=True)
     lines = [
         "# Export sizes, time and round trip (SmolLM2-135M-Instruct, compressed-tensors pack-quantized)", "",
-        f"- command: `python benchmarks/export.py` — {time.strftime('%Y-%m-%d')}, {platform.machine()} "
-        f"{os.cpu_count()}-core container, torch {torch.__version__}",
+        f"- command: `{command()}` — {utc_date()}, {machine()}",
         "- natives are RTN (size and export time do not depend on the method); unquantized tensors bf16, "
         "weight scales float32; tied embedding stored once",
         f"- bf16 Hugging Face directory (`save_pretrained`): **{bf16_mib:.1f} MiB**", "",
