@@ -97,10 +97,23 @@ def size_vs_ppl(rows: list[dict], out: str):
 
 
 def serve_throughput(rows: list[dict], out: str):
-    """``rows``: ``{label, tokens_per_s}`` per served variant; one bar each."""
+    """``rows``: ``{label, tokens_per_s}`` per served variant; one bar each. Rows that also carry ``variant``
+    and ``concurrency`` (:func:`serve_rows`) are grouped: one group per variant, one bar colour per concurrency."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.bar([r["label"] for r in rows], [r["tokens_per_s"] for r in rows])
+    if all("variant" in r and "concurrency" in r for r in rows):
+        variants = list(dict.fromkeys(r["variant"] for r in rows))
+        concs = sorted({r["concurrency"] for r in rows})
+        w = 0.8 / len(concs)
+        for i, c in enumerate(concs):
+            got = {r["variant"]: r["tokens_per_s"] for r in rows if r["concurrency"] == c}
+            xs = [j for j, v in enumerate(variants) if v in got]
+            ax.bar([x + (i - (len(concs) - 1) / 2) * w for x in xs], [got[variants[x]] for x in xs], w, label=f"c={c}")
+        ax.set_xticks(range(len(variants)), variants)
+        ax.set_ylim(0, 1.25 * max(r["tokens_per_s"] for r in rows))  # room for the legend above the bars
+        ax.legend(title="concurrency", ncols=len(concs), loc="upper left", fontsize=8)
+    else:
+        ax.bar([r["label"] for r in rows], [r["tokens_per_s"] for r in rows])
     ax.set(ylabel="generated tokens/s", title="Serving throughput")
     ax.tick_params(axis="x", labelrotation=30)
     ax.grid(axis="y", alpha=0.3)
@@ -109,8 +122,8 @@ def serve_throughput(rows: list[dict], out: str):
 
 def serve_rows(doc: dict) -> list[dict]:
     """``benchmarks/serve.py``'s ``serve.json`` (``results: {variant: {runs: {concurrency: {output_throughput}}}}``)
-    as ``{label, tokens_per_s}`` rows, one per variant and concurrency."""
-    return [{"label": f"{name} c={c}", "tokens_per_s": r["output_throughput"]}
+    as ``{label, variant, concurrency, tokens_per_s}`` rows, one per variant and concurrency."""
+    return [{"label": f"{name} c={c}", "variant": name, "concurrency": int(c), "tokens_per_s": r["output_throughput"]}
             for name, v in doc["results"].items() for c, r in v["runs"].items()]
 
 

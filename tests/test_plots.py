@@ -63,7 +63,20 @@ def test_serve_throughput_bars(tmp_path):
     assert [p.get_height() for p in ax.patches] == [41.5, 55.25]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["bf16", "w4a16"]
     served = {"results": {"bf16": {"runs": {"1": {"output_throughput": 41.5}, "8": {"output_throughput": 120.0}}}}}
-    assert serve_rows(served) == [{"label": "bf16 c=1", "tokens_per_s": 41.5}, {"label": "bf16 c=8", "tokens_per_s": 120.0}]
+    assert serve_rows(served) == [{"label": "bf16 c=1", "variant": "bf16", "concurrency": 1, "tokens_per_s": 41.5},
+                                  {"label": "bf16 c=8", "variant": "bf16", "concurrency": 8, "tokens_per_s": 120.0}]
+
+
+def test_serve_throughput_groups_bars_by_variant_with_a_colour_per_concurrency(tmp_path):
+    served = {"results": {"bf16": {"runs": {"1": {"output_throughput": 28.0}, "8": {"output_throughput": 95.4}}},
+                          "w2": {"runs": {"1": {"output_throughput": 41.3}, "8": {"output_throughput": 100.8}}}}}
+    ax = serve_throughput(serve_rows(served), str(tmp_path / "t.png")).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bf16", "w2"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["c=1", "c=8"]
+    bars = [(p.get_x() + p.get_width() / 2, p.get_height(), p.get_facecolor()) for p in ax.patches]
+    assert [h for _, h, _ in bars] == [28.0, 41.3, 95.4, 100.8]  # c=1 for both variants, then c=8
+    assert bars[0][2] == bars[1][2] != bars[2][2] == bars[3][2]
+    assert bars[0][0] < bars[2][0] < 0.5 < bars[1][0] < bars[3][0]  # each variant's bars around its tick
 
 
 def test_loaq_plot_writes_pngs_next_to_the_json(tmp_path, capsys):
