@@ -1,8 +1,12 @@
 """End-to-end greedy decode speed: fp16 vs LoaQ's quantized linears in one Llama, in one run.
 
-    python benchmarks/decode.py                                   # CUDA: Llama-3-8B shapes, batch 1 and 16
-    python benchmarks/decode.py --layers 8                        # fewer decoder layers (memory / time)
-    python benchmarks/decode.py --device cpu --tiny --tokens 16   # smoke run on the CPU kernels, writes nothing
+    python -m benchmarks.decode                                   # CUDA: Llama-3-8B shapes, batch 1 and 16
+    python -m benchmarks.decode --layers 8                        # fewer decoder layers (memory / time)
+    python -m benchmarks.decode --device cpu --tiny --tokens 16   # smoke run on the CPU kernels, writes nothing
+
+Run it from the repository root, as a module: that imports loaq from this checkout where it is not
+installed (a GPU machine with a copy of the repository), and keeps ``benchmarks/kernels.py`` from
+shadowing the ``kernels`` package transformers looks for.
 
 vLLM cannot be installed on the GPU machines, so this is the project's own minimal runner: a
 transformers ``LlamaForCausalLM`` (Llama-3-8B shapes: hidden 4096, intermediate 14336, 32 layers,
@@ -24,7 +28,6 @@ model at the same batch, measured in the same process. Results are merged by dev
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import platform
@@ -34,16 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-if __name__ == "__main__":  # run as a script: import loaq from this checkout
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from transformers import LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noqa: E402
-
-from loaq.errors import LoaQError  # noqa: E402
-from loaq.kernels.op import QuantLinear  # noqa: E402
-from loaq.kernels.synthetic import random_linear  # noqa: E402
+from loaq.bench import command, cpu_model, utc_date
+from loaq.errors import LoaQError
+from loaq.kernels.op import QuantLinear
+from loaq.kernels.synthetic import random_linear
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)
@@ -254,8 +254,7 @@ def write_results(out: Path, device: str, meta: dict, rows: list[dict]) -> None:
     for the batch sizes it did not measure (e.g. ``--batch 1`` and ``--batch 16`` as two calls,
     each with its own dense baseline); any other earlier section for ``device`` is replaced.
     """
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = "python " + " ".join(sys.argv)
+    date, cmd = utc_date(), command()
     out.mkdir(parents=True, exist_ok=True)
     path = out / "decode.json"
     results = json.loads(path.read_text()) if path.exists() else {}
@@ -266,8 +265,8 @@ def write_results(out: Path, device: str, meta: dict, rows: list[dict]) -> None:
         if kept:
             names = list(dict.fromkeys(r["variant"] for r in rows + kept))
             rows = sorted(kept + rows, key=lambda r: (names.index(r["variant"]), r["batch"]))
-            date, command = f"{old['date']}; {date}", f"{old['command']}; {command}"
-    results[device] = dict(meta=meta, rows=rows, date=date, host=platform.node(), command=command)
+            date, cmd = f"{old['date']}; {date}", f"{old['command']}; {cmd}"
+    results[device] = dict(meta=meta, rows=rows, date=date, host=platform.node(), command=cmd)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     tmp.replace(path)
@@ -308,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tiny:
         print("tiny config: smoke run, nothing written")
         return
-    name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
     meta = dict(device_name=name, dtype=DTYPE_NAMES[dtype], compile=compile,
                 layers=config.num_hidden_layers, prompt=args.prompt, tokens=args.tokens, warmup=args.warmup,
                 weights="random", **versions())

@@ -4,7 +4,7 @@ Hugging Face directory, export time, library round trip and ``--check``, in one 
     python benchmarks/export.py [--out benchmarks/results/export]
 
 Natives are RTN-quantized (sizes and export cost do not depend on the method); the Hadamard variants
-are rotated first (``loaq.rotation.rotate_model``, as ``--rotate hadamard`` does).
+are rotated first (``config.rotation``, as ``--rotate hadamard`` does); every variant goes through ``loaq.api.quantize``.
 """
 
 from __future__ import annotations
@@ -13,33 +13,31 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
 import torch
 
-from loaq.checkpoint import save_native
+from loaq.bench import command, machine, utc_date
+from loaq.actquant import ActSpec
+from loaq.api import load, quantize
 from loaq.config import Method, QuantConfig
 from loaq.export.check import check_export, round_trip
-from loaq.export.writer import export
 from loaq.grids import GridSpec
-from loaq.models import load_model
-from loaq.pipeline import quantize_model
-from loaq.rotation import rotate_model
+from loaq.rotation import RotationSpec
 
-A4, A4S = {"bits": 4, "symmetric": False}, {"bits": 4, "symmetric": True}
-VARIANTS = {  # label: (grid, native "activations", Hadamard-rotated)
-    "W2 per-channel asym": (GridSpec(2, 0, False), None, False),
-    "W3 per-channel asym": (GridSpec(3, 0, False), None, False),
-    "W4 g64 asym": (GridSpec(4, 64, False), None, False),
-    "W4 g64 sym": (GridSpec(4, 64, True), None, False),
-    "W4 per-channel asym": (GridSpec(4, 0, False), None, False),
+A4, A4S, A16 = ActSpec(4, False), ActSpec(4, True), ActSpec()
+VARIANTS = {  # label: (grid, activations, Hadamard-rotated)
+    "W2 per-channel asym": (GridSpec(2, 0, False), A16, False),
+    "W3 per-channel asym": (GridSpec(3, 0, False), A16, False),
+    "W4 g64 asym": (GridSpec(4, 64, False), A16, False),
+    "W4 g64 sym": (GridSpec(4, 64, True), A16, False),
+    "W4 per-channel asym": (GridSpec(4, 0, False), A16, False),
     "W4A4 asym": (GridSpec(4, 0, False), A4, False),
     "W4A4 sym": (GridSpec(4, 0, True), A4S, False),
-    "W8 per-channel sym": (GridSpec(8, 0, True), None, False),
-    "W3 per-channel asym + Hadamard": (GridSpec(3, 0, False), None, True),
+    "W8 per-channel sym": (GridSpec(8, 0, True), A16, False),
+    "W3 per-channel asym + Hadamard": (GridSpec(3, 0, False), A16, True),
     "W4A4 asym + Hadamard": (GridSpec(4, 0, False), A4, True),
 }
 
@@ -48,17 +46,11 @@ def dir_mib(path: str) -> float:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
 
 
-def measure(model, tok, arch, spec: GridSpec, act: dict | None, rotate: bool, work: str) -> dict:
-    m = copy.deepcopy(model)
-    rotation = rotate_model(m, arch) if rotate else None
-    cfg = QuantConfig(spec=spec, method=Method("rtn"))
-    results = quantize_model(m, arch, torch.zeros(1, 1, dtype=torch.long), cfg, progress=False)
+def measure(model, tok, spec: GridSpec, act: ActSpec, rotate: bool, work: str) -> dict:
+    cfg = QuantConfig(spec=spec, method=Method("rtn"), act=act, rotation=RotationSpec("hadamard" if rotate else "none"))
     native, out = os.path.join(work, "native"), os.path.join(work, "export")
-    meta = {"config": cfg.to_dict(), "source_model": "SmolLM2-135M-Instruct", "activations": act}
-    save_native(native, m, tok, results, meta, force=True, rotation=rotation)
-    t0 = time.perf_counter()
-    export(native, out, force=True)
-    seconds = time.perf_counter() - t0
+    run = quantize(copy.deepcopy(model), cfg, tokenizer=tok, out=native, export=out, force=True, progress=False)
+    seconds = run.timings["export"]
     n, same = round_trip(native, out)
     return {"mib": dir_mib(out), "export_s": seconds, "round_trip": f"{same}/{n} bit-identical",
             "check": check_export(out)}
@@ -69,7 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/export")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model, tok, arch, _ = load_model(None)
+    fp = load(None)
+    model, tok = fp.model, fp.tokenizer
     rows = []
     with tempfile.TemporaryDirectory() as work:
         bf16 = os.path.join(work, "bf16")
@@ -77,14 +70,13 @@ def main(argv=None) -> int:
         tok.save_pretrained(bf16)
         bf16_mib = dir_mib(bf16)
         for label, (spec, act, rotate) in VARIANTS.items():
-            r = measure(model, tok, arch, spec, act, rotate, work)
+            r = measure(model, tok, spec, act, rotate, work)
             rows.append({"variant": label, **r, "vs_bf16": r["mib"] / bf16_mib})
             print(f"{label:<22} {r['mib']:8.1f} MiB  {r['mib'] / bf16_mib:6.3f}x bf16  {r['export_s']:5.1f} s  "
                   f"{r['round_trip']}", flush=True)
     lines = [
         "# Export sizes, time and round trip (SmolLM2-135M-Instruct, compressed-tensors pack-quantized)", "",
-        f"- command: `python benchmarks/export.py` — {time.strftime('%Y-%m-%d')}, {platform.machine()} "
-        f"{os.cpu_count()}-core container, torch {torch.__version__}",
+        f"- command: `{command()}` — {utc_date()}, {machine()}",
         "- natives are RTN (size and export time do not depend on the method); unquantized tensors bf16, "
         "weight scales float32; tied embedding stored once",
         f"- bf16 Hugging Face directory (`save_pretrained`): **{bf16_mib:.1f} MiB**", "",

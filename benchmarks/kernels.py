@@ -1,8 +1,11 @@
 """Benchmark the quantized-linear kernels against the dense torch matmul of the same run.
 
-    python benchmarks/kernels.py                 # CPU section (always available)
-    python benchmarks/kernels.py --device cuda   # GPU section (needs a CUDA device)
-    python benchmarks/kernels.py --device cuda --tune   # print a config sweep, write nothing
+    python -m benchmarks.kernels                 # CPU section (always available)
+    python -m benchmarks.kernels --device cuda   # GPU section (needs a CUDA device)
+    python -m benchmarks.kernels --device cuda --tune   # print a config sweep, write nothing
+
+(from the repository root, as a module: it imports loaq from this checkout, and this file does not
+shadow the ``kernels`` package transformers looks for, as it would with ``benchmarks/`` first on ``sys.path``).
 
 For every kernel and shape: time, TFLOP/s (2·M·N·K / t), GB/s of weight traffic
 (packed weight + scales + zero points, read once), and the speedup over the dense
@@ -14,23 +17,17 @@ Results are merged by device into ``<out>/kernels.json`` and rendered to ``kerne
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-# run as a script: import loaq from the checkout, and keep this file from shadowing a
-# package named "kernels" (transformers probes for one)
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from loaq.kernels.layout import PackedLinear  # noqa: E402
-from loaq.kernels.synthetic import random_linear  # noqa: E402
+from loaq.bench import command, cpu_model, load_average, utc_date
+from loaq.kernels.layout import PackedLinear
+from loaq.kernels.synthetic import random_linear
 
 GPU_MS = [1, 4, 16, 64, 256, 2048]
 GPU_SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (4096, 14336)]
@@ -190,13 +187,9 @@ def bench_cpu() -> tuple[dict, list[dict]]:
                     r["vs_vllm_w4"] = t_vllm4 * 1e6 / r["time_us"]
                 print_row(r)
             rows += shape_rows
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    load = " ".join(open("/proc/loadavg").read().split()[:3])
-    meta = dict(device_name=cpu, threads=torch.get_num_threads(),
+    meta = dict(device_name=cpu_model(), threads=torch.get_num_threads(),
                 baseline="the fastest bf16 GEMM of the same run (speedup column)",
-                load_average_at_end=load, torch=torch.__version__)
+                load_average_at_end=load_average(), torch=torch.__version__)
     if vllm:
         meta.update(vllm=vllm.version, vllm_wna16_kernel=vllm.wna16_kernel, vllm_bf16_kernel=vllm.bf16_kernel)
     return meta, rows
@@ -396,9 +389,7 @@ def main() -> None:
     meta, rows = bench_cuda() if args.device == "cuda" else bench_cpu()
     if chosen:
         meta["tuned_configs"] = json.dumps(chosen)
-    date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
-    section = dict(meta=meta, rows=rows, date=date or datetime.datetime.now().isoformat(),
-                   host=platform.node(), command="python " + " ".join(sys.argv))
+    section = dict(meta=meta, rows=rows, date=utc_date(), host=platform.node(), command=command())
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "kernels.json"
     results = json.loads(path.read_text()) if path.exists() else {}

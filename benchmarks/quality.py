@@ -38,59 +38,20 @@ import copy
 import gc
 import json
 import os
-import platform
-import subprocess
-import sys
-import threading
-import time
 
-import torch
-
-from loaq import data
+from loaq import api
 from loaq.actquant import ActSpec
-from loaq.config import Method, QuantConfig
-from loaq.metrics import perplexity
+from loaq.bench import PeakRSS, command, machine, method_knobs, row_key, utc_date
+from loaq.config import METHODS, Calibration, Method, QuantConfig
 from loaq.grids import GridSpec
-from loaq.models import load_model
-from loaq.pipeline import quantize_model
-from loaq.rotation import RotationSpec, rotate_model
-from loaq.tasks import parse_names, task_config
-from loaq.zeroshot import evaluate_tasks, hf_lm
+from loaq.metrics import perplexity
+from loaq.rotation import RotationSpec
+from loaq.tasks import parse_names
 
 SETTINGS = {"w2": GridSpec(2, 0, False), "w3": GridSpec(3, 0, False), "w4g64": GridSpec(4, 64, False)}
-METHODS = ("rtn", "gptq", "gptaq", "qronos", "lloa", "loaq", "loaq-alg")  # loaq-alg: ŝ = R(h + X̂W) (Algorithm 1)
-# method suffixes: loaq-alg, and the Table 5 ablations loaq-nosoa, loaq-nonoa, loaq-nosoa-nonoa (not in the default run)
-VARIANTS = {"": {}, "alg": {"shat": "alg"}, "nosoa": {"soa": False}, "nonoa": {"rescale": False},
-            "nosoa-nonoa": {"soa": False, "rescale": False}}
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled in a thread."""
-
-    def __enter__(self):
-        self.base = self.peak = rss_mb()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, rss_mb())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, rss_mb())
-
-    @property
-    def delta(self) -> float:
-        return self.peak - self.base
+# the default run: loaq.config.METHODS and loaq-alg (ŝ = R(h + X̂W), Algorithm 1); any name of
+# loaq.bench.METHOD_NAMES is accepted (the Table 5 ablations loaq-nosoa, loaq-nonoa, loaq-nosoa-nonoa)
+DEFAULT_METHODS = (*METHODS, "loaq-alg")
 
 
 def main() -> None:
@@ -98,7 +59,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--settings", default=",".join(SETTINGS))
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     ap.add_argument("--alg-settings", default="w2,w3", help="settings that also get the loaq-alg (ŝ form) row")
     ap.add_argument("--search", help="JSON written by `loaq search` (α, β for lloa/loaq)")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -116,13 +77,11 @@ def main() -> None:
         return run_tables(a)
     tasks = zero_shot_tasks(a)
     zero_shot = lambda m: zero_shot_acc(m, tok, tasks, a)  # noqa: E731
-    alpha, beta = 0.5, 0.5
+    alpha = beta = None  # the registry's defaults (loaq.methods) unless --search gives them
     if a.search:
         s = json.load(open(a.search))
         alpha, beta = s["alpha"], s["beta"]
-    model, tok, arch, src = load_model(None)
-    calib = data.random_windows(data.tokenize(tok, data.default_split("calib")), a.nsamples, a.seqlen, seed=0)
-    evalw = data.eval_windows(data.tokenize(tok, data.default_split("eval")), 512, 16384)
+    model, tok, calib, evalw = _inputs(a)
     rows = [] if a.no_fp else [dict(model="SmolLM2-135M", method="fp32", bits=32, group=0, symmetric=False, alpha=None,
                                     beta=None, ppl=perplexity(model, evalw), quant_seconds=0.0, peak_mem_mb=0.0,
                                     zero_shot=zero_shot(model))]
@@ -132,19 +91,12 @@ def main() -> None:
         for mname in a.methods.split(","):
             if mname == "loaq-alg" and sname not in a.alg_settings.split(","):
                 continue
-            base, _, variant = mname.partition("-")
-            al = {"lloa": alpha, "loaq": alpha, "gptaq": 0.25}.get(base, 0.0)
-            be = beta if base == "loaq" else 0.0
-            m = copy.deepcopy(model)
-            gc.collect()
-            cfg = QuantConfig(spec=spec, method=Method(base, al, be, **VARIANTS[variant]))
-            with PeakRSS() as mem:
-                t0 = time.time()
-                quantize_model(m, arch, calib, cfg, batch_size=a.batch_size, progress=False)
-                secs = time.time() - t0
+            base, knobs = method_knobs(mname)
+            method = Method(base, alpha if base in ("lloa", "loaq") else None, beta if base == "loaq" else None, **knobs)
+            cfg = QuantConfig(spec=spec, method=method)
+            m, secs, mem = _quantize(model, tok, cfg, calib, a)
             row = dict(model="SmolLM2-135M", method=mname, bits=spec.bits, group=spec.group_size,
-                       symmetric=spec.symmetric, alpha=al if base in ("gptaq", "lloa", "loaq") else None,
-                       beta=be if base == "loaq" else None, ppl=perplexity(m, evalw),
+                       symmetric=spec.symmetric, ppl=perplexity(m, evalw), **_alpha_beta(cfg),
                        quant_seconds=round(secs, 2), peak_mem_mb=round(mem.delta, 1), zero_shot=zero_shot(m))
             rows.append(row)
             print(row, flush=True)
@@ -153,11 +105,32 @@ def main() -> None:
     write(rows, a)
 
 
+def _inputs(a):
+    """(fp model, tokenizer, calibration windows, ppl16k windows): the default model and corpus, seed 0."""
+    fp = api.load(None)
+    calib = api.calibration_windows(fp.tokenizer, Calibration(nsamples=a.nsamples, seqlen=a.seqlen, seed=0))
+    return fp.model, fp.tokenizer, calib, api.eval_windows(fp.tokenizer, api.Evaluation())
+
+
+def _quantize(model, tok, cfg: QuantConfig, calib, a):
+    """(quantized copy of ``model``, seconds in the pipeline, PeakRSS) through :func:`loaq.api.quantize`."""
+    m = copy.deepcopy(model)
+    gc.collect()
+    with PeakRSS() as mem:
+        run = api.quantize(m, cfg, calib, tokenizer=tok, batch_size=a.batch_size, progress=False)
+    return run.model, run.timings["quantize"], mem
+
+
+def _alpha_beta(cfg: QuantConfig) -> dict:
+    """The row's alpha/beta: the values the method uses, None where it has no such setting."""
+    s = cfg.method.rule.settings
+    return {"alpha": cfg.method.alpha if "alpha" in s else None, "beta": cfg.method.beta if "beta" in s else None}
+
+
 def zero_shot_tasks(a) -> list[str]:
     """The --zero-shot task names, each checked to have its data (a missing one fails before hours of work)."""
     tasks = parse_names(a.tasks) if a.zero_shot else []
-    for t in tasks:
-        task_config(t)
+    api.check_tasks(tasks, None)
     return tasks
 
 
@@ -165,8 +138,7 @@ def zero_shot_acc(m, tok, tasks: list[str], a) -> dict | None:
     """lm-eval accuracy of model ``m`` on ``tasks`` (first --zero-shot-limit examples), without the raw loglikelihoods."""
     if not tasks:
         return None
-    z = evaluate_tasks(hf_lm(m, tok, a.batch_size), tasks, a.zero_shot_limit)
-    return {k: v for k, v in z.items() if k != "loglikelihoods"}
+    return api.evaluate(m, tok, evaluation=None, tasks=tasks, limit=a.zero_shot_limit, batch_size=a.batch_size)["zero_shot"]
 
 
 def tasks_of(rows: list[dict]) -> list[str]:
@@ -185,16 +157,14 @@ def _acc(r: dict) -> str:
 
 
 def write(rows: list[dict], a, quiet: bool = False) -> None:
-    cmd = "python " + " ".join(sys.argv)
-    machine = f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch {torch.__version__}"
-    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    cmd, where, date = command(), machine(), utc_date()
     with open(a.out + ".json", "w") as fh:
-        json.dump({"command": cmd, "machine": machine, "date": date, "nsamples": a.nsamples, "seqlen": a.seqlen,
+        json.dump({"command": cmd, "machine": where, "date": date, "nsamples": a.nsamples, "seqlen": a.seqlen,
                    "eval": "ppl16k: first 16,384 eval-split tokens, 32 windows of 512",
                    "zero_shot": {"tasks": tasks_of(rows), "limit": a.zero_shot_limit, "harness": "lm-eval " + _lm_eval_version()}
                    if any(r.get("zero_shot") for r in rows) else None, "rows": rows}, fh, indent=2)
     lines = [f"# Quality on SmolLM2-135M ({a.nsamples}x{a.seqlen} calibration tokens, ppl16k)", "",
-             f"Command: `{cmd}`  ", f"Machine: {machine}  ", f"Date: {date}", "",
+             f"Command: `{cmd}`  ", f"Machine: {where}  ", f"Date: {date}", "",
              "| bits | group | method | alpha | beta | ppl | 0-shot avg acc | quant s | peak MB | time / gptq |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     gptq_time = {(r["bits"], r["group"]): r["quant_seconds"] for r in rows if r["method"] == "gptq"}
@@ -234,59 +204,42 @@ def run_tables(a) -> None:
     doc = json.load(open(path)) if os.path.exists(path) else {"rows": []}
     tasks = zero_shot_tasks(a)
     zs = {"tasks": tasks, "limit": a.zero_shot_limit, "harness": "lm-eval " + _lm_eval_version()} if tasks else None
-    ext = {"command": "python " + " ".join(sys.argv), "machine": _machine(), "nsamples": a.nsamples,
+    ext = {"command": command(), "machine": machine(), "nsamples": a.nsamples,
            "seqlen": a.seqlen, "eval": "ppl16k: first 16,384 eval-split tokens, 32 windows of 512",
            "zero_shot": zs, "rows": []}
     old = doc.get("extended") or {}
     resumable = a.resume and (old.get("nsamples"), old.get("seqlen"), old.get("zero_shot")) == (a.nsamples, a.seqlen, zs)
-    done = {_row_key(r): r for r in old.get("rows", [])} if resumable else {}
+    done = {(r["table"], row_key(r)): r for r in old.get("rows", [])} if resumable else {}
     if resumable and old.get("date"):  # the date of the newest row; a run that adds none keeps it
         ext["date"] = old["date"]
     if a.resume and not resumable and old:
         print("--resume: the earlier run used another budget or zero-shot setting; starting afresh", flush=True)
     doc["extended"] = ext
-    model, tok, arch, _ = load_model(None)
+    model, tok, calib, evalw = _inputs(a)
     zero_shot = lambda m: zero_shot_acc(m, tok, tasks, a)  # noqa: E731
-    calib = data.random_windows(data.tokenize(tok, data.default_split("calib")), a.nsamples, a.seqlen, seed=0)
-    evalw = data.eval_windows(data.tokenize(tok, data.default_split("eval")), 512, 16384)
     fp = dict(table="-", method="fp32", bits=32, group=0, rotate="none", init="-", act_bits=16, alpha=None, beta=None,
               quant_seconds=0.0)
-    ext["rows"].append(done.get(_row_key(fp)) or dict(fp, ppl=perplexity(model, evalw), zero_shot=zero_shot(model)))
-    rotated = None
+    ext["rows"].append(done.get((fp["table"], row_key(fp))) or dict(fp, ppl=perplexity(model, evalw), zero_shot=zero_shot(model)))
     for t in a.tables.split(","):
         for spec, rot, act, methods in TABLES[t]:
             for label, method in methods:
                 cfg = QuantConfig(spec=spec, method=method, act=act, rotation=RotationSpec(rot, 0))
                 row = dict(table=t, method=label, bits=spec.bits, group=spec.group_size, rotate=rot, init=spec.init,
-                           act_bits=act.bits, alpha=cfg.method.alpha if method.name in ("gptaq", "loaq") else None,
-                           beta=cfg.method.beta if method.name == "loaq" else None)
-                earlier = done.get(_row_key(row)) or next((r for r in ext["rows"] + list(done.values())
-                                                           if _row_key(r)[1:] == _row_key(row)[1:]), None)
+                           act_bits=act.bits, **_alpha_beta(cfg))
+                key = row_key(row)
+                earlier = done.get((t, key)) or next((r for r in ext["rows"] + list(done.values()) if row_key(r) == key), None)
                 if earlier:  # measured before, or the same setting in another table (Table 5's LoaQ is Table 1's)
                     ext["rows"].append(dict(earlier, table=t))
                     continue
-                if rot == "hadamard" and rotated is None:
-                    rotated = copy.deepcopy(model)
-                    rotate_model(rotated, arch, 0)  # exact in fp (tests/test_smollm2.py), so no second fp row
-                m = copy.deepcopy(rotated if rot == "hadamard" else model)
-                gc.collect()
-                t0 = time.time()
-                quantize_model(m, arch, calib, cfg, batch_size=a.batch_size, progress=False)
-                row.update(quant_seconds=round(time.time() - t0, 2), ppl=perplexity(m, evalw), zero_shot=zero_shot(m))
+                # the API rotates the copy (exact in fp, tests/test_smollm2.py, so no second fp row)
+                m, secs, _ = _quantize(model, tok, cfg, calib, a)
+                row.update(quant_seconds=round(secs, 2), ppl=perplexity(m, evalw), zero_shot=zero_shot(m))
                 del m
                 ext["rows"].append(row)
                 print(row, flush=True)
-                ext["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                ext["date"] = utc_date()
                 _write_extended(doc, a)
     _write_extended(doc, a)
-
-
-def _row_key(r: dict) -> tuple:
-    return tuple(r.get(k) for k in ("table", "method", "bits", "group", "rotate", "init", "act_bits", "alpha", "beta"))
-
-
-def _machine() -> str:
-    return f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch {torch.__version__}"
 
 
 def _write_extended(doc: dict, a) -> None:

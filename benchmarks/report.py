@@ -4,9 +4,11 @@
 
 The paper's Tables 1-5 and 7 re-created on SmolLM2-135M: perplexity (ppl16k) and average zero-shot
 accuracy (lm-eval ``acc`` averaged over the local BIG-bench tasks) per method. Every results file with
-``rows`` is read; a row is matched on ``method, bits, group`` and the optional keys ``hadamard`` (bool),
-``init`` (e.g. ``"neuqi"``) and ``act_bits`` (e.g. 4 for W4A4), absent = off. Ablations are the methods
-``loaq-nosoa``, ``loaq-nonoa``, ``loaq-nosoa-nonoa``. When several runs hold a row, the one with
+``rows`` (or ``extended.rows``) is read, each row in :mod:`loaq.bench`'s vocabulary
+(:func:`loaq.bench.normalized`); a row is matched on ``method, bits, group`` and the optional keys
+``rotate`` (``"hadamard"``), ``init`` (e.g. ``"neuqi"``) and ``act_bits`` (e.g. 4 for W4A4), absent = off.
+Ablations are the methods ``loaq-nosoa``, ``loaq-nonoa``, ``loaq-nosoa-nonoa``. Serving: ``serve.json``
+(:data:`loaq.bench.SERVE_JSON`, written by ``benchmarks/serve.py``). When several runs hold a row, the one with
 zero-shot accuracy wins, then the newer file; every cell says which run it came from. A row nobody
 measured is printed as "not measured yet", never guessed.
 """
@@ -18,15 +20,13 @@ import glob
 import json
 import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from loaq.plots import layer_mse, ppl_vs_bits, serve_rows, serve_throughput, size_vs_ppl  # noqa: E402
+from loaq.bench import FP, RESULTS, SERVE_JSON, normalized, row_key
+from loaq.plots import layer_mse, ppl_vs_bits, serve_rows, serve_throughput, size_vs_ppl
 
 BASELINES = ("gptq", "gptaq", "qronos")
 MAIN = (*BASELINES, "loaq")
-NO, HAD = {"hadamard": False}, {"hadamard": True}
+NO, HAD = {"rotate": "none"}, {"rotate": "hadamard"}
 W2, W3 = {"bits": 2, "group": 0}, {"bits": 3, "group": 0}
 W4A4 = {"bits": 4, "group": 0, "act_bits": 4}
 PENDING = "needs the engine's {} runs (issue #8); regenerate with the quality benchmark once it has them"
@@ -75,19 +75,20 @@ def load_runs(results: str) -> list[dict]:
             ext = doc["extended"]
             runs[path + "#extended"] = {"path": path, "command": ext.get("command", "?"), "date": ext.get("date", ""),
                                         "nsamples": ext.get("nsamples"), "seqlen": ext.get("seqlen"),
-                                        "rows": [extended_row(r) for r in ext["rows"]], "zero_shot": ext.get("zero_shot"),
+                                        "rows": [normalized(r) for r in ext["rows"]], "zero_shot": ext.get("zero_shot"),
                                         "files": [os.path.basename(path)]}
         rows = doc.get("rows") if isinstance(doc, dict) else None
         if not (rows and all("method" in r and "bits" in r and "ppl" in r for r in rows)):
             continue
         search = re.search(r"--search (\S+)", doc.get("command", ""))
         key = json.dumps([doc.get("nsamples"), doc.get("seqlen"), search and search.group(1), doc.get("zero_shot")])
+        rows = [normalized(r) for r in rows]
         run = {"path": path, "command": doc.get("command", "?"), "date": doc.get("date", ""), "nsamples": doc.get("nsamples"),
                "seqlen": doc.get("seqlen"), "rows": rows, "zero_shot": doc.get("zero_shot"), "files": [os.path.basename(path)]}
         if doc.get("zero_shot") and key in runs:  # a split zero-shot table: one run, both commands
             old = runs[key]
-            seen = {_row_key(r) for r in old["rows"]}
-            old["rows"] = old["rows"] + [r for r in rows if _row_key(r) not in seen]
+            seen = {row_key(r) for r in old["rows"]}
+            old["rows"] = old["rows"] + [r for r in rows if row_key(r) not in seen]
             old["command"] += f"` and `{run['command']}"
             old["files"].append(os.path.basename(path))
             old["date"] = max(old["date"], run["date"])
@@ -96,24 +97,10 @@ def load_runs(results: str) -> list[dict]:
     return sorted(runs.values(), key=lambda r: r["date"])
 
 
-EXT_METHODS = {"loaq -NOA": "loaq-nonoa", "loaq -SOA": "loaq-nosoa", "loaq -both": "loaq-nosoa-nonoa"}
-
-
-def extended_row(r: dict) -> dict:
-    """A ``quality.py --tables`` row (rotate / init / act_bits as run) in this report's row vocabulary."""
-    return {**r, "method": EXT_METHODS.get(r["method"], r["method"]), "hadamard": r.get("rotate") == "hadamard",
-            "init": None if r.get("init") in (None, "-", "minmax") else r["init"],
-            "act_bits": None if r.get("act_bits") in (None, 16) else r["act_bits"]}
-
-
-def _row_key(r: dict) -> tuple:
-    return r["method"], r["bits"], r.get("group"), bool(r.get("hadamard")), r.get("init"), r.get("act_bits")
-
-
 def matches(row: dict, method: str, sel: dict) -> bool:
-    want = {"hadamard": False, "init": None, "act_bits": None} | sel
-    have = {"hadamard": bool(row.get("hadamard")), "init": row.get("init"), "act_bits": row.get("act_bits")}
-    return row["method"] == method and all((row.get(k) if k in ("bits", "group") else have[k]) == v for k, v in want.items())
+    """``row`` (normalized) is ``method`` under the setting ``sel`` (unnamed keys: no transform, default grid, A16)."""
+    want = {"rotate": "none", "init": None, "act_bits": None} | sel
+    return row["method"] == method and all(row.get(k) == v for k, v in want.items())
 
 
 def in_run(run: dict, method: str, sel: dict) -> dict | None:
@@ -153,7 +140,7 @@ def table(runs: list[dict], used: dict[int, str], spec) -> list[str]:
         for g, _ in groups:
             got = [r for (m, gg), r in cells.items() if gg == g and r and m != "rtn"]
             best[g] = (min((r["ppl"] for r in got), default=None), max((a for r in got if (a := acc_of(r)) is not None), default=None))
-        fp = in_run(runs[i], "fp32", {"bits": 32, "group": 0})
+        fp = in_run(runs[i], FP, {"bits": 32, "group": 0})
         rows = ([("fp32", {g: fp for g, _ in groups})] if fp else [])
         rows += [(m, {g: cells[(m, g)] for g, _ in groups}) for m in methods if any(cells[(m, g)] for g, _ in groups)]
         for m, by_group in rows:
@@ -223,7 +210,7 @@ def claims(runs: list[dict], used: dict[int, str]) -> list[str]:
     lines += _paired(runs, used, "the Hadamard transform helps LoaQ (Table 2 vs Tables 1/7)", "loaq", "loaq",
                      [("W2", W2), ("W3", W3)], (HAD, NO))
     for i in ordered(runs):  # issue #8's goal: with Hadamard, 3-bit LoaQ within 15 % of the fp perplexity
-        if (r := in_run(runs[i], "loaq", W3 | HAD)) and (fp := in_run(runs[i], "fp32", {"bits": 32, "group": 0})):
+        if (r := in_run(runs[i], "loaq", W3 | HAD)) and (fp := in_run(runs[i], FP, {"bits": 32, "group": 0})):
             q = r["ppl"] / fp["ppl"]
             lines.append(f"| (issue #8's goal) W3 + Hadamard LoaQ within 15 % of fp | W3 + Hadamard | ppl / fp32 ppl | "
                          f"{q:.3f} | fp32 {fmt_ppl(fp['ppl'])} | {used.setdefault(i, chr(ord('a') + len(used)))} | "
@@ -251,7 +238,7 @@ def _paired(runs: list[dict], used: dict[int, str], claim: str, method: str, oth
         for i in ordered(runs):
             a, b = in_run(runs[i], method, sel | extra[0]), in_run(runs[i], other, sel | extra[1])
             if a and b:
-                label = other if other != method else f"{other} {'without' if extra[1].get('hadamard') is False else 'with'} Hadamard"
+                label = other if other != method else f"{other} {'without' if extra[1] == NO else 'with'} Hadamard"
                 out.append(f"| {claim} | {name} | ppl ↓ | {fmt_ppl(a['ppl'])} | {label} {fmt_ppl(b['ppl'])} | "
                            f"{used.setdefault(i, chr(ord('a') + len(used)))} | {'yes' if a['ppl'] <= b['ppl'] else 'no'} |")
                 claim = ""
@@ -316,13 +303,13 @@ def size_ppl_rows(results: str, runs: list[dict]) -> str | None:
     """Join export.json's size on disk per grid with the perplexity of each method on that grid (size does
     not depend on the method) into ``size_ppl.json``; its path, or None without both inputs."""
     path = os.path.join(results, "export.json")
-    plain = lambda r: sum(row["method"] in ("rtn", "gptq", "loaq") and not row.get("hadamard")  # noqa: E731
-                          and not row.get("init") and not row.get("act_bits") for row in r["rows"])
+    plain = lambda r: sum(row["method"] in ("rtn", "gptq", "loaq") and row["rotate"] == "none"  # noqa: E731
+                          and not row["init"] and not row["act_bits"] for row in r["rows"])
     qrun = max((r for r in runs if in_run(r, "loaq", W2 | NO)), key=plain, default=None)  # most weight-only grids
     if not os.path.isfile(path) or qrun is None:
         return None
     doc = json.load(open(path))
-    fp = in_run(qrun, "fp32", {"bits": 32, "group": 0})
+    fp = in_run(qrun, FP, {"bits": 32, "group": 0})
     rows = [{"label": "bf16", "disk_bytes": int(doc["bf16_mib"] * 2**20), "ppl": fp["ppl"]}] if fp and "bf16_mib" in doc else []
     for v in doc["rows"]:
         words = v["variant"].split()  # e.g. "W4 g64 asym", "W2 per-channel asym"; W4A4 variants have no weight-only ppl
@@ -338,6 +325,20 @@ def size_ppl_rows(results: str, runs: list[dict]) -> str | None:
     with open(out, "w") as fh:
         json.dump({"from": [os.path.basename(path), os.path.basename(qrun["path"])], "rows": rows}, fh, indent=2)
     return out
+
+
+def serve_table(doc: dict) -> list[str]:
+    """``benchmarks/serve.py``'s results: output tokens/s per variant and concurrency, with its run."""
+    meta, res = doc["meta"], doc["results"]
+    concs = sorted({int(c) for v in res.values() for c in v["runs"]})
+    lines = [f"Serving (`{meta['command']}`, {meta['date']}, {meta['machine']}, vLLM {meta['vllm']}; "
+             f"{meta['input_len']}/{meta['output_len']} prompt/output tokens): output tokens/s by concurrency c.", "",
+             "| variant | kernel | " + " | ".join(f"c={c}" for c in concs) + " | peak server RSS GiB |",
+             "|---|---|" + "---|" * len(concs) + "---|"]
+    for name, v in res.items():
+        tps = [f"{v['runs'][str(c)]['output_throughput']:.1f}" if str(c) in v["runs"] else "-" for c in concs]
+        lines.append(f"| {name} | {v['kernel']} | " + " | ".join(tps) + f" | {v['peak_rss_gib']:.2f} |")
+    return lines
 
 
 def plots(results: str, runs: list[dict], here: str) -> list[str]:
@@ -363,12 +364,15 @@ def plots(results: str, runs: list[dict], here: str) -> list[str]:
                                   ("tokens_per_s", serve_throughput, "serve", "serving tokens/s")):
         docs = [(p, json.load(open(p))) for p in sorted(glob.glob(os.path.join(results, "*.json")))]
         hits = [(p, d["rows"]) for p, d in docs if isinstance(d, dict) and d.get("rows") and all(key in r for r in d["rows"])]
-        if key == "tokens_per_s":  # benchmarks/serve.py writes results/serve/serve.json
-            hits += [(p, serve_rows(json.load(open(p)))) for p in sorted(glob.glob(os.path.join(results, "*", "serve.json")))]
+        serve = os.path.join(results, SERVE_JSON)
+        if key == "tokens_per_s" and os.path.isfile(serve):
+            hits.append((serve, serve_rows(json.load(open(serve)))))
         for p, rows in hits:
             png = os.path.splitext(p)[0] + f".{suffix}.png"
             fn(rows, png)
             md.append(f"![{what}]({os.path.relpath(png, here)})")
+            if p == serve:
+                md.append("\n".join(serve_table(json.load(open(serve)))))
         if not hits:
             md.append(f"{what.capitalize()}: not measured yet (no results file with `{key}` rows).")
     import matplotlib.pyplot as plt
@@ -379,7 +383,7 @@ def plots(results: str, runs: list[dict], here: str) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", default="benchmarks/results")
+    ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--out", default="benchmarks/REPORT.md")
     a = ap.parse_args()
     runs = load_runs(a.results)

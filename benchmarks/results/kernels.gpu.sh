@@ -16,6 +16,6 @@ test)
   for f in /tmp/t1.log /tmp/t2.log /tmp/t3.log /tmp/t4.log; do grep -E "passed|failed|rc=|^E  |FAILED|Error" $f | cut -c1-150 | sort | uniq -c | sort -rn | head -8; done
   ;;
 bench)
-  python benchmarks/kernels.py --device cuda --tune --out "$OUT"
+  python -m benchmarks.kernels --device cuda --tune --out "$OUT"
   ;;
 esac
