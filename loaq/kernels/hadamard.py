@@ -73,7 +73,8 @@ def _launch_args(x: torch.Tensor, had_k: torch.Tensor | None) -> tuple[torch.Ten
     n = x.shape[-1]
     k = 1 if had_k is None else had_k.shape[0]
     p = n // k
-    assert n % k == 0 and p & (p - 1) == 0, f"n={n} is not K * 2**m with K={k}"
+    if n % k != 0 or p & (p - 1) != 0:
+        raise ValueError(f"n={n} is not K * 2**m with K={k}")
     if x.stride(-1) != 1 or x.stride(0) != n:
         x = x.contiguous()
     h = x if had_k is None else had_k.to(device=x.device, dtype=torch.float32).contiguous()

@@ -43,7 +43,8 @@ class W4A4Weight:
 
 def prepare_w4a4(w: PackedLinear) -> W4A4Weight:
     """One-time repack of a 4-bit per-channel checkpoint weight."""
-    assert w.bits == 4 and w.weight_scale.shape[1] == 1, "W4A4 needs 4-bit per-channel weights"
+    if w.bits != 4 or w.weight_scale.shape[1] != 1:
+        raise ValueError(f"W4A4 needs 4-bit per-channel weights, got {w.bits}-bit with group_size {w.group_size}")
     n, k = w.shape
     codes = unpack_codes(w.weight_packed, 4, k)
     zero = unpack_zero_points(w.weight_zero_point, 4, n, 1)[:, 0].to(codes.device) - 8
@@ -179,7 +180,8 @@ def _config(m: int) -> dict:
 def w4a4_matmul(act: ActQuant, w: W4A4Weight, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """``y [M, N]`` from quantized activations and a prepared 4-bit weight."""
     m, k = act.codes.shape
-    assert k == w.k, f"activations have K={k}, weight has K={w.k}"
+    if k != w.k:
+        raise ValueError(f"activations have K={k}, weight has K={w.k}")
     cfg = dict(config or _config(m))
     qweight = w.qweight
     if cfg.setdefault("B_INT8", False):

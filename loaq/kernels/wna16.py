@@ -310,8 +310,10 @@ def _config(m: int, n: int, k: int, group: int) -> dict:
 
 def wna16_matmul(x: torch.Tensor, w: WNA16Weight, config: dict | None = None) -> torch.Tensor:
     """``x @ W.T`` for x [..., K] in fp16/bf16; returns [..., N] in x.dtype."""
-    assert x.shape[-1] == w.k, f"x has K={x.shape[-1]}, weight has K={w.k}"
-    assert x.dtype in (torch.float16, torch.bfloat16), x.dtype
+    if x.shape[-1] != w.k:
+        raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.k}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the Triton WNA16 kernel takes fp16 or bf16 activations, got {x.dtype}")
     x2 = x.reshape(-1, w.k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -321,7 +323,8 @@ def wna16_matmul(x: torch.Tensor, w: WNA16Weight, config: dict | None = None) ->
     if kernel == "dequant":
         wt = dequantize_kmajor(w.qweight, w.scales, w.zeros, w.bits, w.n, w.k, w.group_size, x.dtype)
         return (x2 @ wt).reshape(*x.shape[:-1], w.n)
-    assert w.group_size % cfg["BLOCK_K"] == 0, "BLOCK_K must divide the group size"
+    if w.group_size % cfg["BLOCK_K"] != 0:
+        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} does not divide the group size {w.group_size}")
     split_k = cfg["SPLIT_K"]
     if split_k == 1:
         y = torch.empty((m, w.n), device=x.device, dtype=x.dtype)
