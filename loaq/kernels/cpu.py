@@ -26,9 +26,10 @@ pair per 32-bit lane, in the order of 32 contiguous 16-bit activations.
 
 The C++ source is ``csrc/cpu_kernels.cpp`` (package data). It is built with
 ``g++ -O3 -march=native -fopenmp`` into :func:`loaq.cache.cache_dir` (``$LOAQ_CACHE``,
-default ``~/.cache/loaq``), keyed by a hash of the source, flags and CPU model, so the dot-product paths exist exactly where the CPU has the
-instructions (``features()``); it links the OpenMP runtime that torch has already
-loaded. A prepared layer passes its pointers as one C struct (``CpuWeight.desc``):
+default ``~/.cache/loaq``), keyed by a hash of the source, flags and CPU model, so
+the dot-product paths exist exactly where the CPU has the instructions
+(``features()``); it links the OpenMP runtime that torch has already loaded. A
+nonzero return code of the library raises ``RuntimeError`` naming the call. A prepared layer passes its pointers as one C struct (``CpuWeight.desc``):
 at decode, Python overhead is a large part of a small layer's time.
 Activations are bf16 or fp32 (fp16 is computed via fp32). W4A4 on CPU quantizes
 activations in C++ (bit-identical to the reference quantizer); without VNNI it runs

@@ -30,14 +30,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from loaq.errors import LoaQError
-from loaq.kernels.cpu import cpu_w4a4_linear, cpu_wna16_matmul, prepare_cpu
+from loaq.kernels.cpu import CpuWeight, cpu_w4a4_linear, cpu_wna16_matmul, prepare_cpu
 from loaq.kernels.hadamard_ref import hadamard_transform_ref
 from loaq.kernels.kernel import LinearConfig, LinearKernel, hadamard_reason, weight_reason
 from loaq.kernels.layout import PackedLinear
+
+if TYPE_CHECKING:
+    from loaq.kernels.w4a4 import W4A4Weight
+    from loaq.kernels.wna16 import WNA16Weight
 
 __all__ = ["CpuWNA16Kernel", "CpuW4A4Kernel", "TritonWNA16Kernel", "TritonW4A4Kernel", "KERNELS",
            "choose_kernel", "check_linear", "prepare_linear", "apply_linear"]
@@ -71,7 +76,7 @@ class CpuWNA16Kernel(LinearKernel):
     def can_implement(cls, c: LinearConfig) -> tuple[bool, str | None]:
         return _first(_device_reason(c, "cpu"), weight_reason(c, 16), hadamard_reason(c))
 
-    def prepare_weights(self, w: PackedLinear):
+    def prepare_weights(self, w: PackedLinear) -> CpuWeight:
         return prepare_cpu(w)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +92,7 @@ class CpuW4A4Kernel(LinearKernel):
     def can_implement(cls, c: LinearConfig) -> tuple[bool, str | None]:
         return _first(_device_reason(c, "cpu"), weight_reason(c, 4), hadamard_reason(c))
 
-    def prepare_weights(self, w: PackedLinear):
+    def prepare_weights(self, w: PackedLinear) -> CpuWeight:
         return prepare_cpu(w)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +108,7 @@ class TritonWNA16Kernel(LinearKernel):
     def can_implement(cls, c: LinearConfig) -> tuple[bool, str | None]:
         return _first(_device_reason(c, "cuda"), weight_reason(c, 16), hadamard_reason(c), _triton_reason())
 
-    def prepare_weights(self, w: PackedLinear):
+    def prepare_weights(self, w: PackedLinear) -> WNA16Weight:
         from loaq.kernels.wna16 import prepare_wna16
 
         return prepare_wna16(w)
@@ -127,7 +132,7 @@ class TritonW4A4Kernel(LinearKernel):
     def can_implement(cls, c: LinearConfig) -> tuple[bool, str | None]:
         return _first(_device_reason(c, "cuda"), weight_reason(c, 4), hadamard_reason(c), _triton_reason())
 
-    def prepare_weights(self, w: PackedLinear):
+    def prepare_weights(self, w: PackedLinear) -> W4A4Weight:
         from loaq.kernels.w4a4 import prepare_w4a4
 
         return prepare_w4a4(w)
