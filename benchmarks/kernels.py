@@ -290,7 +290,7 @@ def tune_cuda() -> dict:
     act = quantize_activations(x, True)
     times = []
     for bm, bn, bk, w, s, i8 in ((128, 256, 128, 8, 3, True), (256, 128, 128, 8, 3, True)):
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EXPAND=True, B_INT8=i8, num_warps=w, num_stages=s)
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, B_INT8=i8, num_warps=w, num_stages=s)
         times.append((show(f"W4A4 M=2048 {cfg}", lambda: w4a4_matmul(act, p, x.dtype, cfg)), cfg))
     w4a4_module.PREFILL_CONFIG = min(times, key=lambda tc: tc[0])[1]
     chosen = dict(wna16_GEMV_TILE=wna16_module.GEMV_TILE, wna16_GEMV_MAX_M=wna16_module.GEMV_MAX_M,

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loaq.kernels.w4a4 import _empty_act, _quantize_tile
+from loaq.kernels.triton_common import empty_act, quantize_tile
 from loaq.kernels.w4a4_ref import ActQuant
 
 __all__ = ["hadamard_transform", "hadamard_quantize"]
@@ -60,7 +60,7 @@ def _hadamard_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, z_ptr, r_ptr, row_stride,
                            K_HAD: tl.constexpr, KP: tl.constexpr, P: tl.constexpr,
                            LOG_P: tl.constexpr, INV_SQRT_N: tl.constexpr, SYM: tl.constexpr):
     x, mask = _hadamard_tile(x_ptr, h_ptr, row_stride, K_HAD, KP, P, LOG_P, INV_SQRT_N)
-    codes, scale, zero = _quantize_tile(x, mask, SYM)
+    codes, scale, zero = quantize_tile(x, mask, SYM)
     row = tl.program_id(0)
     offs = tl.arange(0, KP)[:, None] * P + tl.arange(0, P)[None, :]
     tl.store(q_ptr + row * K_HAD * P + offs, codes, mask=mask)
@@ -73,7 +73,8 @@ def _launch_args(x: torch.Tensor, had_k: torch.Tensor | None) -> tuple[torch.Ten
     n = x.shape[-1]
     k = 1 if had_k is None else had_k.shape[0]
     p = n // k
-    assert n % k == 0 and p & (p - 1) == 0, f"n={n} is not K * 2**m with K={k}"
+    if n % k != 0 or p & (p - 1) != 0:
+        raise ValueError(f"n={n} is not K * 2**m with K={k}")
     if x.stride(-1) != 1 or x.stride(0) != n:
         x = x.contiguous()
     h = x if had_k is None else had_k.to(device=x.device, dtype=torch.float32).contiguous()
@@ -94,7 +95,7 @@ def hadamard_transform(x: torch.Tensor, had_k: torch.Tensor | None = None) -> to
 def hadamard_quantize(x: torch.Tensor, had_k: torch.Tensor | None, sym: bool) -> ActQuant:
     """``quantize_activations(hadamard_transform(x, had_k), sym)`` in one kernel."""
     x, h, meta = _launch_args(x, had_k)
-    out = _empty_act(x.shape[0], x.shape[1], x.device)
+    out = empty_act(x.shape[0], x.shape[1], x.device)
     _hadamard_quant_kernel[(x.shape[0],)](
         x, h, out.codes, out.scale, out.zero, out.rowsum, x.stride(0), SYM=sym, **meta)
     return out

@@ -18,7 +18,8 @@ def hadamard_transform_ref(x: torch.Tensor, had_k: torch.Tensor | None = None) -
     """``x @ (had_k ⊗ H).T / sqrt(n)`` along the last dim, returned in x.dtype."""
     n = x.shape[-1]
     k = 1 if had_k is None else had_k.shape[0]
-    assert n % k == 0 and (n // k) & (n // k - 1) == 0, f"n={n} is not K * 2**m with K={k}"
+    if n % k != 0 or (n // k) & (n // k - 1) != 0:
+        raise ValueError(f"n={n} is not K * 2**m with K={k}")
     y = x.float().reshape(-1, n, 1)
     while y.shape[1] > k:
         y = y.view(y.shape[0], y.shape[1] // 2, 2, y.shape[2])

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from loaq.kernels.dispatch import PreparedLinear, apply_linear, prepare_linear
+from loaq.kernels.dispatch import apply_linear, prepare_linear
+from loaq.kernels.kernel import LinearKernel
 from loaq.kernels.layout import PackedLinear
 
 __all__ = ["QuantLinear", "register_layer", "release_layer", "prepared_layer"]
 
-_LAYERS: list[tuple[PreparedLinear, int] | None] = []  # handle -> (prepared layer, out_features)
+_LAYERS: list[tuple[LinearKernel, int] | None] = []  # handle -> (prepared layer, out_features)
 
 
-def register_layer(layer: PreparedLinear, out_features: int) -> int:
+def register_layer(layer: LinearKernel, out_features: int) -> int:
     """Add a prepared layer to the table; returns its handle for ``torch.ops.loaq.linear``."""
     _LAYERS.append((layer, out_features))
     return len(_LAYERS) - 1
@@ -29,7 +30,7 @@ def release_layer(handle: int) -> None:
     _LAYERS[handle] = None
 
 
-def prepared_layer(handle: int) -> PreparedLinear:
+def prepared_layer(handle: int) -> LinearKernel:
     entry = _LAYERS[handle]
     if entry is None:
         raise ValueError(f"quantized layer {handle} was released; swap in a new QuantLinear")
@@ -67,4 +68,4 @@ class QuantLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         p = prepared_layer(self.handle)
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={p.kernel}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={type(p).__name__}"

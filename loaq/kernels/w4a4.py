@@ -19,14 +19,14 @@ import triton.language as tl
 
 from loaq.kernels.layout import PackedLinear, pack_kmajor, unpack_codes, unpack_zero_points
 from loaq.kernels.w4a4_ref import ActQuant
-from loaq.kernels.wna16 import _load_codes, _load_codes3, _tile_ids, dequantize_kmajor
+from loaq.kernels.triton_common import empty_act, load_codes, quantize_tile, tile_ids
+from loaq.kernels.wna16 import dequantize_kmajor
 
 __all__ = ["W4A4Weight", "prepare_w4a4", "quantize_activations", "w4a4_matmul"]
 
 INT8_WORKSPACE_MIN_M = 128  # from here: unpack weights to an int8 workspace, both operands via smem
-PREFILL_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, EXPAND=True, B_INT8=True,
+PREFILL_CONFIG = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, B_INT8=True,
                       num_warps=8, num_stages=3)  # H100 sweep, benchmarks/results/kernels.md
-_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds fp32 |v| < 2**22 half-to-even
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class W4A4Weight:
 
 def prepare_w4a4(w: PackedLinear) -> W4A4Weight:
     """One-time repack of a 4-bit per-channel checkpoint weight."""
-    assert w.bits == 4 and w.weight_scale.shape[1] == 1, "W4A4 needs 4-bit per-channel weights"
+    if w.bits != 4 or w.weight_scale.shape[1] != 1:
+        raise ValueError(f"W4A4 needs 4-bit per-channel weights, got {w.bits}-bit with group_size {w.group_size}")
     n, k = w.shape
     codes = unpack_codes(w.weight_packed, 4, k)
     zero = unpack_zero_points(w.weight_zero_point, 4, n, 1)[:, 0].to(codes.device) - 8
@@ -58,33 +59,6 @@ def prepare_w4a4(w: PackedLinear) -> W4A4Weight:
 
 
 @triton.jit
-def _round(v):
-    return (v + _MAGIC) - _MAGIC
-
-
-@triton.jit
-def _quantize_tile(x, mask, SYM: tl.constexpr):
-    """Quantize one token held in any-shaped fp32 tile x; returns (codes, scale, zero)."""
-    if SYM:
-        amax = tl.max(tl.max(tl.reshape(tl.abs(x), (1, x.numel)), 1), 0)
-        scale = tl.math.div_rn(amax, 7.0)
-        scale = tl.where(scale == 0.0, 1.0, scale)
-        q = tl.clamp(_round(tl.math.div_rn(x, scale)), -8.0, 7.0)
-        zero = 0.0
-    else:
-        flat = tl.reshape(tl.where(mask, x, 0.0), (1, x.numel))
-        lo = tl.minimum(tl.min(tl.min(flat, 1), 0), 0.0)
-        hi = tl.maximum(tl.max(tl.max(flat, 1), 0), 0.0)
-        scale = tl.math.div_rn(hi - lo, 15.0)
-        scale = tl.where(scale == 0.0, 1.0, scale)
-        z = _round(tl.math.div_rn(-lo, scale))
-        q = tl.clamp(_round(tl.math.div_rn(x, scale)) + z, 0.0, 15.0) - 8.0
-        zero = z - 8.0
-    codes = tl.where(mask, q, 0.0).to(tl.int8)
-    return codes, scale, zero
-
-
-@triton.jit
 def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, r_ptr, stride_x,
     K: tl.constexpr, BLOCK: tl.constexpr, SYM: tl.constexpr,
@@ -93,20 +67,11 @@ def _act_quant_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    codes, scale, zero = _quantize_tile(x, mask, SYM)
+    codes, scale, zero = quantize_tile(x, mask, SYM)
     tl.store(q_ptr + row * K + offs, codes, mask=mask)
     tl.store(s_ptr + row, scale)
     tl.store(z_ptr + row, zero.to(tl.int32))
     tl.store(r_ptr + row, tl.sum(codes.to(tl.int32), 0))
-
-
-def _empty_act(m: int, k: int, device: torch.device) -> ActQuant:
-    return ActQuant(
-        codes=torch.empty((m, k), device=device, dtype=torch.int8),
-        scale=torch.empty(m, device=device, dtype=torch.float32),
-        zero=torch.empty(m, device=device, dtype=torch.int32),
-        rowsum=torch.empty(m, device=device, dtype=torch.int32),
-    )
 
 
 def quantize_activations(x: torch.Tensor, sym: bool) -> ActQuant:
@@ -114,7 +79,7 @@ def quantize_activations(x: torch.Tensor, sym: bool) -> ActQuant:
     m, k = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    out = _empty_act(m, k, x.device)
+    out = empty_act(m, k, x.device)
     block = triton.next_power_of_2(k)
     _act_quant_kernel[(m,)](
         x, out.codes, out.scale, out.zero, out.rowsum, x.stride(0),
@@ -129,10 +94,10 @@ def _w4a4_kernel(
     M, N, stride_ym,
     K: tl.constexpr, KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EXPAND: tl.constexpr, B_INT8: tl.constexpr,
+    B_INT8: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -146,12 +111,9 @@ def _w4a4_kernel(
         if B_INT8:  # q_ptr is the int8 [N, K] workspace of signed codes
             b = tl.load(q_ptr + offs_n[None, :] * K + offs_k[:, None],
                         mask=(offs_k[:, None] < K) & mask_n[None, :], other=0)
-        elif EXPAND:
-            codes = tl.reshape(_load_codes3(q_ptr, i * BLOCK_K, offs_n, mask_n, N, KP, 4, BLOCK_K, BLOCK_N),
-                               (BLOCK_K, BLOCK_N))
-            b = (codes - 8).to(tl.int8)
         else:
-            codes = _load_codes(q_ptr, offs_k, offs_n, (offs_k[:, None] < KP) & mask_n[None, :], N, 4)
+            codes = tl.reshape(load_codes(q_ptr, i * BLOCK_K, offs_n, mask_n, N, KP, 4, BLOCK_K, BLOCK_N),
+                               (BLOCK_K, BLOCK_N))
             b = (codes - 8).to(tl.int8)
         acc += tl.dot(a, b, out_dtype=tl.int32)
 
@@ -170,16 +132,17 @@ def _w4a4_kernel(
 def _config(m: int) -> dict:
     if m <= 64:
         return dict(BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=64, BLOCK_K=128,
-                    GROUP_M=1, EXPAND=True, num_warps=4, num_stages=4)
+                    GROUP_M=1, num_warps=4, num_stages=4)
     if m < INT8_WORKSPACE_MIN_M:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EXPAND=True, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
     return dict(PREFILL_CONFIG)
 
 
 def w4a4_matmul(act: ActQuant, w: W4A4Weight, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """``y [M, N]`` from quantized activations and a prepared 4-bit weight."""
     m, k = act.codes.shape
-    assert k == w.k, f"activations have K={k}, weight has K={w.k}"
+    if k != w.k:
+        raise ValueError(f"activations have K={k}, weight has K={w.k}")
     cfg = dict(config or _config(m))
     qweight = w.qweight
     if cfg.setdefault("B_INT8", False):

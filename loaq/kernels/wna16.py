@@ -19,7 +19,7 @@ Regimes picked by M in :func:`_config`:
   runs the GEMM; the dequantization adds ~20-25% to the GEMM's time at M = 2048.
 
 Packed words are loaded once per tile and expanded by broadcast shifts
-(``_load_codes3``; ``EXPAND=False`` selects the older per-element gather). A K tile
+(:func:`loaq.kernels.triton_common.load_codes`). A K tile
 lies inside one quantization group (BLOCK_K divides the group size), so in the dot
 kernel the tile is ``dot(x, u - uz)`` in exact small integers and the group's scale
 multiplies the fp32 partial sum once per tile.
@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from loaq.kernels.layout import PackedLinear, pack_kmajor, unpack_codes, unpack_zero_points
+from loaq.kernels.triton_common import load_codes, tile_ids
 
 __all__ = ["WNA16Weight", "prepare_wna16", "wna16_matmul", "dequantize_kmajor", "GEMV_MAX_M", "DEQUANT_MIN_M"]
 
@@ -77,49 +78,6 @@ def prepare_wna16(w: PackedLinear) -> WNA16Weight:
 
 
 @triton.jit
-def _load_codes(q_ptr, offs_k, offs_n, mask, N, BITS: tl.constexpr):
-    """Unsigned codes [BLOCK_K, BLOCK_N] of the ``pack_kmajor`` layout."""
-    if BITS == 3:
-        lo_row = (offs_k // 32) * 3 + (offs_k % 32) // 16
-        hi_row = (offs_k // 32) * 3 + 2
-        lo = tl.load(q_ptr + lo_row[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        hi = tl.load(q_ptr + hi_row[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        codes = ((lo >> ((offs_k % 16) * 2)[:, None]) & 3) | (((hi >> (offs_k % 32)[:, None]) & 1) << 2)
-    else:
-        row = offs_k * BITS // 32
-        word = tl.load(q_ptr + row[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        codes = (word >> ((offs_k * BITS) % 32)[:, None]) & ((1 << BITS) - 1)
-    return codes
-
-
-@triton.jit
-def _load_codes3(q_ptr, k0, offs_n, mask_n, N, KP: tl.constexpr, BITS: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Unsigned codes of K tile ``k0`` as [R, C, BLOCK_N], k = k0 + r*C + c.
-
-    Each packed word is loaded once and expanded by broadcasting shifts: C = 32 // BITS
-    for 2/4 bits (one word row per r), C = 16 for the 3-bit planes (two low-plane rows
-    and one high-plane row per 32 values)."""
-    if BITS == 3:
-        B32: tl.constexpr = BLOCK_K // 32
-        blk = k0 // 32 + tl.arange(0, B32)
-        valid = (blk * 32 < KP)[:, None] & mask_n[None, :]
-        lo_rows = blk[:, None] * 3 + tl.arange(0, 2)[None, :]
-        lo = tl.load(q_ptr + lo_rows[:, :, None] * N + offs_n[None, None, :], mask=valid[:, None, :], other=0)
-        lo = (lo[:, :, None, :] >> (tl.arange(0, 16) * 2)[None, None, :, None]) & 3
-        hi = tl.load(q_ptr + (blk * 3 + 2)[:, None] * N + offs_n[None, :], mask=valid, other=0)
-        hi = (hi[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 1
-        codes = tl.reshape(lo, (2 * B32, 16, BLOCK_N)) | (tl.reshape(hi, (2 * B32, 16, BLOCK_N)) << 2)
-    else:
-        PF: tl.constexpr = 32 // BITS
-        rows = k0 // PF + tl.arange(0, BLOCK_K // PF)
-        mask = (rows * PF < KP)[:, None] & mask_n[None, :]
-        word = tl.load(q_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        codes = (word[:, None, :] >> (tl.arange(0, PF) * BITS)[None, :, None]) & ((1 << BITS) - 1)
-    return codes
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr,
     N, stride_xm, stride_ym,
@@ -143,7 +101,7 @@ def _gemv_kernel(
         t = i * SPLIT_K + pid_k
         k0 = t * BLOCK_K
         x = tl.load(x_ptr + m * stride_xm + k0 + offs_kx, mask=k0 + offs_kx < K, other=0.0)
-        codes = _load_codes3(q_ptr, k0, offs_n, mask_n, N, KP, BITS, BLOCK_K, BLOCK_N)
+        codes = load_codes(q_ptr, k0, offs_n, mask_n, N, KP, BITS, BLOCK_K, BLOCK_N)
         g = k0 // GROUP_SIZE
         mask_g = mask_n & (k0 < K)
         scale = tl.load(s_ptr + g * N + offs_n, mask=mask_g, other=0.0).to(tl.float32)
@@ -173,7 +131,7 @@ def _dequant_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    codes = tl.reshape(_load_codes3(q_ptr, k0, offs_n, mask_n, N, KP, BITS, BLOCK_K, BLOCK_N), (BLOCK_K, BLOCK_N))
+    codes = tl.reshape(load_codes(q_ptr, k0, offs_n, mask_n, N, KP, BITS, BLOCK_K, BLOCK_N), (BLOCK_K, BLOCK_N))
     if INT8:  # [N, K], K-contiguous: 8-bit tensor-core operands must be K-major
         w = (codes - (1 << (BITS - 1))).to(tl.int8)
         tl.store(out_ptr + offs_n[None, :] * K + offs_k[:, None], w,
@@ -204,29 +162,17 @@ def dequantize_kmajor(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
 
 
 @triton.jit
-def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of program ``pid`` in grouped order: GROUP_M row tiles sweep the columns
-    together, so the weight tiles they share stay in L2."""
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    return first_m + (pid % width) % rows, (pid % width) // rows
-
-
-@triton.jit
 def _wna16_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr,
     M, N, stride_xm, stride_ym,
     K: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr, EXPAND: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
     MAGIC16: tl.constexpr, MAGIC16_VALUE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -240,11 +186,8 @@ def _wna16_kernel(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
             mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0,
         )
-        if EXPAND:
-            codes = tl.reshape(_load_codes3(q_ptr, t * BLOCK_K, offs_n, mask_n, N, KP, BITS, BLOCK_K, BLOCK_N),
-                               (BLOCK_K, BLOCK_N))
-        else:
-            codes = _load_codes(q_ptr, offs_k, offs_n, (offs_k[:, None] < KP) & mask_n[None, :], N, BITS)
+        codes = tl.reshape(load_codes(q_ptr, t * BLOCK_K, offs_n, mask_n, N, KP, BITS, BLOCK_K, BLOCK_N),
+                           (BLOCK_K, BLOCK_N))
         g = (t * BLOCK_K) // GROUP_SIZE
         mask_g = mask_n & (t * BLOCK_K < K)  # a split's last tile may lie past K
         if HAS_ZP:
@@ -300,18 +243,20 @@ def _config(m: int, n: int, k: int, group: int) -> dict:
         block_n, block_k = 64, _block_k(128, group)
         split_k = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k))
         return dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, GROUP_M=1,
-                    EXPAND=True, num_warps=4, num_stages=4)
+                    num_warps=4, num_stages=4)
     if m >= DEQUANT_MIN_M:
         return dict(KERNEL="dequant")
     block_m = 64 if m <= 64 else 128
     return dict(KERNEL="dot", BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=_block_k(64, group), SPLIT_K=1, GROUP_M=8,
-                EXPAND=True, num_warps=4 if block_m == 64 else 8, num_stages=4)
+                num_warps=4 if block_m == 64 else 8, num_stages=4)
 
 
 def wna16_matmul(x: torch.Tensor, w: WNA16Weight, config: dict | None = None) -> torch.Tensor:
     """``x @ W.T`` for x [..., K] in fp16/bf16; returns [..., N] in x.dtype."""
-    assert x.shape[-1] == w.k, f"x has K={x.shape[-1]}, weight has K={w.k}"
-    assert x.dtype in (torch.float16, torch.bfloat16), x.dtype
+    if x.shape[-1] != w.k:
+        raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.k}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the Triton WNA16 kernel takes fp16 or bf16 activations, got {x.dtype}")
     x2 = x.reshape(-1, w.k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -321,7 +266,8 @@ def wna16_matmul(x: torch.Tensor, w: WNA16Weight, config: dict | None = None) ->
     if kernel == "dequant":
         wt = dequantize_kmajor(w.qweight, w.scales, w.zeros, w.bits, w.n, w.k, w.group_size, x.dtype)
         return (x2 @ wt).reshape(*x.shape[:-1], w.n)
-    assert w.group_size % cfg["BLOCK_K"] == 0, "BLOCK_K must divide the group size"
+    if w.group_size % cfg["BLOCK_K"] != 0:
+        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} does not divide the group size {w.group_size}")
     split_k = cfg["SPLIT_K"]
     if split_k == 1:
         y = torch.empty((m, w.n), device=x.device, dtype=x.dtype)

@@ -18,7 +18,9 @@ from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MP
 from vllm.platforms import current_platform
 from vllm.scalar_type import scalar_types
 
-from loaq.kernels.dispatch import check_linear, prepare_linear
+from loaq.kernels.dispatch import (
+    CpuW4A4Kernel, CpuWNA16Kernel, TritonW4A4Kernel, TritonWNA16Kernel, check_linear, prepare_linear,
+)
 from loaq.kernels.layout import PackedLinear
 from loaq.kernels.op import prepared_layer, register_layer
 
@@ -32,9 +34,10 @@ WEIGHT_TYPES = {
 _BITS = {t.id: (bits, sym) for (bits, sym), t in WEIGHT_TYPES.items()}
 
 class _LoaQLinearKernel(MPLinearKernel):
-    """Common body; subclasses fix the backend ("cpu" or "triton") and the platform."""
+    """Common body; subclasses fix the backend ("cpu" or "triton"), its LoaQ kernel classes and the platform."""
 
     backend = ""
+    loaq_kernels: tuple = ()
     # set by LoaQLinearScheme after construction (stock schemes leave them: WNA16, no transform)
     act_bits = 16
     act_sym = True
@@ -57,7 +60,7 @@ class _LoaQLinearKernel(MPLinearKernel):
         bits, sym = _BITS[c.weight_type.id]
         w = PackedLinear(torch.empty(0), torch.empty(n, 1 if c.group_size == -1 else -(-k // c.group_size)), None,
                          bits, (n, k), None if c.group_size == -1 else c.group_size)
-        reason = check_linear(w, "cuda" if cls.backend == "triton" else "cpu")
+        reason = check_linear(w, "cuda" if cls.backend == "triton" else "cpu", kernels=cls.loaq_kernels)
         return reason is None, reason
 
     def packed_linear(self, layer: torch.nn.Module) -> PackedLinear:
@@ -75,7 +78,7 @@ class _LoaQLinearKernel(MPLinearKernel):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         w = self.packed_linear(layer)
         prepared = prepare_linear(w, w.weight_packed.device, self.act_bits, self.act_sym, self.hadamard,
-                                  self.had_k, backend=self.backend)
+                                  self.had_k, kernels=self.loaq_kernels)
         layer.loaq_handle = register_layer(prepared, w.shape[0])
         for name in (self.w_q_name, self.w_s_name, self.w_zp_name):  # the kernel keeps its own copy
             if name and getattr(layer, name, None) is not None:
@@ -89,6 +92,7 @@ class _LoaQLinearKernel(MPLinearKernel):
 
 class LoaQCPULinearKernel(_LoaQLinearKernel):
     backend = "cpu"
+    loaq_kernels = (CpuWNA16Kernel, CpuW4A4Kernel)
 
     @classmethod
     def get_min_capability(cls) -> int:
@@ -101,6 +105,7 @@ class LoaQCPULinearKernel(_LoaQLinearKernel):
 
 class LoaQTritonLinearKernel(_LoaQLinearKernel):
     backend = "triton"
+    loaq_kernels = (TritonWNA16Kernel, TritonW4A4Kernel)  # CPU tensors: under TRITON_INTERPRET=1 (tests)
 
     @classmethod
     def get_min_capability(cls) -> int:

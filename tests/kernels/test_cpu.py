@@ -9,6 +9,8 @@ different order: 1e-5 of max |y|. With bf16 activations the reference rounds the
 dequantized weight and the output to bf16 (eps 2**-8): 2e-2.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -109,3 +111,21 @@ def test_cpu_w4a4_linear_is_quantize_then_matmul(sym, dtype, use_dot):
         assert rel_err(y, w4a4_matmul_ref(act, w, dtype)) < 1e-2, m
         if use_dot and "int" in features():  # exact integer sums and the reference's epilogue at any M
             assert torch.equal(y, w4a4_matmul_ref(act, w, dtype)), m
+
+
+def test_library_builds_from_the_packaged_source_into_loaq_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOAQ_CACHE", str(tmp_path))
+    cpu._library.cache_clear()
+    try:
+        cpu._library()
+    finally:
+        cpu._library.cache_clear()  # later tests load the library from the default cache again
+    assert [p.name[:17] for p in tmp_path.glob("*.so")] == ["loaq_cpu_kernels_"]
+
+
+def test_a_failing_c_call_raises_with_what_failed():
+    w = prepare_cpu(make_packed(4, 8, 64, None, False, torch.float32, device="cpu"))
+    bad = dataclasses.replace(w, bits=5)  # the C library refuses the width with return code 1
+    x = torch.randn(DEQUANT_MIN_M, 64)
+    with pytest.raises(RuntimeError, match=r"loaq_dequant failed: unsupported bit width \(code 1\)"):
+        cpu_wna16_matmul(x, bad)

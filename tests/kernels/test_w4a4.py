@@ -46,7 +46,7 @@ def test_w4a4_integer_accumulation_is_exact(sym, asym_w, m):
     unit_act = ActQuant(act.codes, torch.ones_like(act.scale), act.zero, act.rowsum)
     y = w4a4_matmul(unit_act, unit, torch.float32)
     assert torch.equal(y.double(), w4a4_int_accum_ref(act, w).double())
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, EXPAND=False, B_INT8=True, num_warps=4, num_stages=2)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, B_INT8=True, num_warps=4, num_stages=2)
     y = w4a4_matmul(unit_act, unit, torch.float32, cfg)  # the int8-workspace path
     assert torch.equal(y.double(), w4a4_int_accum_ref(act, w).double())
 

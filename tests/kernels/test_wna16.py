@@ -40,8 +40,8 @@ def test_wna16_accepts_batched_input_and_explicit_config():
     prepared = prepare_wna16(w)
     x = torch.randn(2, 3, 128).to(device=DEVICE, dtype=torch.float16)
     for cfg in (
-        dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, GROUP_M=1, EXPAND=False,
-             num_warps=4, num_stages=2),
+        dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=3, GROUP_M=1, num_warps=4,
+             num_stages=2),
         dict(KERNEL="gemv", BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=2),
         dict(KERNEL="dequant"),
     ):
