@@ -48,11 +48,11 @@ def bf16_dir(work: Path) -> Path:
     if not (out / "config.json").exists():
         import torch
 
-        from loaq.models import load_model
+        from loaq.api import load
 
-        model, tok, _, _ = load_model(None)
-        model.to(torch.bfloat16).save_pretrained(out)
-        tok.save_pretrained(out)
+        fp = load(None)
+        fp.model.to(torch.bfloat16).save_pretrained(out)
+        fp.tokenizer.save_pretrained(out)
     return out
 
 

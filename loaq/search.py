@@ -27,7 +27,6 @@ def search(model: str | None, recipe: Recipe, alphas: list[float], betas: list[f
     """Best ``α`` (at ``β = 0``), then best ``β`` at that ``α`` (LoaQ only), by held-out perplexity."""
     from loaq import api, data
     from loaq.metrics import perplexity
-    from loaq.models import load_model
 
     cfg, cal = recipe.config, recipe.calibration
     if "alpha" not in cfg.method.rule.settings:
@@ -35,7 +34,8 @@ def search(model: str | None, recipe: Recipe, alphas: list[float], betas: list[f
     if not alphas or not betas:
         raise LoaQError("--alphas and --betas need at least one value each")
     api.check_model(model, cfg)  # a bad model or group size fails before any weight loads
-    fp, tok, _, _ = load_model(model)
+    loaded = api.load(model)
+    fp, tok = loaded.model, loaded.tokenizer
     ids = data.calibration_ids(data.CalibSource(cal.source, cal.split, cal.field, cal.chat), tok)
     train, held = data.split_tokens(ids, holdout)
     calib = data.random_windows(train, cal.nsamples, cal.seqlen, cal.seed)

@@ -41,12 +41,36 @@ def test_quantize_eval_and_checkpoint_contents(model_dir, calib, tmp_path, capsy
     assert "quantized  loaq" in printed and "fp32" in printed
     meta = json.load(open(out / "loaq.json"))
     assert meta["config"]["method"]["name"] == "loaq" and meta["config"]["spec"]["group_size"] == 32
-    assert len(meta["quantized"]) == 14 and meta["eval"]["ppl"] > 1
+    assert len(meta["quantized"]) == 14
+    # the recorded perplexities equal GPTQ's protocol computed here in plain torch on the same 8 windows of 32
+    assert meta["eval"]["fp_ppl"] == pytest.approx(_reference_ppl(model_dir, calib), rel=1e-5)
+    assert meta["eval"]["ppl"] == pytest.approx(_reference_ppl(str(out), calib), rel=1e-5)
+    assert meta["eval"]["ppl"] != meta["eval"]["fp_ppl"] and meta["eval"]["tokens"] == 256
     assert {"config.json", "model.safetensors", "quantized.safetensors", "tokenizer.json"} <= set(os.listdir(out))
     assert not os.path.exists(f"{out}.partial")
     assert main(["-q", "eval", "--quantized", str(out), "--eval-text", calib, "--eval-tokens", "256",
                  "--eval-seqlen", "32", "--json", str(tmp_path / "e.json")]) == 0
     assert json.load(open(tmp_path / "e.json"))["ppl"] == pytest.approx(meta["eval"]["ppl"], rel=1e-6)
+
+
+def _reference_ppl(path: str, text_file: str) -> float:
+    """exp(mean next-token NLL) over the first 256 tokens in windows of 32, each window scored alone."""
+    from transformers import AutoTokenizer
+
+    if os.path.isfile(os.path.join(path, "loaq.json")):
+        from loaq.checkpoint import load_native
+
+        model, tok, _ = load_native(path)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor(tok(open(text_file).read(), add_special_tokens=False)["input_ids"][:256]).reshape(8, 32)
+    with torch.no_grad():
+        logits = model(ids).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return float(torch.exp(nll))
 
 
 def test_resume_flag_finishes_an_interrupted_run(model_dir, calib, tmp_path, monkeypatch):

@@ -91,3 +91,18 @@ def test_group_128_is_refused_before_loading_smollm2(capsys):
     assert main(["-q", "quantize", "--group-size", "128", "--out", "/nonexistent/never"]) == 2
     err = capsys.readouterr().err
     assert "--group-size 128 does not divide input width(s) [576]" in err and "16, 32, 48, 64, 96, 192" in err
+
+
+def test_api_quantizes_the_gguf_default_model_and_loads_it_back(tmp_path):
+    """The GGUF input path end to end through loaq.quantize: the bundled SmolLM2 GGUF (dequantized on load),
+    GPTQ W4 g64 on 2 windows of 64 tokens, a native checkpoint whose loaded logits equal the in-memory model's."""
+    import loaq
+    from loaq.config import Calibration
+
+    run = loaq.quantize(None, QuantConfig(spec=GridSpec(4, 64), method=Method("gptq")), Calibration(nsamples=2, seqlen=64),
+                        out=str(tmp_path / "q"), progress=False)
+    assert run.meta["source_model"].endswith(".gguf") and len(run.results) == 30 * 7
+    back = loaq.load(str(tmp_path / "q"))
+    ids = torch.tensor([[1, 504, 3390, 314, 4053, 28, 30]])
+    with torch.no_grad():
+        assert torch.equal(back.model(ids).logits, run.model(ids).logits)

@@ -159,7 +159,10 @@ def model_card(native: Native, total_bytes: int) -> str:
     grids = sorted({(s.bits, s.group_size, s.symmetric) for s in native.specs.values()})
     grid_txt = "; ".join(f"W{b}, {'group ' + str(g) if g else 'per channel'}, {'symmetric' if s else 'asymmetric'}"
                          for b, g, s in grids)
-    cal = m.get("calibration", {})
+    cal = m.get("calibration")
+    cal_txt = ("none (round to nearest)" if not cal else
+               f"{cal.get('source', '?')}: {cal.get('nsamples', '?')} × {cal.get('seqlen', '?')} tokens, "
+               f"seed {cal.get('seed', '?')}, hash {cal.get('hash', '?')}")
     lines = [
         f"# {m.get('source_model', 'model')} — {c['method']['name']} {grid_txt}", "",
         f"Quantized with [LoaQ](https://arxiv.org/abs/2509.06297) (`loaq`, method `{c['method']['name']}`, "
@@ -171,8 +174,7 @@ def model_card(native: Native, total_bytes: int) -> str:
         f"| weights | {grid_txt}; {len(native.results)} linears, lm_head and embeddings unquantized |",
         f"| activations | {_act_text(native.act)} |",
         f"| rotation | {_rotation_text(native)} |",
-        f"| calibration | {cal.get('source', '?')}: {cal.get('nsamples', '?')} × {cal.get('seqlen', '?')} tokens, "
-        f"seed {cal.get('seed', '?')}, hash {cal.get('hash', '?')} |",
+        f"| calibration | {cal_txt} |",
         f"| size | {total_bytes / 2**20:.1f} MiB of safetensors |",
     ]
     if "eval" in m:
