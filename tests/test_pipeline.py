@@ -1,11 +1,13 @@
 """The two-stream pipeline on tiny random models of every supported architecture."""
 
 import copy
+import inspect
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import loaq.pipeline as pipeline
 from loaq.arch import arch_of
 from loaq.checkpoint import LayerStore, load_native, save_native
 from loaq.config import Method, QuantConfig
@@ -110,10 +112,6 @@ def _load_without_tokenizer(path):
 
 def spy_solver(monkeypatch):
     """{label: (H, C, B)} of every group the pipeline solves; the real solver still runs."""
-    import inspect
-
-    import loaq.pipeline as pipeline
-
     seen, real = {}, pipeline.solve_group
     sig = inspect.signature(real)
 
