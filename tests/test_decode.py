@@ -110,11 +110,41 @@ def test_bench_rows_for_every_variant_and_batch():
     names = ["bf16"] + [v.name for v in decode.QUANTIZED]
     assert [(r["variant"], r["batch"]) for r in rows] == [(n, b) for n in names for b in (1, 16)]
     assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in rows)
-    for r in rows:
-        dense = next(d for d in rows if d["variant"] == "bf16" and d["batch"] == r["batch"])
-        assert r["speedup"] == pytest.approx(r["tokens_per_s"] / dense["tokens_per_s"])
     text = decode.render({"cpu": dict(meta=dict(device_name="test"), rows=rows, date="d", host="h", command="c")})
     assert text.count("\n| ") == len(rows) + 1 and "W2A16 g128 | 1 |" in text
+
+
+def test_bench_rates_come_from_the_timed_steps_only(monkeypatch):
+    """On a fake clock that advances only inside decode steps, by a cost per variant plus 0.5 ms per sequence,
+    each row reports batch / step cost as tokens/s, the step cost as ms/step and the dense step cost over the
+    variant's at the same batch as speedup; prefill and warmup steps stay out of the timed span."""
+    base = {None: 10e-3, (4, 128, 16): 4e-3, (3, 128, 16): 5e-3, (2, 128, 16): 6e-3, (4, None, 4): 3e-3}
+    state, clock = {"variant": None}, [0.0]
+    swap, step = decode.swap_linears, decode.Decoder.step
+
+    def swap_and_note(model, bits, group_size, act_bits=16):
+        state["variant"] = (bits, group_size, act_bits)
+        return swap(model, bits, group_size, act_bits)
+
+    def cost(variant, batch):
+        return base[variant] + 0.5e-3 * batch
+
+    def timed_step(self, ids):
+        clock[0] += cost(state["variant"], ids.shape[0])
+        return step(self, ids)
+
+    monkeypatch.setattr(decode, "swap_linears", swap_and_note)
+    monkeypatch.setattr(decode.Decoder, "step", timed_step)
+    monkeypatch.setattr(decode, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    rows = decode.bench(decode.llama_config(tiny=True), "cpu", torch.float32, [1, 16], tokens=3, prompt_len=4,
+                        warmup=2, compile=False)
+    keys = [None] + [(v.bits, v.group_size, v.act_bits) for v in decode.QUANTIZED]
+    assert len(rows) == 2 * len(keys)
+    for r, (key, batch) in zip(rows, [(k, b) for k in keys for b in (1, 16)]):
+        assert r["batch"] == batch
+        assert r["tokens_per_s"] == pytest.approx(batch / cost(key, batch))
+        assert r["ms_per_step"] == pytest.approx(1e3 * cost(key, batch))
+        assert r["speedup"] == pytest.approx(cost(None, batch) / cost(key, batch))
 
 
 def test_cuda_without_a_gpu_is_one_line(capsys):

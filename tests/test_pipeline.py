@@ -1,11 +1,13 @@
 """The two-stream pipeline on tiny random models of every supported architecture."""
 
 import copy
+import inspect
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import loaq.pipeline as pipeline
 from loaq.arch import arch_of
 from loaq.checkpoint import LayerStore, load_native, save_native
 from loaq.config import Method, QuantConfig
@@ -104,3 +106,110 @@ def _load_without_tokenizer(path):
         return ck.load_native(path)
     finally:
         AutoTokenizer.from_pretrained = orig
+
+
+# --- What the pipeline feeds the solver for W_out, recomputed from scratch ---------------------------------------
+
+def spy_solver(monkeypatch):
+    """{label: (H, C, B)} of every group the pipeline solves; the real solver still runs."""
+    seen, real = {}, pipeline.solve_group
+    sig = inspect.signature(real)
+
+    def spy(*args, **kwargs):
+        a = sig.bind(*args, **kwargs).arguments
+        st, B = a["stats"], a.get("B")
+        seen[a["label"]] = (st.H.clone(), None if st.C is None else st.C.clone(), None if B is None else B.clone())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "solve_group", spy)
+    return seen
+
+
+def layer0_inputs(fp_model, q_model, X, sublayer):
+    """(h, ĥ, X, X̂) of layer 0's ``sublayer`` ("attn" or "mlp") from two plain forwards over ``X``: the float
+    model, and the float model with the layer-0 linears that come before this W_out set to their quantized
+    weights (taken from ``q_model``); h, ĥ are the sub-layer's norm inputs, X, X̂ the W_out inputs."""
+    norm, w_out, before = {"attn": ("input_layernorm", "self_attn.o_proj", ["self_attn.q_proj", "self_attn.k_proj",
+                                                                             "self_attn.v_proj"]),
+                           "mlp": ("post_attention_layernorm", "mlp.down_proj",
+                                   ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                    "mlp.gate_proj", "mlp.up_proj"])}[sublayer]
+    partial = copy.deepcopy(fp_model)
+    for n in before:
+        partial.model.layers[0].get_submodule(n).weight.data.copy_(q_model.model.layers[0].get_submodule(n).weight)
+
+    def inputs(model):
+        box = {}
+        layer = model.model.layers[0]
+        hooks = [layer.get_submodule(norm).register_forward_pre_hook(lambda _m, a: box.setdefault("h", a[0])),
+                 layer.get_submodule(w_out).register_forward_pre_hook(lambda _m, a: box.setdefault("X", a[0]))]
+        with torch.no_grad():
+            model(X)
+        for k in hooks:
+            k.remove()
+        return box["h"].reshape(-1, box["h"].shape[-1]), box["X"].reshape(-1, box["X"].shape[-1])
+
+    (h, x), (h_hat, x_hat) = inputs(fp_model), inputs(partial)
+    return h, h_hat, x, x_hat
+
+
+def loaq_stats(h, h_hat, X, X_hat, W, eps, shat, rescale=True):
+    """H, C, B of Algorithm 1 lines 10-16 in float64 from float32 activations (no bias on o/down_proj here):
+    s = R(h + XWᵀ), ŝ = R(ĥ + X̂Wᵀ) ("text") or R(h + X̂Wᵀ) ("alg"), X' = sX, X̂' = ŝX̂,
+    H = X̂'ᵀX̂', C = X̂'ᵀ(X' - X̂'), B = X̂'ᵀ(s h - ŝ ĥ)."""
+    h, h_hat, X, X_hat, W = (t.double() for t in (h, h_hat, X, X_hat, W))
+
+    def R(v):
+        return 1 / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+
+    if rescale:
+        s, s_hat = R(h + X @ W.T), R((h_hat if shat == "text" else h) + X_hat @ W.T)
+    else:
+        s = s_hat = torch.ones(h.shape[0], 1, dtype=torch.float64)
+    Xp, Xhp = s * X, s_hat * X_hat
+    return Xhp.T @ Xhp, Xhp.T @ (Xp - Xhp), Xhp.T @ (s * h - s_hat * h_hat)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("shat", ["text", "alg"])
+def test_w_out_statistics_match_an_independent_computation(monkeypatch, shat):
+    """LoaQ (α, β ≠ 0, NOA on): the H, C, B the pipeline hands the solver for layer 0's o_proj and down_proj
+    equal Algorithm 1 lines 10-16 recomputed from two plain forwards of the float and the partly quantized
+    model (float32 batches summed in float64: H, C within 4e-7 relative, B within 3e-6 measured)."""
+    seen = spy_solver(monkeypatch)
+    q_model, _ = run("llama", Method("loaq", alpha=0.5, beta=0.5, rescale=True, shat=shat))
+    fp_model = tiny_model("llama")
+    eps = fp_model.config.rms_norm_eps
+    for sublayer, w_out in (("attn", "self_attn.o_proj"), ("mlp", "mlp.down_proj")):
+        h, h_hat, X, X_hat = layer0_inputs(fp_model, q_model, tokens(), sublayer)
+        assert fp_model.model.layers[0].get_submodule(w_out).bias is None
+        W = fp_model.model.layers[0].get_submodule(w_out).weight
+        H, C, B = loaq_stats(h, h_hat, X, X_hat, W, eps, shat)
+        got = seen[f"model.layers.0.{w_out}"]
+        assert rel(got[0], H) < 1e-5 and rel(got[1], C) < 1e-5 and rel(got[2], B) < 1e-5, \
+            (w_out, rel(got[0], H), rel(got[1], C), rel(got[2], B))
+        if sublayer == "mlp":  # the streams entering the MLP differ (the quantized attention), so ŝ does too
+            assert rel(h_hat, h) > 1e-3
+            other = loaq_stats(h, h_hat, X, X_hat, W, eps, "alg" if shat == "text" else "text")
+            assert rel(other[0], H) > 1e-4 and rel(got[0], other[0]) > 1e-4
+
+
+def test_noa_rescales_h_of_w_out_even_at_zero_alpha_and_beta(monkeypatch):
+    """α = β = 0 is GPTQ only on W_in: with NOA on, W_out's H is Σ (ŝx̂)(ŝx̂)ᵀ, not GPTQ's Σ x̂x̂ᵀ."""
+    seen = spy_solver(monkeypatch)
+    _, g = run("llama", Method("gptq"))
+    gptq_H = {k: v[0] for k, v in seen.items()}
+    seen.clear()
+    q_model, r = run("llama", Method("loaq", alpha=0.0, beta=0.0, rescale=True))
+    fp_model = tiny_model("llama")
+    h, h_hat, X, X_hat = layer0_inputs(fp_model, q_model, tokens(), "attn")
+    W = fp_model.model.layers[0].self_attn.o_proj.weight
+    H_noa = loaq_stats(h, h_hat, X, X_hat, W, fp_model.config.rms_norm_eps, "text")[0]
+    H_plain = loaq_stats(h, h_hat, X, X_hat, W, fp_model.config.rms_norm_eps, "text", rescale=False)[0]
+    label = "model.layers.0.self_attn.o_proj"
+    assert rel(seen[label][0], H_noa) < 1e-5 and rel(gptq_H[label], H_plain) < 1e-5
+    assert rel(H_noa, H_plain) > 0.1
+    assert not torch.equal(g[label].codes, r[label].codes)

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from loaq.grids import GridSpec, dequantize, expand, rtn
+from loaq.grids import GridSpec, dequantize, expand, fit_groups, rtn
 from loaq.solver import SolverOptions, factorize, gptq_solve, qronos_solve
 from loaq.stats import Stats
 from loaq.targets import output_target
@@ -42,16 +43,82 @@ def test_codes_reproduce_Q_and_stay_on_grid():
         assert torch.equal(Q, res.Q)
 
 
-def test_act_order_and_blocksize_change_only_the_order_of_work():
+def test_blocksize_changes_only_the_order_of_work():
     X = correlated(512, 64, seed=5)
     W = torch.randn(8, 64)
     st = Stats(64)
     st.add(X)
     f = factorize(st.H, 0.01)
     spec = GridSpec(4, 0, False)
-    a = gptq_solve(W, f, spec, SolverOptions(blocksize=128, act_order=False))
-    b = gptq_solve(W, f, spec, SolverOptions(blocksize=16, act_order=False))
-    assert (a.codes != b.codes).float().mean() < 0.01  # lazy blocks are exact up to float rounding
+    for act_order in (False, True):
+        a = gptq_solve(W, f, spec, SolverOptions(blocksize=128, act_order=act_order))
+        b = gptq_solve(W, f, spec, SolverOptions(blocksize=16, act_order=act_order))
+        assert (a.codes != b.codes).float().mean() < 0.01  # lazy blocks are exact up to float rounding
+
+
+def reference_gptq(W, H, perm, spec, percdamp=0.01):
+    """Textbook GPTQ in float64, written out here: permute ``W`` and ``H`` by ``perm``, quantize column by column
+    (no lazy blocks) on the grid fitted to the original column groups, un-permute. Returns codes [out, in]."""
+    n = W.shape[1]
+    H = H.double() + percdamp * torch.diag(H.double()).mean() * torch.eye(n, dtype=torch.float64)
+    s, z = fit_groups(W.float(), spec)
+    S, Z = expand(s, spec, n).double()[:, perm], expand(z, spec, n).double()[:, perm]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H[perm][:, perm])), upper=True)
+    Wp = W.double()[:, perm].clone()
+    codes = torch.zeros_like(Wp)
+    for i in range(n):
+        w = Wp[:, i]
+        codes[:, i] = torch.clamp(torch.round(w / S[:, i]) + Z[:, i], 0, spec.maxq)
+        err = (w - S[:, i] * (codes[:, i] - Z[:, i])) / U[i, i]
+        Wp[:, i:] -= err[:, None] * U[i, i:][None, :]
+    return codes[:, torch.argsort(perm)].to(torch.uint8)
+
+
+@pytest.mark.parametrize("spec", [GridSpec(4, 0, False), GridSpec(3, 16, False), GridSpec(3, 16, True)],
+                         ids=["w4-channel", "w3-g16", "w3-g16-sym"])
+def test_act_order_is_gptq_on_columns_sorted_by_descending_diag_H(spec):
+    """act_order=True equals the reference run on columns sorted by descending diag(H), with each column still
+    quantized on the grid of its original group (static groups); act_order=False equals the unpermuted reference.
+    The two orders differ on ~40 % of the codes, rounding between solver and reference on well under 2 %."""
+    N = 64
+    X = correlated(1024, N)
+    X = X[:, torch.randperm(N, generator=torch.Generator().manual_seed(1))]  # uneven diag(H), in no order
+    W = torch.randn(16, N, generator=torch.Generator().manual_seed(2))
+    st = Stats(N)
+    st.add(X)
+    f = factorize(st.H, 0.01)
+    perm = torch.argsort(torch.diag(st.H), descending=True)
+    ordered = gptq_solve(W, f, spec, SolverOptions(blocksize=16, act_order=True))
+    plain = gptq_solve(W, f, spec, SolverOptions(blocksize=16, act_order=False))
+    ref_ordered, ref_plain = reference_gptq(W, st.H, perm, spec), reference_gptq(W, st.H, torch.arange(N), spec)
+    assert (ordered.codes != ref_ordered).float().mean() < 0.02
+    assert (plain.codes != ref_plain).float().mean() < 0.02
+    assert (ordered.codes != plain.codes).float().mean() > 0.2  # act-order really changed the result
+    s, z = fit_groups(W, spec)
+    assert torch.equal(ordered.scales, s) and torch.equal(ordered.zeros, z)
+    assert torch.equal(ordered.Q, dequantize(ordered.codes.float(), expand(s, spec, N), expand(z, spec, N)))
+
+
+def proxy_loss(W, Q, H):
+    """GPTQ's objective ``tr((Q - W) H (Q - W)ᵀ)``."""
+    D = Q.double() - W.double()
+    return torch.trace(D @ H.double() @ D.T).item()
+
+
+@pytest.mark.parametrize("spec", [GridSpec(3, 0, False), GridSpec(4, 0, True), GridSpec(3, 16, False)],
+                         ids=["w3-channel", "w4-sym", "w3-g16"])
+def test_act_order_helps_when_the_largest_inputs_come_last(spec):
+    """correlated() scales its columns by 0.1 .. 10 in increasing order, so without act-order the columns that
+    matter most are quantized last, with nothing left to absorb their error. Act-order halves the proxy loss
+    here (ratio 0.49-0.64 over seeds 0-7 and these grids); a reversed or missing permutation does not."""
+    X = correlated(1024, 64)
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
+    st = Stats(64)
+    st.add(X)
+    f = factorize(st.H, 0.01)
+    with_ao = proxy_loss(W, gptq_solve(W, f, spec, SolverOptions(act_order=True)).Q, st.H)
+    without = proxy_loss(W, gptq_solve(W, f, spec, SolverOptions(act_order=False)).Q, st.H)
+    assert with_ao < 0.75 * without, (with_ao, without)
 
 
 def test_dead_columns_and_singular_H_are_handled():

@@ -25,14 +25,40 @@ def test_lloa_alpha1_is_least_squares_output_match():
     assert torch.allclose(Wt, ref, rtol=1e-4, atol=1e-4), (Wt - ref).abs().max()
 
 
-def test_alpha_interpolates_linearly():
+def test_target_is_w_plus_alpha_and_beta_times_independently_solved_terms():
+    """W̃ - W = α (H⁻¹ C Wᵀ)ᵀ + β (H⁻¹ B)ᵀ (Algorithm 1 lines 16, 18), each term solved here with
+    torch.linalg.solve, at points where neither α nor β is 0 as well as on each axis."""
     X, X_hat, W = streams()
-    st = Stats(X.shape[1], cross=True, batch_dtype=torch.float64)
-    st.add(X_hat, X)
+    r = torch.randn(X.shape[0], W.shape[0], dtype=torch.float64)
+    st = Stats(X.shape[1], cross=True, n_res=W.shape[0], batch_dtype=torch.float64)
+    st.add(X_hat, X, r)
     f = factorize(st.H, 0.0)
-    W0, W1, Wh = (output_target(W, f, st.C, a).double() for a in (0.0, 1.0, 0.5))
-    assert torch.allclose(W0, W.float().double())
-    assert torch.allclose(Wh, (W0 + W1) / 2, atol=1e-5)
+    d_alpha = torch.linalg.solve(st.H, st.C @ W.T).T
+    d_beta = torch.linalg.solve(st.H, st.B).T
+    assert d_alpha.norm() > 0.1 * W.norm() and d_beta.norm() > 0.01 * W.norm()
+    for alpha, beta in ((0.5, 0.0), (0.0, 0.5), (0.3, 0.7), (1.0, 1.0)):
+        Wt = output_target(W, f, st.C, alpha, B=st.B, beta=beta).double()
+        ref = W.float().double() + alpha * d_alpha + beta * d_beta
+        assert torch.allclose(Wt, ref, rtol=1e-5, atol=1e-5), (alpha, beta, (Wt - ref).abs().max())
+
+
+def test_dead_columns_keep_their_weights_and_the_rest_is_least_squares():
+    """A column the quantized stream never feeds (x̂_j = 0, as a 4-bit activation rounding to 0 everywhere) keeps
+    W[:, j]; the live columns are the least-squares fit of X Wᵀ + β r (B = X̂ᵀr) from X̂'s live columns,
+    although x_j ≠ 0 in X."""
+    X, X_hat, W = streams()
+    dead = [3, 17]
+    X_hat[:, dead] = 0
+    st = Stats(X.shape[1], cross=True, n_res=W.shape[0], batch_dtype=torch.float64)
+    r = torch.randn(X.shape[0], W.shape[0], dtype=torch.float64)
+    st.add(X_hat, X, r)
+    f = factorize(st.H, 0.0)
+    assert f.dead.nonzero().flatten().tolist() == dead
+    Wt = output_target(W, f, st.C, alpha=1.0, B=st.B, beta=0.5).double()
+    assert torch.equal(Wt[:, dead], W[:, dead].float().double())
+    live = [j for j in range(X.shape[1]) if j not in dead]
+    ref = torch.linalg.lstsq(X_hat[:, live], X @ W.T + 0.5 * r).solution.T
+    assert torch.allclose(Wt[:, live], ref, rtol=1e-4, atol=1e-4), (Wt[:, live] - ref).abs().max()
 
 
 def test_wout_closed_form_is_least_squares_of_soa_noa_objective():

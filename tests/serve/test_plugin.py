@@ -18,6 +18,7 @@ from tests.serve.checkpoints import UNITS, assignment, reference_model
 PROMPTS = [[5, 17, 33, 60, 2], [100, 7, 250, 3, 9, 12], [40], [77, 78, 79, 80, 81, 82, 83, 84]]
 FUSED = {"qkv_proj": UNITS["qkv"], "o_proj": UNITS["o"], "gate_up_proj": UNITS["gate_up"], "down_proj": UNITS["down"]}
 TOL = {False: 1e-4, True: 0.3}  # |logprob(vLLM) - logprob(reference)|: weight-only (fp32 rounding), W4A4 (code flips)
+MEAN_TOL_W4A4 = 0.1  # mean of that over all 64 W4A4 tokens (see test_w4a4_continuation_within_tolerance)
 
 
 class Engines:
@@ -80,29 +81,42 @@ def capture_linears(llm, prompt):
 
 def greedy_against_reference(llm, ref, tol):
     """vLLM's 16 greedy tokens per prompt, checked against the reference's teacher-forced logprobs; returns the
-    number of prompts whose 16 tokens all equal the reference's argmax."""
+    number of prompts whose 16 tokens all equal the reference's argmax, and per prompt (prompt + vLLM's tokens,
+    vLLM's logprobs of those tokens) for :func:`logprob_gaps`."""
     from vllm import SamplingParams
 
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                         SamplingParams(max_tokens=16, temperature=0, logprobs=0, ignore_eos=True))
-    exact = 0
+    exact, runs = 0, []
     for p, o in zip(PROMPTS, outs):
         got = list(o.outputs[0].token_ids)
         assert len(got) == 16
         with torch.no_grad():
             logp = torch.log_softmax(ref(torch.tensor([p + got])).logits[0, len(p) - 1:-1].double(), -1)
         top2 = logp.topk(2, -1).values
+        served = [o.outputs[0].logprobs[t][tok].logprob for t, tok in enumerate(got)]
         for t, tok in enumerate(got):
-            assert abs(o.outputs[0].logprobs[t][tok].logprob - logp[t, tok].item()) < tol, (p, t)
+            assert abs(served[t] - logp[t, tok].item()) < tol, (p, t)
             if (top2[t, 0] - top2[t, 1]).item() > 2 * tol:  # not a near-tie: greedy must pick the same token
                 assert tok == logp[t].argmax().item(), (p, t)
         exact += got == [int(logp[t].argmax()) for t in range(16)]
-    return exact
+        runs.append((p, got, served))
+    return exact, runs
+
+
+def logprob_gaps(model, runs) -> torch.Tensor:
+    """|logprob(vLLM) - logprob(model)| of every token vLLM generated (model teacher-forced on vLLM's tokens)."""
+    out = []
+    with torch.no_grad():
+        for p, got, served in runs:
+            logp = torch.log_softmax(model(torch.tensor([p + got])).logits[0, len(p) - 1:-1].double(), -1)
+            out += [abs(served[t] - logp[t, tok].item()) for t, tok in enumerate(got)]
+    return torch.tensor(out)
 
 
 def test_weight_only_greedy_continuation_equals_the_reference(engines):
     llm, ref = engines.get(False)
-    assert greedy_against_reference(llm, ref, TOL[False]) == len(PROMPTS)
+    assert greedy_against_reference(llm, ref, TOL[False])[0] == len(PROMPTS)
 
 
 @pytest.mark.parametrize("w4a4", [False, True], ids=["weight-only", "w4a4"])
@@ -129,5 +143,20 @@ def test_every_variant_matches_its_reference_layer(engines, w4a4):
 
 
 def test_w4a4_continuation_within_tolerance(engines):
+    """Every token of every prompt within TOL of the reference (greedy may part from it only at near-ties), and
+    the 64 tokens together close to it: code flips move a token by up to TOL now and then, so their mean stays
+    well below MEAN_TOL_W4A4 and below half the gap to the same weights without the activation quantizer.
+
+    Simulated with the reference as the served model, each linear's input perturbed by relative noise before
+    fake-quant: noise 1e-5 gives mean 0.005-0.009 nats (max 0.18); noise 1e-4, whose max 0.21-0.25 is of the
+    order measured in vLLM (up to TOL), mean 0.043-0.048 and 0.26-0.29 of the gap without activation
+    quantization (only 2 of 4 prompts then stay greedy-equal, so exact prompts are not counted). Wrong models:
+    no activation quantizer mean 0.16 (max 0.55), asymmetric scale / 16 mean 0.12 (ratio 0.65), sym/asym
+    swapped 0.20 (ratio 1.2)."""
     llm, ref = engines.get(True)
-    assert greedy_against_reference(llm, ref, TOL[True]) >= 1
+    _, runs = greedy_against_reference(llm, ref, TOL[True])
+    gaps = logprob_gaps(ref, runs)
+    no_act = reference_model(*engines.exports[True], w4a4=False)  # same weights and R4, float activations
+    gaps_no_act = logprob_gaps(no_act, runs)
+    assert gaps.mean() <= MEAN_TOL_W4A4, (gaps.mean(), gaps.max())
+    assert gaps.mean() <= 0.5 * gaps_no_act.mean(), (gaps.mean(), gaps_no_act.mean())
