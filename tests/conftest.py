@@ -20,3 +20,21 @@ def smollm2():
 
     model, tok, arch, _ = load_model(None)
     return model, tok, arch
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama with its BPE tokenizer saved as a Hugging Face directory (read-only: copy to change)."""
+    from tests.tiny import tiny_model_dir
+
+    return tiny_model_dir(str(tmp_path_factory.mktemp("m") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory):
+    """A calibration/evaluation text file for the tiny model."""
+    from tests.tiny import TEXT
+
+    p = tmp_path_factory.mktemp("c") / "calib.txt"
+    p.write_text(TEXT * 4)
+    return str(p)

@@ -19,21 +19,9 @@ from loaq.errors import LoaQError
 from loaq.grids import GridSpec
 from loaq.methods import METHODS
 from loaq.recipe import load_recipe
-from tests.tiny import TEXT, tiny_model_dir
+from tests.tiny import TEXT
 
 CAL = dict(nsamples=4, seqlen=32)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(str(tmp_path_factory.mktemp("m") / "tiny"))
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    p = tmp_path_factory.mktemp("c") / "calib.txt"
-    p.write_text(TEXT * 4)
-    return str(p)
 
 
 def codes(path) -> dict:

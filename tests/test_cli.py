@@ -7,19 +7,6 @@ import pytest
 import torch
 
 from loaq.cli import main
-from tests.tiny import TEXT, tiny_model_dir
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(str(tmp_path_factory.mktemp("m") / "tiny"))
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    p = tmp_path_factory.mktemp("c") / "calib.txt"
-    p.write_text(TEXT * 4)
-    return str(p)
 
 
 def quantize(model_dir, calib, out, *extra):
