@@ -3,5 +3,6 @@
 - :mod:`loaq.export.scheme`: per-layer grids -> compressed-tensors ``QuantizationConfig``;
 - :mod:`loaq.export.pack`: one layer's codes -> ``weight_packed`` / ``weight_scale`` / ``weight_zero_point``;
 - :mod:`loaq.export.writer`: the output directory (shards, config, tokenizer, model card);
-- :mod:`loaq.export.check`: ``loaq-export --check``.
+- :mod:`loaq.export.check`: ``loaq-export --check``;
+- :mod:`loaq.export.layouts`: the bit layouts of compressed-tensors <= 0.17 and 0.18-0.20, read and written.
 """

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from loaq.errors import LoaQError
+from loaq.export import layouts
 from loaq.export.pack import packed_shapes
 from loaq.export.scheme import FORMAT, activations, layer_specs
 from loaq.export.transform import online_hadamard
@@ -33,7 +34,15 @@ def parse_quantization_config(path: str):
         raise LoaQError(f"{cfg_path}: quantization_config does not parse: {str(exc).splitlines()[0]}") from None
 
 
-def _tensor_index(path: str) -> dict[str, str]:
+def checkpoint_layout(path: str) -> str:
+    """The bit layout (:mod:`loaq.export.layouts`) of the export in ``path``, from the compressed-tensors
+    version its ``quantization_config`` records; one line when that version's packing is unknown."""
+    qconfig = parse_quantization_config(path)
+    version = json.load(open(os.path.join(path, "config.json")))["quantization_config"].get("version")
+    return layouts.layout_of(version, [s.weights.num_bits for s in qconfig.config_groups.values()])
+
+
+def tensor_index(path: str) -> dict[str, str]:
     """Tensor name -> safetensors file, from the index when sharded; every listed file must exist."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -70,7 +79,7 @@ def check_export(path: str) -> str:
     specs = layer_specs(qconfig)
     acts = activations(qconfig)
     r4 = online_hadamard(path)
-    weight_map = _tensor_index(path)
+    weight_map = tensor_index(path)
     header = _header(path, weight_map)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):  # shapes only; from_config applies no quantization
@@ -119,11 +128,13 @@ def check_export(path: str) -> str:
 
 
 def decompress_export(path: str) -> dict[str, torch.Tensor]:
-    """Every packed linear of an export dequantized by compressed-tensors' own ``PackedQuantizationCompressor``."""
+    """Every packed linear of an export dequantized by compressed-tensors' own ``PackedQuantizationCompressor``,
+    or by :func:`loaq.export.layouts.dequantize` when the installed library packs differently."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 
     qconfig = parse_quantization_config(path)
-    weight_map = _tensor_index(path)
+    layout = checkpoint_layout(path)
+    weight_map = tensor_index(path)
     out = {}
     for scheme in qconfig.config_groups.values():
         for name in scheme.targets:
@@ -131,8 +142,20 @@ def decompress_export(path: str) -> dict[str, torch.Tensor]:
             for key in (k for k in weight_map if k.startswith(name + ".")):
                 with safe_open(os.path.join(path, weight_map[key]), "pt") as f:
                     local[key.removeprefix(name + ".")] = f.get_tensor(key)
-            out[name] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+            if layout == layouts.library_layout():
+                out[name] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+            else:
+                out[name] = dequantize_layer(local, scheme.weights, layout)
     return out
+
+
+def dequantize_layer(local: dict[str, torch.Tensor], weights, layout: str) -> torch.Tensor:
+    """One layer's dense weight from its tensors (local names) and ``QuantizationArgs``, in ``layout``."""
+    if "weight_g_idx" in local or weights.strategy not in ("channel", "group"):
+        raise LoaQError(f"{weights.strategy} weights{' with weight_g_idx' if 'weight_g_idx' in local else ''} "
+                        f"are read by compressed-tensors only; install the version that wrote them")
+    group = weights.group_size if weights.strategy == "group" else None
+    return layouts.dequantize(local, weights.num_bits, group, weights.symmetric, layout)
 
 
 def round_trip(native_dir: str, path: str) -> tuple[int, int]:

@@ -10,6 +10,10 @@ scheme allocates the checkpoint's own shapes, quantizes activations as
 :func:`loaq.kernels.w4a4_ref.quantize_activations_ref` and applies R4 as
 :func:`loaq.kernels.hadamard_ref.hadamard_transform_ref`. Any other layer goes to vLLM's schemes unchanged.
 A W4A4 group that no LoaQ kernel can run (e.g. grouped weights) is refused with one line, never run as W4A16.
+A checkpoint saved by compressed-tensors 0.18-0.20 packs 3-bit codes as one dense bit stream
+(:mod:`loaq.export.layouts`, told apart by ``quantization_config.version``): the scheme allocates that
+layout's shapes and repacks it once after loading into the 10-per-word layout its kernels read; a version
+whose packing is unknown is refused with one line.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.schemes import C
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
-from loaq.kernels.layout import pack_codes, unpack_zero_points
+from loaq.export import layouts
 from loaq.serve.kernels import WEIGHT_TYPES, LoaQCPULinearKernel, LoaQTritonLinearKernel
 
 __all__ = ["LoaQCompressedTensorsConfig", "LoaQLinearScheme", "loaq_kind"]
@@ -84,7 +88,8 @@ class LoaQLinearScheme(CompressedTensorsScheme):
     """Weights in the checkpoint's own shapes; one LoaQ kernel (CPU or Triton) per (fused) linear."""
 
     def __init__(self, weights: QuantizationArgs, act_sym: bool | None, had_k: torch.Tensor | None | bool,
-                 layer_name: str | None = None):
+                 layer_name: str | None = None, layout: str = layouts.WORDS):
+        self.layout = layout  # the checkpoint's bit layout; the kernels read layouts.WORDS
         self.bits = weights.num_bits
         self.symmetric = bool(weights.symmetric)
         self.group_size = weights.group_size if weights.strategy == QuantizationStrategy.GROUP.value else None
@@ -107,7 +112,6 @@ class LoaQLinearScheme(CompressedTensorsScheme):
             raise ValueError(f"{self.layer_name}: LoaQ layers run with tensor parallel size 1; drop --tensor-parallel-size")
         parts = list(output_partition_sizes)
         n, k = sum(parts), input_size_per_partition
-        pf = 32 // self.bits
         g = 1 if self.group_size is None else math.ceil(k / self.group_size)
         layer.input_size_per_partition, layer.output_size_per_partition = k, n
         layer.output_partition_sizes = parts
@@ -118,11 +122,11 @@ class LoaQLinearScheme(CompressedTensorsScheme):
             set_weight_attrs(p, {"weight_loader": _rows_loader(rows, f"{self.layer_name}.{name}")})
             layer.register_parameter(name, p)
 
-        add("weight_packed", (n, math.ceil(k / pf)), torch.int32, parts)
+        add("weight_packed", (n, layouts.packed_length(k, self.bits, self.layout)), torch.int32, parts)
         add("weight_scale", (n, g), torch.float32, parts)  # float32 as exported: bit-exact dequantization
         add("weight_shape", (len(parts), 2), torch.int64, [1] * len(parts))
         if not self.symmetric:
-            zrows = [math.ceil(p / pf) for p in parts]  # packed per shard, as each layer was exported
+            zrows = [layouts.packed_length(p, self.bits, self.layout) for p in parts]  # packed per shard
             add("weight_zero_point", (sum(zrows), g), torch.int32, zrows)
         c = MPLinearLayerConfig(full_weight_shape=(input_size, output_size), partition_weight_shape=(k, n),
                                 weight_type=WEIGHT_TYPES[(self.bits, self.symmetric)], act_type=params_dtype,
@@ -142,16 +146,17 @@ class LoaQLinearScheme(CompressedTensorsScheme):
         if shapes != [(p, k) for p in self.parts]:
             raise ValueError(f"{self.layer_name}: weight_shape {shapes} does not match the model's "
                              f"{[(p, k) for p in self.parts]}")
-        if not self.symmetric and len(self.parts) > 1:  # one zero-point tensor packed along the fused N
-            g = layer.weight_scale.shape[1]
-            pf = 32 // self.bits
-            zs, row = [], 0
+        words = layouts.WORDS
+        if self.layout != words:
+            packed = layouts.repack(layer.weight_packed.data, self.bits, k, self.layout, words)
+            layer.weight_packed = torch.nn.Parameter(packed, requires_grad=False)
+        if not self.symmetric and (len(self.parts) > 1 or self.layout != words):
+            zs, row = [], 0  # one zero-point tensor packed along the fused N, in the kernels' layout
             for p in self.parts:
-                rows = math.ceil(p / pf)
-                zs.append(unpack_zero_points(layer.weight_zero_point.data[row:row + rows], self.bits, p, g))
+                rows = layouts.packed_length(p, self.bits, self.layout)
+                zs.append(layouts.unpack(layer.weight_zero_point.data[row:row + rows], self.bits, p, self.layout, 0))
                 row += rows
-            uz = torch.cat(zs)
-            layer.weight_zero_point = torch.nn.Parameter(pack_codes(uz.t(), self.bits).t().contiguous(),
+            layer.weight_zero_point = torch.nn.Parameter(layouts.pack(torch.cat(zs), self.bits, words, 0),
                                                          requires_grad=False)
         del layer.weight_shape
         self.kernel.process_weights_after_loading(layer)
@@ -195,7 +200,8 @@ class LoaQCompressedTensorsConfig(CompressedTensorsConfig):
         had_k = r4[prefix] if prefix in r4 else False
         if kind == "wna16" and weights.num_bits == 4 and had_k is False and os.environ.get("LOAQ_VLLM_W4") == "vllm":
             return None  # stock vLLM's 4-bit kernel (see README: Serving)
-        return LoaQLinearScheme(weights, None if kind == "wna16" else bool(inputs.symmetric), had_k, prefix)
+        layout = layouts.layout_of((self.config or {}).get("version"), [weights.num_bits])
+        return LoaQLinearScheme(weights, None if kind == "wna16" else bool(inputs.symmetric), had_k, prefix, layout)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if isinstance(layer, LinearBase):
