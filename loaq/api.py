@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +39,11 @@ class Evaluation:
     text: str | None = None
     tokens: int = 16384
     seqlen: int = 512
+
+    def __post_init__(self):
+        if self.tokens < 1 or self.seqlen < 2:
+            raise LoaQError(f"evaluation needs --eval-tokens ≥ 1 and --eval-seqlen ≥ 2, got {self.tokens} and "
+                            f"{self.seqlen}")
 
 
 @dataclass
@@ -118,15 +124,27 @@ def eval_windows(tokenizer, ev: Evaluation) -> torch.Tensor:
     return data.eval_windows(data.tokenize(tokenizer, text), ev.seqlen, ev.tokens)
 
 
+def work_dir(out: str) -> str:
+    """The per-layer store of an unfinished run writing ``out`` (what ``resume`` continues)."""
+    return out.rstrip("/") + ".partial"
+
+
 def _check_outputs(out: str | None, export: str | None, force: bool, resume: bool) -> str | None:
-    """The per-layer work directory of ``out`` after refusing outputs that exist (unless ``force``)."""
+    """The per-layer work directory of ``out`` after refusing outputs that exist (unless ``force``) or
+    cannot be written."""
     from loaq.checkpoint import check_output
 
     if out is None:
         if export or resume:
             raise LoaQError("export and resume need out=DIR (the native checkpoint they read and write)")
         return None
-    work = out.rstrip("/") + ".partial"
+    work = work_dir(out)
+    for path in (out, export) if export else (out,):
+        _check_writable(path)
+        if force and os.path.exists(path) and not os.path.isdir(path):
+            raise LoaQError(f"output {path!r} is a file, not a directory; remove it or choose another path")
+    if export and os.path.abspath(export) == os.path.abspath(out):
+        raise LoaQError(f"out and export are the same directory {out!r}; give the export its own directory")
     if not force:
         check_output(out, False)
         if export:
@@ -138,9 +156,76 @@ def _check_outputs(out: str | None, export: str | None, force: bool, resume: boo
     return work
 
 
+def _existing_parent(path: str) -> str:
+    """The nearest ancestor of output ``path`` that exists (its parents are created when it is written)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+
+def _check_writable(path: str) -> None:
+    """Refuse output ``path`` when the directory it would be created in is a file or cannot be written
+    (a probe directory is created there and removed)."""
+    parent = _existing_parent(path)
+    if not os.path.isdir(parent):
+        raise LoaQError(f"output {path!r} cannot be created: {parent!r} is a file, not a directory; choose another path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".loaq-probe-", dir=parent))
+    except OSError as e:
+        raise LoaQError(f"output {path!r} cannot be written: {parent!r} is not writable ({e.strerror}); choose "
+                        "another path or fix its permissions") from None
+
+
+def output_bytes(config, cfg: QuantConfig, calib_tokens: int, export_dtype: str | None) -> tuple[int, int]:
+    """(native checkpoint + per-layer store, compressed-tensors export) bytes a run writes, from the model
+    config alone (``calib_tokens``: the calibration windows' size). Conservative: lm_head counted untied, the store's codes and both streams counted whole,
+    unquantized tensors as float32 in the checkpoint."""
+    from loaq.arch import input_widths
+
+    h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    hd = input_widths(config)["o_proj"] // heads
+    shapes = [(heads * hd, h), (kv * hd, h), (kv * hd, h), (h, heads * hd), (i, h), (i, h), (h, i)]  # [out, in]
+    g = cfg.spec.group_size
+    weights = n * sum(o * k for o, k in shapes)
+    groups = n * sum(o * (k // g if g else 1) for o, k in shapes)  # scale + zero per (row, group)
+    other = 2 * config.vocab_size * h + (2 * n + 1) * h  # embeddings, lm_head, norms
+    streams = 2 * calib_tokens * h * 4  # the float and the quantized stream of the store
+    native = 2 * (weights + 8 * groups) + 4 * other + streams  # codes (uint8) in the checkpoint and the store
+    width = {"bfloat16": 2, "float16": 2, "float32": 4}.get(export_dtype, 0)
+    export = (weights * cfg.spec.bits // 8 + 8 * groups + width * other) if width else 0
+    return native, export
+
+
+def _check_space(out: str | None, export: str | None, sizes: tuple[int, int]) -> None:
+    """Refuse a run whose outputs do not fit in the free space of their filesystems."""
+    need: dict[int, tuple[str, int]] = {}
+    for path, size in ((out, sizes[0]), (export, sizes[1])):
+        if path:
+            parent = _existing_parent(path)
+            dev = os.stat(parent).st_dev
+            need[dev] = (need.get(dev, (parent, 0))[0], need.get(dev, (parent, 0))[1] + size)
+    for parent, size in need.values():
+        free = shutil.disk_usage(parent).free
+        if free < size:
+            raise LoaQError(f"{parent!r} has {free / 2**30:.2f} GiB free but this run writes about {size / 2**30:.2f} "
+                            "GiB there (checkpoint, per-layer store, export); free some space or choose another path")
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise LoaQError(f"--batch-size {batch_size} is not positive; use ≥ 1 windows per forward (default 8)")
+
+
 def check_model(model: str | nn.Module | None, cfg: QuantConfig):
     """Refuse a model ``cfg`` cannot quantize (path, architecture, group size) before any weight loads;
     returns the resolved :class:`loaq.models.Source` of a path (``None`` for a loaded module)."""
+    return _check_model(model, cfg)[0]
+
+
+def _check_model(model: str | nn.Module | None, cfg: QuantConfig):
+    """(resolved source or ``None``, model config) of :func:`check_model`."""
     from loaq.arch import arch_of, input_widths
     from loaq.grids import check_group_size
     from loaq.models import load_config, resolve
@@ -152,7 +237,7 @@ def check_model(model: str | nn.Module | None, cfg: QuantConfig):
         config = load_config(src)
     arch_of(config)
     check_group_size(cfg.spec, input_widths(config))
-    return src
+    return src, config
 
 
 def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe | str | dict | None = None,
@@ -172,18 +257,23 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
     - ``evaluation`` also measures fp and quantized perplexity (recorded in ``loaq.json``).
     """
     import loaq
-    from loaq.checkpoint import LayerStore, save_native
+    from loaq.checkpoint import LayerStore
     from loaq.metrics import perplexity
     from loaq.pipeline import quantize_model
 
     t_start = time.time()
     rec = as_recipe(config, calibration)
     cfg = rec.config
-    work = _check_outputs(out, export, force, resume)
+    check_batch_size(batch_size)
     if export_dtype not in ("bfloat16", "float16", "float32"):
         raise LoaQError(f"export dtype {export_dtype!r} is unknown; use bfloat16, float16 or float32")
+    work = _check_outputs(out, export, force, resume)
     model = model if model is not None else rec.model
-    src = check_model(model, cfg)
+    src, model_config = _check_model(model, cfg)
+    if out:
+        tokens = calibration.numel() if isinstance(calibration, torch.Tensor) else \
+            rec.calibration.nsamples * rec.calibration.seqlen
+        _check_space(out, export, output_bytes(model_config, cfg, tokens, export_dtype if export else None))
     if isinstance(model, nn.Module) and tokenizer is None:
         raise LoaQError("quantize(<a loaded model>) needs tokenizer=<its tokenizer>")
     calibrated = cfg.method.rule.solve is not None
@@ -226,7 +316,13 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
         rotation = rotate_model(m, arch, cfg.rotation.seed)
     store = LayerStore(work, cfg.digest(calib_hash), cfg.spec) if work else None
     t0 = time.time()
-    results = quantize_model(m, arch, calib, cfg, batch_size=batch_size, device=device, store=store, progress=progress)
+    try:
+        results = quantize_model(m, arch, calib, cfg, batch_size=batch_size, device=device, store=store,
+                                 progress=progress)
+    except BaseException:
+        if store is not None and store.load_streams() is None:  # no layer finished: nothing to resume from
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     timings["quantize"] = time.time() - t0
     cal_meta = None
     if calibrated:
@@ -247,18 +343,31 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
         meta["eval"] = {"ppl": meta_eval["ppl"], "fp_ppl": meta_eval["fp_ppl"], "tokens": int(windows.numel()),
                         "seqlen": evaluation.seqlen}
     if out:
-        t0 = time.time()
-        save_native(out, m, tok, results, meta, force=True, rotation=rotation)
+        _write_outputs(out, export, export_dtype, force, m, tok, results, meta, rotation, timings)
         shutil.rmtree(work, ignore_errors=True)
-        timings["save"] = time.time() - t0
-    if export:
-        from loaq.export.writer import DTYPES, export as write_export
-
-        t0 = time.time()
-        write_export(out, export, dtype=DTYPES[export_dtype], force=force)
-        timings["export"] = time.time() - t0
     timings["total"] = time.time() - t_start
     return QuantizeResult(m, tok, results, meta, rec, out, export, rotation, timings)
+
+
+def _write_outputs(out, export, export_dtype, force, model, tok, results, meta, rotation, timings) -> None:
+    """The native checkpoint, then the export; if either fails, no ``out`` is left (the finished per-layer
+    store stays, so ``resume`` writes both again without quantizing)."""
+    from loaq.checkpoint import save_native
+
+    try:
+        t0 = time.time()
+        save_native(out, model, tok, results, meta, force=True, rotation=rotation)
+        timings["save"] = time.time() - t0
+        if export:
+            from loaq.export.writer import DTYPES, export as write_export
+
+            t0 = time.time()
+            write_export(out, export, dtype=DTYPES[export_dtype], force=force)
+            timings["export"] = time.time() - t0
+    except BaseException:
+        if "save" in timings:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def load(path: str | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
@@ -297,6 +406,7 @@ def evaluate(model: Loaded | str | nn.Module | None = None, tokenizer=None, *,
     ``tokenizer``. Returns ``{"ppl", "eval_tokens", "eval_seqlen", "zero_shot"}`` (absent parts ``None``)."""
     from loaq.metrics import perplexity
 
+    check_batch_size(batch_size)
     if tasks:
         check_tasks(tasks, tasks_dir)
     if model is None or isinstance(model, str):

@@ -130,6 +130,8 @@ def cmd_quantize(a) -> int:
 def cmd_eval(a) -> int:
     import loaq.api as api
 
+    api.check_batch_size(a.batch_size)
+    evaluation = None if a.no_ppl else _evaluation(a)  # bad flags fail before any model loads
     tasks = None
     if a.tasks:
         from loaq.tasks import parse_names
@@ -166,7 +168,7 @@ def cmd_eval(a) -> int:
         cfg = QuantConfig(spec=GridSpec(a.fake_bits, a.group_size, a.sym), method=Method("rtn"))
         api.quantize(m.model, cfg, tokenizer=m.tokenizer, progress=False)
         row = dict(label="fake-rtn", method="rtn", bits=a.fake_bits, group=a.group_size)
-    r = api.evaluate(m, evaluation=None if a.no_ppl else _evaluation(a), tasks=tasks, limit=a.limit,
+    r = api.evaluate(m, evaluation=evaluation, tasks=tasks, limit=a.limit,
                      tasks_dir=a.tasks_dir, batch_size=a.batch_size, progress=not a.quiet)
     row |= {"ppl": r["ppl"], "zero_shot": r["zero_shot"]}
     if r["ppl"] is not None:
@@ -339,8 +341,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun with --resume to continue from the last finished layer", file=sys.stderr)
+        print(_interrupted(a), file=sys.stderr)
         return 130
+
+
+def _interrupted(a) -> str:
+    """The line printed on Ctrl-C: only `loaq quantize` with finished layers on disk can be resumed."""
+    if a.cmd == "quantize":
+        from loaq.api import work_dir
+
+        if os.path.isdir(work_dir(a.out)):
+            return f"interrupted; rerun with --resume to continue from the last finished layer in {work_dir(a.out)}"
+        return "interrupted before the first layer finished; nothing was written"
+    return "interrupted"
 
 
 if __name__ == "__main__":

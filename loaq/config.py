@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 from loaq import methods
@@ -51,6 +52,8 @@ class Method:
         for k in ("alpha", "beta"):
             if getattr(self, k) is None:
                 object.__setattr__(self, k, float(r.settings.get(k, methods.NEUTRAL[k])))
+            elif not math.isfinite(getattr(self, k)):
+                raise LoaQError(f"--{k} {getattr(self, k)} is not a finite number; pass a real weighting such as 0.25")
         if self.shat == "alg" and not self.rescale:
             raise LoaQError("--shat alg changes NOA's ŝ, which --no-rescale switches off; drop one of them")
         if self.beta and not self.soa:
@@ -106,6 +109,7 @@ class QuantConfig:
             if not isinstance(sub, dict):
                 raise LoaQError(f"recipe field {name!r} must be a mapping of settings, got {sub!r}")
             _no_unknown(sub, {f.name for f in dataclasses.fields(typ)}, f"recipe section {name!r}")
+            _check_types(sub, typ, f"recipe section {name!r}")
             kw[name] = typ(**sub)
         return cls(**kw)
 
@@ -118,6 +122,21 @@ def _no_unknown(d: dict, known, where: str) -> None:
     bad = sorted(set(d) - set(known))
     if bad:
         raise LoaQError(f"{where} has unknown field(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
+
+
+def _check_types(d: dict, typ, where: str) -> None:
+    """Refuse a recipe value whose type is not its field's (``"4"`` for ``bits``, ``true`` for ``nsamples``)."""
+    for f in dataclasses.fields(typ):
+        if f.name not in d:
+            continue
+        allowed = [t.strip() for t in str(f.type).split("|")]  # the annotation string, e.g. "float | None"
+        v = d[f.name]
+        if not any(isinstance(v, _SCALARS[t]) and not (t in ("int", "float") and isinstance(v, bool))
+                   for t in allowed if t in _SCALARS):
+            raise LoaQError(f"{where} field {f.name!r} must be {' or '.join(allowed)}, got {v!r}; fix the recipe")
 
 
 DEFAULT_CALIB = "default:wiki-calib"  # how loaq.json names the default corpus's calibration split
@@ -156,4 +175,5 @@ class Calibration:
     def from_dict(cls, d: dict) -> Calibration:
         known = {f.name for f in dataclasses.fields(cls)}
         _no_unknown({k: v for k, v in d.items() if k != "hash"}, known, "recipe section 'calibration'")
+        _check_types(d, cls, "recipe section 'calibration'")
         return cls(**{k: v for k, v in d.items() if k in known})

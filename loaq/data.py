@@ -15,6 +15,7 @@ import bz2
 import glob
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -61,28 +62,46 @@ def default_split(split: str) -> str:
     return "\n\n".join(arts[:N_CALIB_ARTICLES] if split == "calib" else arts[N_CALIB_ARTICLES:])
 
 
+def read_utf8(path: str) -> str:
+    """The text of file ``path``; a file that is not UTF-8 text (binary, another encoding) is refused in one line."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except UnicodeDecodeError as e:
+        raise LoaQError(f"{path!r} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8 or pass "
+                        "another text file") from None
+    except OSError as e:
+        raise LoaQError(f"cannot read {path!r} ({e.strerror}); check the file and its permissions") from None
+
+
+def _lines(path: str):
+    """(line number, line) of a UTF-8 text file, lines split as a text-mode file splits them."""
+    return enumerate(io.StringIO(read_utf8(path), newline=None), 1)
+
+
 def read_text(path: str) -> str:
     """Text of a file, a directory of ``*.txt`` files, or a ``.jsonl`` file with a ``text`` field."""
     if not os.path.exists(path):
         raise LoaQError(f"calibration path {path!r} does not exist; pass a .txt file, a directory of .txt files or a .jsonl file")
     if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*.txt"), recursive=True) if os.path.isfile(f))
         if not files:
             raise LoaQError(f"directory {path!r} holds no .txt files; put the calibration text in *.txt files")
-        text = "\n\n".join(open(f, encoding="utf-8").read() for f in files)
+        text = "\n\n".join(read_utf8(f) for f in files)
     elif path.endswith(".jsonl"):
         docs = []
-        with open(path, encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    docs.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise LoaQError(f"{path}:{i} is not a JSON object with a 'text' field; fix that line") from None
+        for i, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise LoaQError(f"{path}:{i} is not a JSON object with a 'text' field; fix that line") from None
+            if not isinstance(docs[-1], str):
+                raise LoaQError(f"{path}:{i} has a 'text' field that is not a string; fix that line")
         text = "\n\n".join(docs)
     else:
-        text = open(path, encoding="utf-8").read()
+        text = read_utf8(path)
     if not text.strip():
         raise LoaQError(f"calibration source {path!r} is empty; give it some text")
     return text
@@ -234,17 +253,16 @@ def _column(source: CalibSource) -> tuple[str, list, Callable[[int], str]]:
 def _jsonl_rows(path: str) -> list[tuple[int, dict]]:
     """(line number, object) of each non-blank line of a JSONL file."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict):
-                raise LoaQError(f"{path}:{i} is not a JSON object; fix that line")
-            rows.append((i, row))
+    for i, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            raise LoaQError(f"{path}:{i} is not a JSON object; fix that line")
+        rows.append((i, row))
     return rows
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import struct
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,8 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]  # config, tokenizer, weights
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9_][\w.-]{0,95}/[\w.-]{1,96})(@(?P<rev>[\w./-]+))?")
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)  # what gguf-py's reader (behind transformers' gguf_file) reads
 
 
 def default_model_path() -> str:
@@ -73,6 +77,7 @@ def resolve(path: str | None) -> Source:
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise LoaQError(f"model file {path!r} is not a .gguf file; pass a GGUF file or a model directory")
+        check_gguf_header(path)
         return Source(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise LoaQError(f"model directory {path!r} has no config.json; pass a Hugging Face model directory")
@@ -141,10 +146,46 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> Source:
     return Source(directory, repo_id=repo_id, revision=os.path.basename(os.path.normpath(directory)))
 
 
+def check_gguf_header(path: str) -> None:
+    """Refuse a file that does not start with a GGUF header (magic, version, tensor and metadata counts)."""
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if len(head) < 24 or head[:4] != GGUF_MAGIC:
+        raise LoaQError(f"model file {path!r} is not a valid GGUF file (no GGUF header); pass a complete .gguf file "
+                        "or a Hugging Face model directory")
+    version = struct.unpack("<I", head[4:8])[0]
+    if version not in GGUF_VERSIONS:
+        raise LoaQError(f"model file {path!r} is GGUF version {version}, which cannot be read (only "
+                        f"{', '.join(map(str, GGUF_VERSIONS))}); pass another .gguf file or a model directory")
+
+
+@contextmanager
+def _parsing(path: str):
+    """Turn whatever a third-party parser raises on a broken ``path`` (a GGUF file, or a directory's
+    ``config.json``) into one line naming the file: struct, value, JSON, OS errors and more."""
+    try:
+        yield
+    except LoaQError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the parsers' failure modes are many; the file is the problem
+        kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+        why = f"{kind}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        if path.endswith(".gguf"):
+            raise LoaQError(f"model file {path!r} is not a valid or complete GGUF file ({why}); download it again or "
+                            "pass another .gguf file") from None
+        raise LoaQError(f"{path!r} is not a valid Hugging Face model config ({why}); restore the model's "
+                        "config.json") from None
+
+
+def _parsed_file(src: Source) -> str:
+    return os.path.join(src.directory, src.gguf_file or "config.json")
+
+
 def load_config(src: Source):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(src.directory, local_files_only=True, **src.kwargs())
+    with _parsing(_parsed_file(src)):
+        return AutoConfig.from_pretrained(src.directory, local_files_only=True, **src.kwargs())
 
 
 def load_model(path: str | Source | None, dtype: torch.dtype = torch.float32):
@@ -155,12 +196,16 @@ def load_model(path: str | Source | None, dtype: torch.dtype = torch.float32):
     src = path if isinstance(path, Source) else resolve(path)
     arch = arch_of(load_config(src))
     extra = {"quantization_config": GgufConfig(dequantize=True)} if src.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        src.directory, dtype=dtype, local_files_only=True, attn_implementation="sdpa", **src.kwargs(), **extra
-    ).eval()
+    # a GGUF file is parsed again for the weights and the tokenizer; a directory's weights are not wrapped
+    parsing = (lambda: _parsing(_parsed_file(src))) if src.gguf_file else nullcontext
+    with parsing():
+        model = AutoModelForCausalLM.from_pretrained(
+            src.directory, dtype=dtype, local_files_only=True, attn_implementation="sdpa", **src.kwargs(), **extra
+        ).eval()
     if src.gguf_file:
         model.config.architectures = [type(model).__name__]
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config
-    tok = AutoTokenizer.from_pretrained(src.directory, local_files_only=True, **src.kwargs())
+    with parsing():
+        tok = AutoTokenizer.from_pretrained(src.directory, local_files_only=True, **src.kwargs())
     return model, tok, arch, src

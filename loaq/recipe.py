@@ -49,8 +49,9 @@ def read_raw(path: str) -> dict:
         path = os.path.join(path, "loaq.json")
     if not os.path.isfile(path):
         raise LoaQError(f"recipe {path!r} does not exist; pass a .yaml/.json recipe or a finished run's loaq.json")
-    text = open(path, encoding="utf-8").read()
     try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
         if path.endswith((".yaml", ".yml")):
             import yaml
 
@@ -88,7 +89,10 @@ def build(raw: dict | None = None, overrides: dict | None = None) -> Recipe:
         config.setdefault(sec, {}).update(given)
     cal_over = {k: v for k, v in (over.get("calibration") or {}).items() if v is not None}
     cal = {**(raw["calibration"] or {}), **cal_over}
-    return Recipe(QuantConfig.from_dict(config), Calibration.from_dict(cal), over.get("model", raw.get("model")),
+    model = over.get("model", raw.get("model"))
+    if model is not None and not isinstance(model, str):
+        raise LoaQError(f"recipe field 'model' must be a path or hub id, got {model!r}; fix the recipe")
+    return Recipe(QuantConfig.from_dict(config), Calibration.from_dict(cal), model,
                   None if cal_over else raw.get("hash"))
 
 

@@ -14,10 +14,12 @@ never changes which columns share a scale and every result exports as contiguous
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
+from loaq.errors import LoaQError
 from loaq.grids import GridSpec, column_groups, dequantize, fit_groups, quantize
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,12 @@ class SolverOptions:
     blocksize: int = 128
     act_order: bool = True
     percdamp: float = 0.01
+
+    def __post_init__(self):
+        if self.blocksize < 1:
+            raise LoaQError(f"--blocksize {self.blocksize} is not positive; use a block of ≥ 1 columns (default 128)")
+        if not (math.isfinite(self.percdamp) and self.percdamp >= 0):
+            raise LoaQError(f"--percdamp {self.percdamp:g} is not a finite damping ≥ 0; use e.g. 0.01 (the default)")
 
 
 @dataclass

@@ -1,4 +1,5 @@
 import os
+import struct
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def test_local_directory_and_gguf_sources_are_unchanged(tmp_path):
 
     d = str(tiny_model_dir(tmp_path / "m"))
     assert resolve(d) == Source(d) and resolve(d).label == d
-    (tmp_path / "x.gguf").write_bytes(b"")
+    (tmp_path / "x.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))  # resolve reads the header only
     g = resolve(str(tmp_path / "x.gguf"))
     assert (g.directory, g.gguf_file, g.label) == (str(tmp_path), "x.gguf", str(tmp_path / "x.gguf"))
 
