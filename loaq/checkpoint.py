@@ -155,7 +155,8 @@ def _publish_modes(root: str) -> None:
 def _owner_alive(tmp: str) -> bool:
     """Whether the process recorded in ``tmp``'s owner file may still be writing it (unknown owners count as alive)."""
     try:
-        owner = json.load(open(os.path.join(tmp, OWNER)))
+        with open(os.path.join(tmp, OWNER)) as fh:
+            owner = json.load(fh)
         pid, host = int(owner["pid"]), owner["host"]
     except (OSError, ValueError, KeyError, TypeError):
         return True
@@ -165,8 +166,8 @@ def _owner_alive(tmp: str) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
@@ -248,7 +249,8 @@ def read_meta(path: str) -> dict:
     except (ValueError, OSError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise LoaQError(f"{p} is not valid JSON ({str(exc).splitlines()[0]}); the checkpoint is damaged, "
                         "re-run `loaq quantize`") from None
-    spec = meta.get("config", {}).get("spec") if isinstance(meta, dict) and isinstance(meta.get("config"), dict) else None
+    config = meta.get("config") if isinstance(meta, dict) else None
+    spec = config.get("spec") if isinstance(config, dict) else None
     try:
         GridSpec(**spec)
     except (TypeError, ValueError, LoaQError):

@@ -138,11 +138,11 @@ def check_export(path: str) -> str:
         if width % k or (width // k) & (width // k - 1):
             raise LoaQError(f"{path!r}: online Hadamard of {name} does not fit its input width {width}")
     groups = len(qconfig.config_groups)
+    notes = (f"{hashed} files match {MANIFEST}" if hashed is not None else f"no {MANIFEST}: files not verified")
+    notes += "" if marker is not None else f"; no {MARKER_KEY} marker: packing assumed compressed-tensors 0.17's"
     extras = ("; W4A4" if any(acts.values()) else "") + (f"; online R4 on {len(r4)} linears" if r4 else "")
-    extras += (f"; {hashed} files match {MANIFEST}" if hashed is not None else f"; no {MANIFEST}: files not verified")
-    extras += "" if marker is not None else f"; no {MARKER_KEY} marker: packing assumed compressed-tensors 0.17's"
     return (f"ok: {len(specs)} packed linears in {groups} config group(s), {len(header)} tensors in "
-            f"{len(set(weight_map.values()))} file(s){extras}")
+            f"{len(set(weight_map.values()))} file(s); {notes}{extras}")
 
 
 def decompress_export(path: str) -> dict[str, torch.Tensor]:

@@ -52,20 +52,14 @@ def layer_specs(meta: dict, names: list[str]) -> dict[str, GridSpec]:
     (``{name: {bits, group_size, symmetric}}``) where present (a per-layer allocation; read by export only)."""
     base = GridSpec(**meta["config"]["spec"])
     over = meta.get("layer_specs") or {}
-    try:
-        return {n: GridSpec(**over[n]) if n in over else base for n in names}
-    except (TypeError, ValueError, LoaQError):
-        bad = next(n for n in names if n in over and not _valid_spec(over[n]))
-        raise LoaQError(f"loaq.json layer_specs.{bad} is not a grid (bits, group_size, symmetric): {over[bad]}; "
-                        "fix the entry or re-run the allocation") from None
-
-
-def _valid_spec(d) -> bool:
-    try:
-        GridSpec(**d)
-        return True
-    except (TypeError, ValueError, LoaQError):
-        return False
+    specs = {}
+    for n in names:
+        try:
+            specs[n] = GridSpec(**over[n]) if n in over else base
+        except (TypeError, ValueError, LoaQError):
+            raise LoaQError(f"loaq.json layer_specs.{n} is not a grid (bits, group_size, symmetric): {over[n]}; "
+                            "fix the entry or re-run the allocation") from None
+    return specs
 
 
 def expected_linears(config) -> list[str]:

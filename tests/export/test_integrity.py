@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from loaq.export.cli import main
 from loaq.export.manifest import MANIFEST, write_manifest
-from tests.export.test_export import bases, make_native, one_line_error  # noqa: F401
 from loaq.grids import GridSpec
+from tests.export.test_export import bases, make_native, one_line_error  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,7 +55,7 @@ def truncate(path, keep=0.5):
 
 
 @pytest.mark.parametrize("case", ["missing_tensor", "json_truncated", "no_spec", "quantized_truncated",
-                                  "model_truncated", "quantized_header", "config_truncated"])
+                                  "model_truncated", "quantized_header", "config_truncated", "bad_layer_spec"])
 def test_damaged_native_gives_one_line_and_writes_nothing(native_dir, tmp_path, capsys, case):
     src = copy_of(native_dir, tmp_path / "n")
     if case == "missing_tensor":
@@ -65,9 +65,12 @@ def test_damaged_native_gives_one_line_and_writes_nothing(native_dir, tmp_path, 
         save_file(q, src / "quantized.safetensors")
     elif case == "json_truncated":
         truncate(src / "loaq.json")
-    elif case == "no_spec":
+    elif case in ("no_spec", "bad_layer_spec"):
         meta = json.load(open(src / "loaq.json"))
-        del meta["config"]["spec"]
+        if case == "no_spec":
+            del meta["config"]["spec"]
+        else:
+            meta["layer_specs"] = {"model.layers.1.mlp.up_proj": {"bits": 5}}
         os.unlink(src / "loaq.json")
         json.dump(meta, open(src / "loaq.json", "w"))
     elif case == "quantized_truncated":
@@ -88,7 +91,8 @@ def test_damaged_native_gives_one_line_and_writes_nothing(native_dir, tmp_path, 
               "quantized_truncated": "quantized.safetensors is truncated or corrupted",
               "model_truncated": "model.safetensors is truncated or corrupted",
               "quantized_header": "quantized.safetensors is truncated or corrupted",
-              "config_truncated": "config.json does not load"}[case]
+              "config_truncated": "config.json does not load",
+              "bad_layer_spec": "loaq.json layer_specs.model.layers.1.mlp.up_proj is not a grid"}[case]
     assert expect in err, err
     assert sorted(os.listdir(tmp_path)) == before
 
