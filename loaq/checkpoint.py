@@ -14,8 +14,9 @@ A native checkpoint directory holds everything an exporter needs, nothing to rec
   ``"r4.had_k"``. R1/R2 and the norm scales are already in the stored weights; :func:`load_native`
   re-attaches the online R4 and the activation fake quantizer so the loaded model is the deployed one.
 
-Writes go to a temporary sibling directory renamed at the end; an existing output is refused
-unless ``force``.
+Writes go to a temporary sibling directory (with an owner file naming the writing process) renamed
+at the end, with umask-derived modes; temporary siblings of killed runs are removed by the next write.
+An existing output is refused unless ``force``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 
@@ -34,6 +36,7 @@ from loaq.grids import GridSpec, dequantize, expand
 from loaq.solver import QuantResult
 
 FORMAT = "loaq-native/1"
+OWNER = ".loaq-owner"  # inside a temporary output: {"pid", "host"} of the writing process
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: str) -> None:
@@ -52,9 +55,24 @@ def results_to_tensors(results: dict[str, QuantResult]) -> dict[str, torch.Tenso
     return out
 
 
-def tensors_to_results(t: dict[str, torch.Tensor]) -> dict[str, QuantResult]:
+def tensors_to_results(t: dict[str, torch.Tensor], where: str = "quantized tensors") -> dict[str, QuantResult]:
     names = sorted({k.rsplit(".", 1)[0] for k in t})
+    for n in names:
+        for part in ("codes", "scales", "zeros"):
+            if f"{n}.{part}" not in t:
+                raise LoaQError(f"{where} lacks tensor {n}.{part}; the checkpoint is damaged, re-run `loaq quantize`")
     return {n: QuantResult(t[f"{n}.codes"], t[f"{n}.scales"], t[f"{n}.zeros"].float()) for n in names}
+
+
+def load_tensors(path: str) -> dict[str, torch.Tensor]:
+    """``load_file`` of a checkpoint's safetensors file; a truncated or corrupted one is a one-line :class:`LoaQError`."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise LoaQError(f"{path} is truncated or corrupted ({str(exc).splitlines()[0]}); "
+                        "re-run `loaq quantize` or copy the checkpoint again") from None
 
 
 def dequantized(r: QuantResult, spec: GridSpec) -> torch.Tensor:
@@ -111,16 +129,77 @@ class LayerStore:
         return results
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (setting it races other threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _publish_modes(root: str) -> None:
+    """Give a finished temporary tree the modes a plain ``mkdir``/``open`` would have (``mkdtemp`` makes it
+    0700/0600): directories ``0o777 & ~umask``, files ``0o666 & ~umask``, so other users (a vLLM server) can read it."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
+def _owner_alive(tmp: str) -> bool:
+    """Whether the process recorded in ``tmp``'s owner file may still be writing it (unknown owners count as alive)."""
+    try:
+        with open(os.path.join(tmp, OWNER)) as fh:
+            owner = json.load(fh)
+        pid, host = int(owner["pid"]), owner["host"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def remove_stale(parent: str, prefix: str) -> list[str]:
+    """Remove the temporary outputs (``prefix*`` in ``parent``) of killed runs: those whose owner PID is gone."""
+    removed = []
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if name.startswith(prefix) and os.path.isdir(path) and not _owner_alive(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @contextmanager
 def atomic_dir(out_dir: str, force: bool, prefix: str = ".loaq-"):
     """Yield a temporary sibling of ``out_dir`` to write into; it replaces ``out_dir`` when the block
-    succeeds and is removed when it raises, so no half-written output is ever left behind."""
+    succeeds and is removed when it raises, so no half-written output is ever left behind.
+
+    The temporary directory holds an owner file (PID, host) until the rename; temporary siblings whose owner
+    is dead (a SIGKILLed run) are removed first. The output gets umask-derived modes, not ``mkdtemp``'s 0700."""
     check_output(out_dir, force)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
+    remove_stale(parent, prefix)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
+        with open(os.path.join(tmp, OWNER), "w") as fh:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, fh)
         yield tmp
+        os.unlink(os.path.join(tmp, OWNER))
+        _publish_modes(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -161,10 +240,23 @@ def save_native(out_dir: str, model, tokenizer, results: dict[str, QuantResult],
 
 
 def read_meta(path: str) -> dict:
+    """``loaq.json`` of a native checkpoint, with the grid every reader needs (``config.spec``) checked."""
     p = os.path.join(path, "loaq.json")
     if not os.path.isfile(p):
         raise LoaQError(f"{path!r} is not a LoaQ checkpoint (no loaq.json); pass the directory `loaq quantize --out` wrote")
-    return json.load(open(p))
+    try:
+        meta = json.load(open(p))
+    except (ValueError, OSError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise LoaQError(f"{p} is not valid JSON ({str(exc).splitlines()[0]}); the checkpoint is damaged, "
+                        "re-run `loaq quantize`") from None
+    config = meta.get("config") if isinstance(meta, dict) else None
+    spec = config.get("spec") if isinstance(config, dict) else None
+    try:
+        GridSpec(**spec)
+    except (TypeError, ValueError, LoaQError):
+        raise LoaQError(f"{p} has no valid config.spec (the grid: bits, group_size, symmetric); the checkpoint "
+                        "is damaged, re-run `loaq quantize`") from None
+    return meta
 
 
 def load_native(path: str, dtype: torch.dtype = torch.float32):
@@ -181,8 +273,9 @@ def load_native(path: str, dtype: torch.dtype = torch.float32):
     spec = GridSpec(**meta["config"]["spec"])
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
-    for name, r in tensors_to_results(load_file(os.path.join(path, "quantized.safetensors"))).items():
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_tensors(os.path.join(path, "model.safetensors")).items()}
+    quantized = os.path.join(path, "quantized.safetensors")
+    for name, r in tensors_to_results(load_tensors(quantized), quantized).items():
         sd[f"{name}.weight"] = dequantized(r, spec).to(dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     model.tie_weights()

@@ -136,10 +136,10 @@ def attach_online(model: nn.Module, arch: Arch, had_k: torch.Tensor | None) -> l
 
 def load_had_k(native_dir: str) -> torch.Tensor | None:
     """R4's ``had_k`` stored in a native checkpoint (None when its order is a power of two)."""
-    from safetensors.torch import load_file
+    from loaq.checkpoint import load_tensors
 
     p = os.path.join(native_dir, R4_FILE)
-    return load_file(p).get("r4.had_k") if os.path.isfile(p) else None
+    return load_tensors(p).get("r4.had_k") if os.path.isfile(p) else None
 
 
 def _random_signs(n: int, seed: int) -> torch.Tensor:

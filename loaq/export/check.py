@@ -1,5 +1,6 @@
-"""``loaq-export --check``: an export parses with compressed-tensors' own models and holds every tensor
-a loader expects, with the dtype and shape its grid implies."""
+"""``loaq-export --check``: every file matches ``loaq_manifest.json`` (SHA-256), the ``loaq_format`` packing
+marker matches the config groups, the export parses with compressed-tensors' own models and holds every
+tensor a loader expects, with the dtype and shape its grid implies."""
 
 from __future__ import annotations
 
@@ -7,16 +8,34 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from loaq.errors import LoaQError
 from loaq.export import layouts
-from loaq.export.pack import packed_shapes
+from loaq.export.manifest import MANIFEST, verify_manifest
+from loaq.export.pack import MARKER_KEY, check_marker, packed_shapes
 from loaq.export.scheme import FORMAT, activations, layer_specs
 from loaq.export.transform import online_hadamard
 
 ST_DTYPES = {"I32": torch.int32, "I64": torch.int64, "F32": torch.float32, "F16": torch.float16,
              "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8}
+
+
+def _json(path: str) -> dict:
+    try:
+        out = json.load(open(path))
+    except (ValueError, OSError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise LoaQError(f"{path} is not valid JSON ({str(exc).splitlines()[0]}); export again") from None
+    if not isinstance(out, dict):
+        raise LoaQError(f"{path} is not a JSON object; export again")
+    return out
+
+
+def _safe_open(path: str):
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as exc:
+        raise LoaQError(f"{path} is truncated or corrupted ({str(exc).splitlines()[0]}); export again") from None
 
 
 def parse_quantization_config(path: str):
@@ -25,7 +44,7 @@ def parse_quantization_config(path: str):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise LoaQError(f"{path!r} is not an export (no config.json); pass the directory `loaq-export` wrote")
-    qc = json.load(open(cfg_path)).get("quantization_config")
+    qc = _json(cfg_path).get("quantization_config")
     if not qc or qc.get("quant_method") != "compressed-tensors" or qc.get("format") != FORMAT:
         raise LoaQError(f"{cfg_path} has no compressed-tensors {FORMAT} quantization_config")
     try:
@@ -46,9 +65,11 @@ def tensor_index(path: str) -> dict[str, str]:
     """Tensor name -> safetensors file, from the index when sharded; every listed file must exist."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        weight_map = json.load(open(index))["weight_map"]
+        weight_map = _json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LoaQError(f"{index} has no weight_map; export again")
     else:
-        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        with _safe_open(os.path.join(path, "model.safetensors")) as f:
             weight_map = dict.fromkeys(f.keys(), "model.safetensors")
     for fname in sorted(set(weight_map.values())):
         if not os.path.isfile(os.path.join(path, fname)):
@@ -59,7 +80,7 @@ def tensor_index(path: str) -> dict[str, str]:
 def _header(path: str, weight_map: dict[str, str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     out = {}
     for fname in sorted(set(weight_map.values())):
-        with safe_open(os.path.join(path, fname), "pt") as f:
+        with _safe_open(os.path.join(path, fname)) as f:
             for k in f.keys():
                 s = f.get_slice(k)
                 out[k] = (tuple(s.get_shape()), ST_DTYPES.get(s.get_dtype()))
@@ -75,7 +96,11 @@ def check_export(path: str) -> str:
 
     if not os.path.isdir(path):
         raise LoaQError(f"{path!r} does not exist")
+    hashed = verify_manifest(path)  # first: a damaged file is named before anything parses it
     qconfig = parse_quantization_config(path)
+    marker = _json(os.path.join(path, "config.json")).get(MARKER_KEY)
+    if marker is not None:
+        check_marker(marker, qconfig, os.path.join(path, "config.json"))
     specs = layer_specs(qconfig)
     acts = activations(qconfig)
     r4 = online_hadamard(path)
@@ -107,7 +132,7 @@ def check_export(path: str) -> str:
         raise LoaQError(f"{path!r}: unexpected tensor {extra[0]} ({len(extra)} in all)")
     for name in specs:
         fname = weight_map[f"{name}.weight_shape"]
-        with safe_open(os.path.join(path, fname), "pt") as f:
+        with _safe_open(os.path.join(path, fname)) as f:
             shape = f.get_tensor(f"{name}.weight_shape").tolist()
         if shape != list(model.get_submodule(name).weight.shape):
             raise LoaQError(f"{path!r}: {name}.weight_shape is {shape}, the model's layer is {list(model.get_submodule(name).weight.shape)}")
@@ -122,9 +147,11 @@ def check_export(path: str) -> str:
         if width % k or (width // k) & (width // k - 1):
             raise LoaQError(f"{path!r}: online Hadamard of {name} does not fit its input width {width}")
     groups = len(qconfig.config_groups)
+    notes = (f"{hashed} files match {MANIFEST}" if hashed is not None else f"no {MANIFEST}: files not verified")
+    notes += "" if marker is not None else f"; no {MARKER_KEY} marker: packing assumed compressed-tensors 0.17's"
     extras = ("; W4A4" if any(acts.values()) else "") + (f"; online R4 on {len(r4)} linears" if r4 else "")
     return (f"ok: {len(specs)} packed linears in {groups} config group(s), {len(header)} tensors in "
-            f"{len(set(weight_map.values()))} file(s){extras}")
+            f"{len(set(weight_map.values()))} file(s); {notes}{extras}")
 
 
 def decompress_export(path: str) -> dict[str, torch.Tensor]:
@@ -140,7 +167,7 @@ def decompress_export(path: str) -> dict[str, torch.Tensor]:
         for name in scheme.targets:
             local = {}
             for key in (k for k in weight_map if k.startswith(name + ".")):
-                with safe_open(os.path.join(path, weight_map[key]), "pt") as f:
+                with _safe_open(os.path.join(path, weight_map[key])) as f:
                     local[key.removeprefix(name + ".")] = f.get_tensor(key)
             if layout == layouts.library_layout():
                 out[name] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except LoaQError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the export's temporary directory is already removed
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ Native codes and zero points are unsigned (``0..2^b-1``); compressed-tensors sto
 and store none. ``weight_scale`` stays float32: the library dequantizes as
 ``(q - z).to(scale.dtype) * scale``, so with the native float32 scales the result is bit-identical
 to :func:`loaq.checkpoint.dequantized`; bf16/fp16 scales would round them.
+
+Other compressed-tensors versions pack differently (0.19 packs 3-bit codes densely across words), so an
+export names its layout in ``config.json``'s top-level ``loaq_format`` (:func:`format_marker`):
+``{"format_version": 1, "compressed_tensors": "0.17.0", "packing": {"group_0": "int32-10x3bit", ...}}``,
+``int32-{32 // b}x{b}bit`` per config group; ``--check`` validates it (:func:`check_marker`).
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ import math
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
+from loaq.errors import LoaQError
 from loaq.grids import GridSpec
 from loaq.solver import QuantResult
+
+MARKER_KEY = "loaq_format"
+MARKER_VERSION = 1
 
 
 def _signed(unsigned: torch.Tensor, bits: int) -> torch.Tensor:
@@ -47,3 +56,35 @@ def packed_shapes(out_features: int, in_features: int, spec: GridSpec) -> dict[s
     if not spec.symmetric:
         shapes["weight_zero_point"] = ((math.ceil(out_features / per_word), n_groups), torch.int32)
     return shapes
+
+
+def layout(bits: int) -> str:
+    """Name of :func:`pack_layer`'s layout: ``32 // bits`` codes per int32 word, low bits first."""
+    return f"int32-{32 // bits}x{bits}bit"
+
+
+def format_marker(qconfig) -> dict:
+    """The ``loaq_format`` block of an export with compressed-tensors ``QuantizationConfig`` ``qconfig``."""
+    from compressed_tensors import __version__
+
+    return {"format_version": MARKER_VERSION, "compressed_tensors": __version__,
+            "packing": {g: layout(s.weights.num_bits) for g, s in qconfig.config_groups.items()}}
+
+
+def check_marker(marker, qconfig, where: str) -> None:
+    """Refuse a ``loaq_format`` block that is not :func:`format_marker`'s layout for ``qconfig``'s groups."""
+    if not isinstance(marker, dict) or marker.get("format_version") != MARKER_VERSION:
+        version = marker.get("format_version") if isinstance(marker, dict) else marker
+        raise LoaQError(f"{where}: {MARKER_KEY}.format_version {version!r} is not {MARKER_VERSION}; "
+                        "check it with the LoaQ that wrote it or re-export")
+    if not isinstance(marker.get("compressed_tensors"), str):
+        raise LoaQError(f"{where}: {MARKER_KEY}.compressed_tensors (the packing library's version) is missing; re-export")
+    packing = marker.get("packing") if isinstance(marker.get("packing"), dict) else {}
+    for g, scheme in qconfig.config_groups.items():
+        want = layout(scheme.weights.num_bits)
+        if packing.get(g) != want:
+            raise LoaQError(f"{where}: {MARKER_KEY}.packing.{g} is {packing.get(g)!r}, but LoaQ packs "
+                            f"{scheme.weights.num_bits}-bit weights as {want!r}; re-export with `loaq-export`")
+    extra = sorted(set(packing) - set(qconfig.config_groups))
+    if extra:
+        raise LoaQError(f"{where}: {MARKER_KEY}.packing names {extra[0]!r}, which is no config group; re-export")

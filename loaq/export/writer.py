@@ -3,8 +3,10 @@
 1. read and validate the native checkpoint (complete, every expected linear, group sizes divide);
 2. pack every quantized linear (:mod:`loaq.export.pack`), cast the other tensors to ``dtype``;
 3. write safetensors shards (+ ``model.safetensors.index.json``), ``config.json`` with the
-   ``quantization_config`` written by compressed-tensors, tokenizer, generation config, model card;
-   all into a temporary sibling directory renamed to the output at the end.
+   ``quantization_config`` written by compressed-tensors and the ``loaq_format`` packing marker
+   (:func:`loaq.export.pack.format_marker`), tokenizer, generation config, model card, and last
+   ``loaq_manifest.json`` (:mod:`loaq.export.manifest`); all into a temporary sibling directory renamed
+   to the output at the end.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import shutil
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from loaq.arch import arch_of
-from loaq.checkpoint import atomic_dir, check_output, read_meta, tensors_to_results
+from loaq.checkpoint import atomic_dir, check_output, load_tensors, read_meta, tensors_to_results
 from loaq.errors import LoaQError
-from loaq.export.pack import pack_layer
+from loaq.export.manifest import write_manifest
+from loaq.export.pack import MARKER_KEY, format_marker, pack_layer
 from loaq.export.scheme import quantization_config
 from loaq.export.transform import EXTENSION_KEY, r4_config, r4_targets
 from loaq.grids import GridSpec
@@ -48,8 +51,15 @@ def layer_specs(meta: dict, names: list[str]) -> dict[str, GridSpec]:
     """Grid of every quantized linear: the run's ``config.spec``, overridden per layer by ``layer_specs``
     (``{name: {bits, group_size, symmetric}}``) where present (a per-layer allocation; read by export only)."""
     base = GridSpec(**meta["config"]["spec"])
-    over = meta.get("layer_specs", {})
-    return {n: GridSpec(**over[n]) if n in over else base for n in names}
+    over = meta.get("layer_specs") or {}
+    specs = {}
+    for n in names:
+        try:
+            specs[n] = GridSpec(**over[n]) if n in over else base
+        except (TypeError, ValueError, LoaQError):
+            raise LoaQError(f"loaq.json layer_specs.{n} is not a grid (bits, group_size, symmetric): {over[n]}; "
+                            "fix the entry or re-run the allocation") from None
+    return specs
 
 
 def expected_linears(config) -> list[str]:
@@ -89,8 +99,14 @@ def read_native(path: str) -> Native:
     for f in ("quantized.safetensors", "model.safetensors", "config.json"):
         if not os.path.isfile(os.path.join(path, f)):
             raise LoaQError(f"native checkpoint {path!r} is incomplete: {f} is missing; re-run `loaq quantize`")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    results = tensors_to_results(load_file(os.path.join(path, "quantized.safetensors")))
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config_dict = json.load(open(os.path.join(path, "config.json")))
+    except (OSError, ValueError) as exc:
+        raise LoaQError(f"{os.path.join(path, 'config.json')} does not load ({str(exc).splitlines()[0]}); "
+                        "the checkpoint is damaged, re-run `loaq quantize`") from None
+    quantized = os.path.join(path, "quantized.safetensors")
+    results = tensors_to_results(load_tensors(quantized), quantized)
     missing = [n for n in expected_linears(config) if n not in results]
     if missing:
         raise LoaQError(_missing_message(path, missing))
@@ -98,9 +114,8 @@ def read_native(path: str) -> Native:
     for name, r in results.items():
         _check_layer(name, r, specs[name])
     act = _activations(path, meta, specs)
-    base = load_file(os.path.join(path, "model.safetensors"))
-    return Native(path, meta, json.load(open(os.path.join(path, "config.json"))), base, results, specs, act,
-                  _online_r4(path, meta, config))
+    base = load_tensors(os.path.join(path, "model.safetensors"))
+    return Native(path, meta, config_dict, base, results, specs, act, _online_r4(path, meta, config))
 
 
 def _activations(path: str, meta: dict, specs: dict[str, GridSpec]) -> dict | None:
@@ -156,6 +171,7 @@ def save_shards(sd: dict[str, torch.Tensor], out_dir: str, max_shard_size: int |
 
 def model_card(native: Native, total_bytes: int) -> str:
     m, c = native.meta, native.meta["config"]
+    method = c.get("method") if isinstance(c.get("method"), dict) else {}
     grids = sorted({(s.bits, s.group_size, s.symmetric) for s in native.specs.values()})
     grid_txt = "; ".join(f"W{b}, {'group ' + str(g) if g else 'per channel'}, {'symmetric' if s else 'asymmetric'}"
                          for b, g, s in grids)
@@ -164,9 +180,9 @@ def model_card(native: Native, total_bytes: int) -> str:
                f"{cal.get('source', '?')}: {cal.get('nsamples', '?')} × {cal.get('seqlen', '?')} tokens, "
                f"seed {cal.get('seed', '?')}, hash {cal.get('hash', '?')}")
     lines = [
-        f"# {m.get('source_model', 'model')} — {c['method']['name']} {grid_txt}", "",
-        f"Quantized with [LoaQ](https://arxiv.org/abs/2509.06297) (`loaq`, method `{c['method']['name']}`, "
-        f"α = {c['method'].get('alpha')}, β = {c['method'].get('beta')}) and exported in the compressed-tensors "
+        f"# {m.get('source_model', 'model')} — {method.get('name', '?')} {grid_txt}", "",
+        f"Quantized with [LoaQ](https://arxiv.org/abs/2509.06297) (`loaq`, method `{method.get('name', '?')}`, "
+        f"α = {method.get('alpha')}, β = {method.get('beta')}) and exported in the compressed-tensors "
         "`pack-quantized` format (load with vLLM + the `loaq` plugin; weight-only exports without rotation "
         "also with transformers + compressed-tensors).", "",
         "| | |", "|---|---|",
@@ -216,15 +232,17 @@ def export(native_dir: str, out_dir: str, *, dtype: torch.dtype = torch.bfloat16
             if f not in NATIVE_ONLY and os.path.isfile(os.path.join(native_dir, f)):
                 shutil.copy2(os.path.join(native_dir, f), os.path.join(tmp, f))
         tc, ext = r4_config(*native.r4) if native.r4 else (None, None)
-        config = dict(native.config, dtype=str(dtype).removeprefix("torch."), **({EXTENSION_KEY: ext} if ext else {}))
+        qconfig = quantization_config(native.specs, native.act)
+        config = dict(native.config, dtype=str(dtype).removeprefix("torch."), **({EXTENSION_KEY: ext} if ext else {}),
+                      **{MARKER_KEY: format_marker(qconfig)})
         config.pop("torch_dtype", None)
         with open(os.path.join(tmp, "config.json"), "w") as fh:
             json.dump(config, fh, indent=2)
-        ModelCompressor(quantization_config=quantization_config(native.specs, native.act),
-                        transform_config=tc).update_config(tmp)  # adds quantization_config, keeps the rest
+        ModelCompressor(quantization_config=qconfig, transform_config=tc).update_config(tmp)  # adds quantization_config
         with open(os.path.join(tmp, "loaq_export.json"), "w") as fh:
             json.dump({"native": native.meta}, fh, indent=2)
         total = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)
         with open(os.path.join(tmp, "README.md"), "w") as fh:
             fh.write(model_card(native, total))
+        write_manifest(tmp)
     return files

@@ -14,6 +14,7 @@ from loaq.checkpoint import dequantized, load_native, save_native, tensors_to_re
 from loaq.config import Method, QuantConfig
 from loaq.export.check import decompress_export, round_trip
 from loaq.export.cli import main
+from loaq.export.manifest import write_manifest
 from loaq.export.pack import pack_layer, packed_shapes
 from loaq.export.scheme import quantization_config
 from loaq.export.writer import layer_specs
@@ -159,6 +160,7 @@ def test_check_fails_on_a_tampered_export(native_dir, tmp_path, capsys, tamper):
         cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = "four"
         json.dump(cfg, open(out / "config.json", "w"))
     save_file(sd, st)
+    write_manifest(str(out))  # a consistent export with a wrong tensor, not a damaged file (test_integrity)
     capsys.readouterr()
     err = one_line_error(capsys, main(["--check", str(out)]))
     expect = {"deleted": f"tensor {key} is missing", "dtype": "torch.int64", "shape": "weight_scale is",
@@ -204,13 +206,13 @@ def test_refusals_give_one_line_and_leave_nothing(native_dir, tmp_path, capsys, 
         assert os.listdir(out) == ["keep"]
 
 
-def test_interrupted_export_leaves_nothing(native_dir, tmp_path, monkeypatch):
+def test_interrupted_export_leaves_nothing(native_dir, tmp_path, monkeypatch, capsys):
     import loaq.export.writer as w
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(w, "model_card", boom)
-    with pytest.raises(KeyboardInterrupt):
-        main([native_dir, str(tmp_path / "out")])
+    assert main([native_dir, str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err == "interrupted; nothing was written\n"
     assert os.listdir(tmp_path) == []

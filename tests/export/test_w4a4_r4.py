@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from loaq.export.cli import main
+from loaq.export.manifest import write_manifest
 from loaq.export.transform import EXTENSION_KEY, EXTENSION_TYPE, online_hadamard
 from loaq.grids import GridSpec
 from loaq.kernels.hadamard_ref import hadamard_transform_ref
@@ -147,6 +148,7 @@ def test_r4_of_order_12_times_16_is_stored_exactly(wide_bases, tmp_path, capsys)
     assert "H_12 ⊗ H_16" in (out / "README.md").read_text()
     config[EXTENSION_KEY]["R4"]["had_k"][0][0] *= -1  # no longer a Hadamard matrix
     json.dump(config, open(out / "config.json", "w"))
+    write_manifest(str(out))  # a consistent export with a bad matrix, not a damaged file
     err = one_line_error(capsys, main(["--check", str(out)]))
     assert "is not a Hadamard matrix" in err
 
