@@ -87,23 +87,34 @@ def check_output(path: str, force: bool) -> None:
 
 
 class LayerStore:
-    """Per-layer checkpoints of a running quantization in ``workdir`` (``--resume`` reads them back)."""
+    """Per-layer checkpoints of a running quantization in ``workdir`` (``--resume`` reads them back).
+
+    ``workdir`` is created with the first finished layer, so an interruption before it leaves nothing.
+    Every file is written to a temporary name and renamed: a kill at any point leaves ``run.json``, the
+    layer files and ``streams.pt`` each whole or absent, and ``streams.pt`` names the layer to continue at.
+    """
 
     def __init__(self, workdir: str, digest: str, spec: GridSpec):
         self.workdir, self.digest, self.spec = workdir, digest, spec
-        os.makedirs(os.path.join(workdir, "layers"), exist_ok=True)
         meta = os.path.join(workdir, "run.json")
         if os.path.exists(meta):
             old = json.load(open(meta))["digest"]
             if old != digest:
                 raise LoaQError(f"{workdir!r} holds a run with other settings; rerun with the same flags or pass --force to start over")
-        else:
-            json.dump({"digest": digest}, open(meta, "w"))
 
     def _layer_path(self, i: int) -> str:
         return os.path.join(self.workdir, "layers", f"{i:04d}.safetensors")
 
+    def _create(self) -> None:
+        os.makedirs(os.path.join(self.workdir, "layers"), exist_ok=True)
+        meta = os.path.join(self.workdir, "run.json")
+        if not os.path.exists(meta):
+            with open(f"{meta}.tmp", "w") as fh:
+                json.dump({"digest": self.digest}, fh)
+            os.replace(f"{meta}.tmp", meta)
+
     def save_layer(self, i: int, results: dict[str, QuantResult], streams) -> None:
+        self._create()
         _atomic_save(results_to_tensors(results), self._layer_path(i))
         state = {"next_layer": i + 1, "h": streams.h, "h_hat": streams.h_hat}
         tmp = os.path.join(self.workdir, "streams.pt.tmp")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
-from loaq.errors import LoaQError
+from loaq.errors import INTERRUPTED, LoaQError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -314,6 +317,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame):
+    """SIGINT and SIGTERM: raise KeyboardInterrupt (cleanup runs, exit status 130), and remember it for
+    :func:`loaq.errors.check_interrupted` in case Python swallows the exception."""
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def _unraisable(hook):
+    """``sys.unraisablehook`` that stays quiet about a swallowed KeyboardInterrupt (it is raised again later)."""
+
+    def quiet(u):
+        if not isinstance(u.exc_value, KeyboardInterrupt):
+            hook(u)
+
+    return quiet
+
+
+def interruptible(main):
+    """``main`` with SIGINT (even when inherited as ignored, ``cmd &``) and SIGTERM raising
+    :class:`KeyboardInterrupt` during the call (the previous handlers come back after it, for in-process
+    callers); an interruption ``main`` does not catch itself (while the parser imports torch) prints one
+    line and returns 130."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            return main(*args, **kwargs)
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        hook = sys.unraisablehook
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
+        sys.unraisablehook = _unraisable(hook)
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        finally:
+            INTERRUPTED.clear()
+            sys.unraisablehook = hook
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+    return run
+
+
+@interruptible
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -34,6 +34,7 @@ from torch import nn
 from loaq import actquant
 from loaq.arch import Arch, SubLayer, rms_factor
 from loaq.config import QuantConfig
+from loaq.errors import check_interrupted
 from loaq.grids import rtn as rtn_quantize, dequantize, expand
 from loaq.solver import QuantResult, factorize
 from loaq.stats import Stats
@@ -251,6 +252,7 @@ def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: Quant
         res = quantize_layer(layers[i], arch, streams, cfg, eps, f"{arch.layers}.{i}.", device)
         layers[i].to("cpu")
         results |= res
+        check_interrupted()  # a Ctrl-C Python swallowed stops the run before this layer is kept
         if store is not None:
             store.save_layer(i, res, streams)
         log.debug("layer %d done in %.1fs", i, time.time() - t0)

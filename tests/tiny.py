@@ -5,17 +5,18 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**COMMON),
-    "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
-    "qwen2": lambda: Qwen2Config(**COMMON),
-    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
+CONFIGS = {  # keyword arguments override COMMON's fields
+    "llama": lambda **kw: LlamaConfig(**COMMON | kw),
+    "mistral": lambda **kw: MistralConfig(**COMMON | kw, sliding_window=None),
+    "qwen2": lambda **kw: Qwen2Config(**COMMON | kw),
+    "qwen3": lambda **kw: Qwen3Config(**COMMON | kw, head_dim=16),
 }
 
 
-def tiny_model(kind: str = "llama", seed: int = 0, vocab: int = 96):
+def tiny_model(kind: str = "llama", seed: int = 0, vocab: int = 96, **config):
+    """A random model of ``kind``; ``config`` overrides fields of :data:`COMMON` (e.g. ``num_hidden_layers=4``)."""
     torch.manual_seed(seed)
-    cfg = CONFIGS[kind]()
+    cfg = CONFIGS[kind](**config)
     cfg.vocab_size = vocab
     cfg.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                           "qwen3": "Qwen3ForCausalLM"}[kind]]
@@ -54,9 +55,9 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>")
 
 
-def tiny_model_dir(path, kind: str = "llama"):
-    """Save a tiny model with a tokenizer as a Hugging Face directory."""
-    model = tiny_model(kind, vocab=320)
+def tiny_model_dir(path, kind: str = "llama", **config):
+    """Save a tiny model with a tokenizer as a Hugging Face directory (``config`` as in :func:`tiny_model`)."""
+    model = tiny_model(kind, vocab=320, **config)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from loaq.cli import interruptible
 from loaq.errors import LoaQError
 
 
@@ -39,6 +40,7 @@ def run(a) -> int:
     return 0
 
 
+@interruptible
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
