@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import socket
-import tempfile
+import uuid
 from contextlib import contextmanager
 
 import torch
@@ -204,8 +204,9 @@ def atomic_dir(out_dir: str, force: bool, prefix: str = ".loaq-"):
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     remove_stale(parent, prefix)
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    tmp = os.path.join(parent, prefix + uuid.uuid4().hex[:12])  # named first: an interrupt leaves nothing unowned
     try:
+        os.mkdir(tmp, 0o700)
         with open(os.path.join(tmp, OWNER), "w") as fh:
             json.dump({"pid": os.getpid(), "host": socket.gethostname()}, fh)
         yield tmp

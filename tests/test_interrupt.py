@@ -150,15 +150,12 @@ def test_quantize_interrupted_then_recovered_is_bit_identical(model4, calib, ref
     assert_same_files(out, reference[0], NATIVE_FILES)
 
 
-EXPORT_KNOWN_BUG = pytest.mark.xfail(strict=True, reason="fixed by the hx branch")
-
-
 def _writing(parent):
     """Whether a hidden temporary output in ``parent`` holds a file (other than hx's owner file)."""
     return any(f != ".loaq-owner" for d in hidden(parent) for f in os.listdir(d))
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", pytest.param("SIGKILL", marks=EXPORT_KNOWN_BUG)])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
 def test_export_interrupted_then_rerun_is_bit_identical(reference, tmp_path, sig):
     """Interrupted while it writes into its hidden temporary output; a plain rerun then writes the same
     export and leaves no hidden temporary directory (after SIGKILL too: the next run removes the dead one's)."""
