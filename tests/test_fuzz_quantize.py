@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 
-hypothesis = pytest.importorskip("hypothesis")
+import hypothesis  # noqa: E402,F401  (the test extra installs it; never skip the fuzz suite)
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
