@@ -4,7 +4,8 @@ The ``dense`` layout is checked against fixtures written by compressed-tensors 0
 (``fixtures/make_ct019.py``): its packed tensors decode to exactly the codes, zero points and dequantized
 weights the library computed, and packing those codes gives back its words. The ``words`` layout is
 checked against the installed compressed-tensors 0.17 (bits 1-8, odd shapes). A whole 0.19 checkpoint
-(tiny Llama, 3-bit asymmetric per channel) loads through :func:`loaq.api.load` to the library's weights.
+(tiny Llama, 3-bit asymmetric per channel) loads through :func:`loaq.api.load` to the library's weights
+(``tests/serve/test_plugin.py`` serves the same checkpoint through the vLLM plugin).
 """
 
 import json
@@ -132,7 +133,7 @@ def test_api_load_of_a_019_checkpoint_gives_the_library_weights(checkpoint):
 
     loaded = load(checkpoint)
     state = loaded.model.state_dict()
-    want = load_file(os.path.join(checkpoint, "dequantized.safetensors"))
+    want = load_file(os.path.join(FIXTURES, "llama_w3_asym.dequantized.safetensors"))
     assert len(want) == 7 and all(torch.equal(state[k], v) for k, v in want.items())
     raw = load_file(os.path.join(checkpoint, "model.safetensors"))
     assert torch.equal(state["lm_head.weight"], raw["lm_head.weight"])

@@ -4,11 +4,14 @@ In-process ``vllm.LLM`` engines (float32, eager, one at a time) serve the tiny c
 :mod:`tests.serve.checkpoints`: 2/3/4-bit weights sym/asym per channel/group 32, W4A4 sym/asym, the online R4
 (order 12 * 16) on every down_proj. Weight-only: the greedy continuation equals the reference token for token.
 W4A4: each layer equals the reference on vLLM's own input; end to end, a 1e-6 difference in a layer's input
-flips an activation's 4-bit code now and then, so logprobs agree within a looser, stated tolerance.
+flips an activation's 4-bit code now and then, so logprobs agree within a looser, stated tolerance. A checkpoint
+saved by compressed-tensors 0.19 itself (dense 3-bit packing, ``tests/export/fixtures/make_ct019.py``) is served
+too and checked against :func:`loaq.api.load` of it.
 """
 
 import gc
 import os
+import shutil
 
 import pytest
 import torch
@@ -19,23 +22,32 @@ PROMPTS = [[5, 17, 33, 60, 2], [100, 7, 250, 3, 9, 12], [40], [77, 78, 79, 80, 8
 FUSED = {"qkv_proj": UNITS["qkv"], "o_proj": UNITS["o"], "gate_up_proj": UNITS["gate_up"], "down_proj": UNITS["down"]}
 TOL = {False: 1e-4, True: 0.3}  # |logprob(vLLM) - logprob(reference)|: weight-only (fp32 rounding), W4A4 (code flips)
 MEAN_TOL_W4A4 = 0.1  # mean of that over all 64 W4A4 tokens (see test_w4a4_continuation_within_tolerance)
+CT019 = os.path.join(os.path.dirname(__file__), "..", "export", "fixtures", "ct019", "llama_w3_asym")
+PROMPTS_CT019 = [[5, 17, 30, 1, 2], [7, 25, 3, 9, 12, 31], [20], [11, 12, 13, 14, 15, 16, 17, 18]]  # vocab 32
 
 
 class Engines:
-    """At most one in-process engine at a time (each start costs ~10 s and memory)."""
+    """At most one in-process engine at a time (each start costs ~10 s and memory): the tiny export
+    (``w4a4`` True/False, ``exports`` set by the ``engines`` fixture) or any checkpoint directory (a str)."""
 
-    def __init__(self, exports):
-        self.exports, self.key, self.llm, self.ref = exports, None, None, None
+    def __init__(self):
+        self.exports, self.key, self.llm, self.ref = None, None, None, None
 
-    def get(self, w4a4: bool):
+    def get(self, which: bool | str):
         from vllm import LLM
 
-        if self.key != w4a4:
+        if self.key != which:
             self.close()
-            export_dir, native_dir = self.exports[w4a4]
-            self.llm = LLM(model=export_dir, dtype="float32", max_model_len=256, max_num_seqs=8, enforce_eager=True,
+            if isinstance(which, str):  # reference: the checkpoint as loaq.api.load computes it
+                from loaq.api import load
+
+                path, max_len, ref = which, 64, lambda: load(which).model
+            else:
+                path, native_dir = self.exports[which]
+                max_len, ref = 256, lambda: reference_model(path, native_dir, which)
+            self.llm = LLM(model=path, dtype="float32", max_model_len=max_len, max_num_seqs=8, enforce_eager=True,
                            seed=0)
-            self.ref, self.key = reference_model(export_dir, native_dir, w4a4), w4a4
+            self.ref, self.key = ref(), which
         return self.llm, self.ref
 
     def close(self):
@@ -44,11 +56,12 @@ class Engines:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_exports):
+def engine_pool():
+    """The module's one :class:`Engines`, closed (and the environment restored) at the module's end."""
     saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: the test can hook the model
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    e = Engines(tiny_exports)
+    e = Engines()
     yield e
     e.close()
     for k, v in saved.items():
@@ -56,6 +69,31 @@ def engines(tiny_exports):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def engines(engine_pool, tiny_exports):
+    engine_pool.exports = tiny_exports
+    return engine_pool
+
+
+@pytest.fixture(scope="module")
+def ct019_checkpoint(tmp_path_factory):
+    """The compressed-tensors 0.19 tiny Llama fixture with the tiny tokenizer added (vLLM and loaq.api.load
+    read one; its expected weights live next to the fixture, not in it: vLLM loads every *.safetensors)."""
+    from tests.tiny import tiny_tokenizer
+
+    path = str(tmp_path_factory.mktemp("ct019") / "llama_w3_asym")
+    shutil.copytree(CT019, path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def served_schemes(llm) -> list[str]:
+    """"scheme/kernel" class names of every vLLM layer that has a compressed-tensors scheme."""
+    [schemes] = llm.apply_model(lambda m: sorted({f"{type(x.scheme).__name__}/{type(x.scheme.kernel).__name__}"
+                                                  for x in m.modules() if hasattr(x, "scheme")}))
+    return schemes
 
 
 def capture_linears(llm, prompt):
@@ -79,16 +117,16 @@ def capture_linears(llm, prompt):
     return caps
 
 
-def greedy_against_reference(llm, ref, tol):
+def greedy_against_reference(llm, ref, tol, prompts=PROMPTS):
     """vLLM's 16 greedy tokens per prompt, checked against the reference's teacher-forced logprobs; returns the
     number of prompts whose 16 tokens all equal the reference's argmax, and per prompt (prompt + vLLM's tokens,
     vLLM's logprobs of those tokens) for :func:`logprob_gaps`."""
     from vllm import SamplingParams
 
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=16, temperature=0, logprobs=0, ignore_eos=True))
     exact, runs = 0, []
-    for p, o in zip(PROMPTS, outs):
+    for p, o in zip(prompts, outs):
         got = list(o.outputs[0].token_ids)
         assert len(got) == 16
         with torch.no_grad():
@@ -124,9 +162,7 @@ def test_every_variant_matches_its_reference_layer(engines, w4a4):
     """Each fused vLLM linear, on the input vLLM gave it, equals the reference modules (dequantized weights, R4
     and activation fake-quant as the contract states): 20 layers, 12 weight-only grids (+ 2 W4A4)."""
     llm, ref = engines.get(w4a4)
-    [schemes] = llm.apply_model(lambda m: sorted({f"{type(x.scheme).__name__}/{type(x.scheme.kernel).__name__}"
-                                                  for x in m.modules() if hasattr(x, "scheme")}))
-    assert schemes == ["LoaQLinearScheme/LoaQCPULinearKernel"]
+    assert served_schemes(llm) == ["LoaQLinearScheme/LoaQCPULinearKernel"]
     caps = capture_linears(llm, PROMPTS[1])
     plan = assignment(w4a4)
     seen = set()
@@ -160,3 +196,29 @@ def test_w4a4_continuation_within_tolerance(engines):
     gaps_no_act = logprob_gaps(no_act, runs)
     assert gaps.mean() <= MEAN_TOL_W4A4, (gaps.mean(), gaps.max())
     assert gaps.mean() <= 0.5 * gaps_no_act.mean(), (gaps.mean(), gaps_no_act.mean())
+
+
+def test_compressed_tensors_019_checkpoint_serves_as_loaq_api_load_computes_it(engine_pool, ct019_checkpoint):
+    """A tiny Llama saved by compressed-tensors 0.19 itself (3-bit asymmetric per channel, dense bit stream:
+    weights of K = 64 in 6 words per row, K = 40 in 4 words with other bits than 0.17's 4; zero points packed
+    along N per shard: q/k/v 64/32/32, o 64, gate/up 40/40, down 64) through the plugin: every linear of every fused layer is LoaQ's
+    scheme and CPU kernel (the dense layout repacked once after loading), equals the reference's modules on
+    vLLM's own input, and the greedy continuation equals the reference token for token, each logprob within
+    TOL[False] = 1e-4 (measured: at most 1.0e-6; every top-2 margin of the reference is >= 4.6e-3, so no
+    near-tie). Reference: :func:`loaq.api.load` of the checkpoint (the library's own weights,
+    ``tests/export/test_layouts.py``), computed in torch."""
+    import json
+
+    assert json.load(open(os.path.join(ct019_checkpoint, "config.json")))["quantization_config"]["version"] == "0.19.0"
+    llm, ref = engine_pool.get(ct019_checkpoint)
+    assert served_schemes(llm) == ["LoaQLinearScheme/LoaQCPULinearKernel"]
+    [layouts] = llm.apply_model(lambda m: sorted({x.scheme.layout for x in m.modules() if hasattr(x, "scheme")}))
+    assert layouts == ["dense"]
+    caps = capture_linears(llm, PROMPTS_CT019[1])
+    assert sorted(n.rsplit(".", 1)[1] for n in caps) == sorted(FUSED)
+    for name, (x, y) in caps.items():
+        parent, short = name.rsplit(".", 1)
+        with torch.no_grad():
+            r = torch.cat([ref.get_submodule(f"{parent.rsplit('.', 1)[0]}.{m}")(x) for m in FUSED[short]], -1)
+        assert ((y - r).norm() / r.norm()).item() < 1e-5, name
+    assert greedy_against_reference(llm, ref, TOL[False], PROMPTS_CT019)[0] == len(PROMPTS_CT019)
