@@ -105,8 +105,10 @@ def test_which_groups_the_plugin_owns(weights, inputs, fmt, kind):
 
 
 def config(groups: dict, transform=None):
+    """A plugin config as vLLM builds it from an export's ``quantization_config`` (which records the version of
+    compressed-tensors that packed it: 3-bit layouts differ between versions)."""
     return S.LoaQCompressedTensorsConfig.from_config(
-        {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+        {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"], "version": "0.17.0",
          "config_groups": {name: {"targets": t, "weights": w.model_dump(), "input_activations": a and a.model_dump()}
                            for name, (t, w, a) in groups.items()}})
 
