@@ -135,6 +135,10 @@ def cmd_eval(a) -> int:
 
     api.check_batch_size(a.batch_size)
     evaluation = None if a.no_ppl else _evaluation(a)  # bad flags fail before any model loads
+    if a.limit is not None and a.limit < 1:
+        raise LoaQError(f"--limit {a.limit} is not positive; score at least 1 example per task (or drop --limit)")
+    if a.mse and a.mse_samples < 1:
+        raise LoaQError(f"--mse-samples {a.mse_samples} is not positive; use ≥ 1 windows (default 16)")
     tasks = None
     if a.tasks:
         from loaq.tasks import parse_names

@@ -33,6 +33,11 @@ def search(model: str | None, recipe: Recipe, alphas: list[float], betas: list[f
         raise LoaQError(f"--method {cfg.method.name} has no α/β to search; use loaq, lloa or gptaq")
     if not alphas or not betas:
         raise LoaQError("--alphas and --betas need at least one value each")
+    if not 0 < holdout < 1:
+        raise LoaQError(f"--holdout {holdout} is not a fraction strictly between 0 and 1; e.g. 0.1 scores the last 10 %")
+    if holdout_tokens < cal.seqlen:
+        raise LoaQError(f"--holdout-tokens {holdout_tokens} is fewer than one window of --seqlen {cal.seqlen}; raise it")
+    api.check_batch_size(batch_size)
     api.check_model(model, cfg)  # a bad model or group size fails before any weight loads
     loaded = api.load(model)
     fp, tok = loaded.model, loaded.tokenizer

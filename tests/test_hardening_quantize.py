@@ -243,3 +243,25 @@ def test_failure_while_writing_leaves_no_out_and_resumes(step, model_dir, calib,
     assert quantize(model_dir, calib, out, "--method", "gptq", "--export", str(ct), "--resume") == 0
     assert json.load(open(out / "loaq.json"))["config"]["method"]["name"] == "gptq"
     assert not os.path.exists(f"{out}.partial")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["search", "--holdout", "0"], "--holdout 0.0 is not a fraction strictly between 0 and 1"),
+    (["search", "--holdout", "1.5"], "--holdout 1.5 is not a fraction"),
+    (["search", "--holdout-tokens", "10"], "--holdout-tokens 10 is fewer than one window of --seqlen 512"),
+    (["search", "--batch-size", "0"], "--batch-size 0 is not positive"),
+    (["eval", "--limit", "0", "--tasks", "all"], "--limit 0 is not positive"),
+    (["eval", "--quantized", "x", "--mse", "--mse-samples", "0"], "--mse-samples 0 is not positive"),
+])
+def test_search_and_eval_sizes_are_refused_before_loading(model_dir, argv, words, capsys, monkeypatch):
+    import loaq.models
+
+    def never(*_a, **_k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(loaq.models, "load_model", never)
+    from loaq.cli import main
+
+    rc = main(["-q", *argv, "--model", model_dir] if argv[0] == "search" else ["-q", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and words in err and "\n" not in err, err
