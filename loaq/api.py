@@ -28,7 +28,7 @@ from torch import nn
 
 from loaq.config import Calibration, QuantConfig
 from loaq.errors import LoaQError
-from loaq.recipe import Recipe, build, load_recipe
+from loaq.recipe import Recipe, build, from_mapping, load_recipe
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,7 @@ def as_recipe(config: QuantConfig | Recipe | str | dict | None, calibration: Cal
     elif isinstance(config, str):
         rec = load_recipe(config)
     elif isinstance(config, dict):
-        from loaq.recipe import SECTIONS
-
-        rec = build({"config": {k: config[k] for k in SECTIONS if k in config},
-                     "calibration": config.get("calibration") or {}, "model": config.get("model"), "hash": None})
+        rec = build(from_mapping(config))
     elif config is None:
         rec = build()
     else:
@@ -193,7 +190,9 @@ def output_bytes(config, cfg: QuantConfig, calib_tokens: int, export_dtype: str 
     other = 2 * config.vocab_size * h + (2 * n + 1) * h  # embeddings, lm_head, norms
     streams = 2 * calib_tokens * h * 4  # the float and the quantized stream of the store
     native = 2 * (weights + 8 * groups) + 4 * other + streams  # codes (uint8) in the checkpoint and the store
-    width = {"bfloat16": 2, "float16": 2, "float32": 4}.get(export_dtype, 0)
+    from loaq.export.writer import DTYPES
+
+    width = DTYPES[export_dtype].itemsize if export_dtype else 0
     export = (weights * cfg.spec.bits // 8 + 8 * groups + width * other) if width else 0
     return native, export
 
@@ -220,12 +219,7 @@ def check_batch_size(batch_size: int) -> None:
 
 def check_model(model: str | nn.Module | None, cfg: QuantConfig):
     """Refuse a model ``cfg`` cannot quantize (path, architecture, group size) before any weight loads;
-    returns the resolved :class:`loaq.models.Source` of a path (``None`` for a loaded module)."""
-    return _check_model(model, cfg)[0]
-
-
-def _check_model(model: str | nn.Module | None, cfg: QuantConfig):
-    """(resolved source or ``None``, model config) of :func:`check_model`."""
+    returns (the resolved :class:`loaq.models.Source` of a path, or ``None`` for a loaded module; its config)."""
     from loaq.arch import arch_of, input_widths
     from loaq.grids import check_group_size
     from loaq.models import load_config, resolve
@@ -265,11 +259,13 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
     rec = as_recipe(config, calibration)
     cfg = rec.config
     check_batch_size(batch_size)
-    if export_dtype not in ("bfloat16", "float16", "float32"):
-        raise LoaQError(f"export dtype {export_dtype!r} is unknown; use bfloat16, float16 or float32")
+    from loaq.export.writer import DTYPES
+
+    if export_dtype not in DTYPES:
+        raise LoaQError(f"export dtype {export_dtype!r} is unknown; use {', '.join(DTYPES)}")
     work = _check_outputs(out, export, force, resume)
     model = model if model is not None else rec.model
-    src, model_config = _check_model(model, cfg)
+    src, model_config = check_model(model, cfg)
     if out:
         tokens = calibration.numel() if isinstance(calibration, torch.Tensor) else \
             rec.calibration.nsamples * rec.calibration.seqlen
@@ -305,10 +301,9 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
 
         logging.getLogger(__name__).warning("the calibration tokens differ from the recipe's run (hash %s, now %s): "
                                             "the codes will not reproduce it", rec.calib_hash, calib_hash)
-    meta_eval = {}
     if evaluation is not None:
         windows = eval_windows(tok, evaluation)
-        meta_eval["fp_ppl"] = perplexity(m, windows, batch_size)
+        fp_ppl = perplexity(m, windows, batch_size)
     rotation = None
     if cfg.rotation.kind == "hadamard":
         from loaq.rotation import rotate_model
@@ -339,8 +334,7 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
         "activations": cfg.act.meta(),
     }
     if evaluation is not None:
-        meta_eval["ppl"] = perplexity(m, windows, batch_size)
-        meta["eval"] = {"ppl": meta_eval["ppl"], "fp_ppl": meta_eval["fp_ppl"], "tokens": int(windows.numel()),
+        meta["eval"] = {"ppl": perplexity(m, windows, batch_size), "fp_ppl": fp_ppl, "tokens": int(windows.numel()),
                         "seqlen": evaluation.seqlen}
     if out:
         _write_outputs(out, export, export_dtype, force, m, tok, results, meta, rotation, timings)

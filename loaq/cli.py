@@ -255,7 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(q)
     _add_quant_args(q)
     _add_eval_args(q)
-    q.set_defaults(nsamples=None, seqlen=None)
     q.add_argument("--out", required=True, help="output directory of the native checkpoint")
     q.add_argument("--force", action="store_true", help="overwrite an existing output")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its per-layer checkpoints")

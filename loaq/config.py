@@ -100,9 +100,8 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
         """The inverse of :meth:`to_dict`; missing fields take their defaults, unknown ones are refused."""
-        parts = {f.name: f.type for f in dataclasses.fields(cls)}
-        _no_unknown(d, parts, "recipe")
         types = {"spec": GridSpec, "method": Method, "solver": SolverOptions, "act": ActSpec, "rotation": RotationSpec}
+        _no_unknown(d, types, "recipe")
         kw = {}
         for name, typ in types.items():
             sub = d.get(name) or {}
@@ -167,7 +166,7 @@ class Calibration:
             raise LoaQError(f"calibration needs --nsamples ≥ 1 and --seqlen ≥ 2, got {self.nsamples} and {self.seqlen}")
 
     def meta(self, calib_hash: str) -> dict:
-        """The checkpoint's ``"calibration"`` entry; :func:`loaq.recipe.read_recipe` reads it back."""
+        """The checkpoint's ``"calibration"`` entry; :func:`loaq.recipe.read_raw` reads it back."""
         return {"source": self.source or DEFAULT_CALIB, "split": self.split, "field": self.field, "chat": self.chat,
                 "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed, "hash": calib_hash}
 

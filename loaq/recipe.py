@@ -36,12 +36,6 @@ class Recipe:
     model: str | None = None
     calib_hash: str | None = None
 
-    def to_dict(self) -> dict:
-        cal = self.calibration.meta("")
-        cal.pop("hash")
-        return {"model": self.model, **self.config.to_dict(), "calibration": cal}
-
-
 def read_raw(path: str) -> dict:
     """``{"config": {...}, "calibration": {...}, "model": ..., "hash": ...}`` of a recipe file, a
     ``loaq.json`` or a checkpoint directory holding one."""
@@ -60,14 +54,19 @@ def read_raw(path: str) -> dict:
             d = json.loads(text)
     except Exception as exc:  # noqa: BLE001 - any parser error is the file's fault
         raise LoaQError(f"recipe {path!r} does not parse ({type(exc).__name__}: {str(exc).splitlines()[0]}); fix the file") from None
+    return from_mapping(d, f"recipe {path!r}")
+
+
+def from_mapping(d, where: str = "recipe") -> dict:
+    """The raw recipe (as :func:`read_raw` returns) of a parsed recipe file, a ``loaq.json`` or a dict."""
     if not isinstance(d, dict):
-        raise LoaQError(f"recipe {path!r} is not a mapping of settings; see the README's recipe example")
+        raise LoaQError(f"{where} is not a mapping of settings; see the README's recipe example")
     if "format" in d and "config" in d:  # a finished run's loaq.json
         cal = dict(d.get("calibration") or {})
         return {"config": d["config"], "calibration": cal, "model": d.get("source_model"), "hash": cal.pop("hash", None)}
     bad = sorted(set(d) - set(SECTIONS) - {"calibration", "model"})
     if bad:
-        raise LoaQError(f"recipe {path!r} has unknown field(s) {', '.join(bad)}; known: "
+        raise LoaQError(f"{where} has unknown field(s) {', '.join(bad)}; known: "
                         f"{', '.join(SECTIONS + ('calibration', 'model'))}")
     return {"config": {k: d[k] for k in SECTIONS if k in d}, "calibration": d.get("calibration") or {},
             "model": d.get("model"), "hash": None}

@@ -239,3 +239,13 @@ def test_offline_hub_id_is_one_line_and_writes_nothing(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "HF_HUB_OFFLINE" in err and "nobody/not-cached-model" in err and "\n" not in err, err
     assert not (tmp_path / "o").exists() and not (tmp_path / "ct").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_a_recipe_dict_is_read_as_a_recipe_file_is(model_dir, calib):
+    """``quantize(config=dict)`` takes the sections a recipe file holds, and refuses what a file would refuse."""
+    with pytest.raises(LoaQError, match=r"recipe has unknown field\(s\) bits"):
+        loaq.quantize(model_dir, {"bits": 3})
+    run = loaq.quantize(model_dir, {"spec": {"bits": 4, "group_size": 32}, "method": {"name": "gptq"},
+                                    "calibration": {"source": calib, **CAL}}, batch_size=2, progress=False)
+    assert run.recipe.config == QuantConfig(spec=GridSpec(4, 32), method=Method("gptq"))
+    assert run.recipe.calibration == Calibration(calib, **CAL)
