@@ -38,27 +38,38 @@ def _safe_open(path: str):
         raise LoaQError(f"{path} is truncated or corrupted ({str(exc).splitlines()[0]}); export again") from None
 
 
-def parse_quantization_config(path: str):
-    from compressed_tensors.quantization import QuantizationConfig
-
+def _quantization_config(path: str) -> dict:
+    """The raw ``quantization_config`` of the export in ``path``, refused in one line unless it is a
+    compressed-tensors pack-quantized one."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise LoaQError(f"{path!r} is not an export (no config.json); pass the directory `loaq-export` wrote")
     qc = _json(cfg_path).get("quantization_config")
     if not qc or qc.get("quant_method") != "compressed-tensors" or qc.get("format") != FORMAT:
         raise LoaQError(f"{cfg_path} has no compressed-tensors {FORMAT} quantization_config")
+    return qc
+
+
+def _validated(qc: dict, path: str):
+    from compressed_tensors.quantization import QuantizationConfig
+
     try:
         return QuantizationConfig.model_validate({k: v for k, v in qc.items() if k in QuantizationConfig.model_fields})
     except ValueError as exc:
-        raise LoaQError(f"{cfg_path}: quantization_config does not parse: {str(exc).splitlines()[0]}") from None
+        raise LoaQError(f"{os.path.join(path, 'config.json')}: quantization_config does not parse: "
+                        f"{str(exc).splitlines()[0]}") from None
+
+
+def parse_quantization_config(path: str):
+    return _validated(_quantization_config(path), path)
 
 
 def checkpoint_layout(path: str) -> str:
     """The bit layout (:mod:`loaq.export.layouts`) of the export in ``path``, from the compressed-tensors
     version its ``quantization_config`` records; one line when that version's packing is unknown."""
-    qconfig = parse_quantization_config(path)
-    version = json.load(open(os.path.join(path, "config.json")))["quantization_config"].get("version")
-    return layouts.layout_of(version, [s.weights.num_bits for s in qconfig.config_groups.values()])
+    qc = _quantization_config(path)
+    qconfig = _validated(qc, path)
+    return layouts.layout_of(qc.get("version"), [s.weights.num_bits for s in qconfig.config_groups.values()])
 
 
 def tensor_index(path: str) -> dict[str, str]:
