@@ -229,7 +229,9 @@ def check_model(model: str | nn.Module | None, cfg: QuantConfig):
     else:
         src = resolve(model)
         config = load_config(src)
-    arch_of(config)
+    from loaq.moe import check_moe
+
+    check_moe(arch_of(config), config, cfg)
     check_group_size(cfg.spec, input_widths(config))
     return src, config
 
@@ -281,7 +283,10 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
     if src is None:
         from loaq.arch import arch_of
 
+        from loaq.moe import unfuse
+
         m, tok, arch, label = model, tokenizer, arch_of(model.config), getattr(model, "name_or_path", "")
+        unfuse(m, arch)
     else:
         from loaq.models import load_model
 

@@ -3,6 +3,8 @@
 Every supported family (LLaMA, Mistral, Qwen2, Qwen3) has the pre-norm layout of the paper's
 Section 2.3: ``h_mid = h + φ(Norm(h) W_in) W_out`` for attention, then the same for the MLP.
 Qwen3's q/k norms live inside ``self_attn`` (part of φ) and need nothing here.
+Qwen3-MoE's MLP is a sparse mixture of experts: its :class:`SubLayer` names ``experts`` (and the
+full-precision ``router``), and every expert ``e`` has its own ``W_in``/``W_out`` (:mod:`loaq.moe`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ class SubLayer:
     w_in: tuple[str, ...]
     w_out: str
     takes_kwargs: bool = False  # attention needs the position embeddings and mask
+    experts: str | None = None  # a mixture of experts: ``module.experts.{e}.{w_in, w_out}`` (:mod:`loaq.moe`)
+    router: str | None = None  # its router (kept in full precision), reading the same normed input
+
+    def linear_names(self, num_experts: int = 0) -> list[str]:
+        """The quantized linears of this sub-layer, relative to the decoder layer (every expert's, in order)."""
+        ws = [*self.w_in, self.w_out]
+        if self.experts:
+            return [f"{self.module}.{self.experts}.{e}.{n}" for e in range(num_experts) for n in ws]
+        return [f"{self.module}.{n}" for n in ws]
 
     def run(self, layer: nn.Module, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """``module(norm(h))`` of this sub-layer in ``layer`` (without the residual)."""
@@ -52,12 +63,19 @@ class Arch:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
 
-    def linear_names(self) -> list[str]:
-        """Linear names inside one decoder layer, in quantization order."""
-        names = []
-        for sl in self.sublayers:
-            names += [f"{sl.module}.{n}" for n in sl.w_in] + [f"{sl.module}.{sl.w_out}"]
-        return names
+    def linear_names(self, num_experts: int = 0) -> list[str]:
+        """Linear names inside one decoder layer, in quantization order (``num_experts`` per MoE sub-layer)."""
+        return [n for sl in self.sublayers for n in sl.linear_names(num_experts)]
+
+    def layer_linears(self, layer: nn.Module) -> list[str]:
+        """:meth:`linear_names` of one decoder layer, its experts counted in the layer itself."""
+        n = max((len(layer.get_submodule(f"{sl.module}.{sl.experts}")) for sl in self.sublayers if sl.experts),
+                default=0)
+        return self.linear_names(n)
+
+    def num_experts(self, config) -> int:
+        """Experts per MoE sub-layer of ``config`` (0 for a dense family)."""
+        return getattr(config, "num_experts", 0) if any(sl.experts for sl in self.sublayers) else 0
 
 
 PRE_NORM = Arch(
@@ -69,16 +87,27 @@ PRE_NORM = Arch(
     ),
 )
 
+QWEN3_MOE = Arch(
+    layers="model.layers",
+    final_norm="model.norm",
+    sublayers=(
+        PRE_NORM.sublayers[0],
+        SubLayer("mlp", "post_attention_layernorm", "mlp", ("gate_proj", "up_proj"), "down_proj",
+                 experts="experts", router="gate"),
+    ),
+)
+
 SUPPORTED = {
     "LlamaForCausalLM": PRE_NORM,
     "MistralForCausalLM": PRE_NORM,
     "Qwen2ForCausalLM": PRE_NORM,
     "Qwen3ForCausalLM": PRE_NORM,
+    "Qwen3MoeForCausalLM": QWEN3_MOE,
 }
 
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM"}
+               "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def arch_of(config) -> Arch:
@@ -101,5 +130,8 @@ def rms_factor(h: torch.Tensor, eps: float) -> torch.Tensor:
 def input_widths(config) -> dict[str, int]:
     """Input width of every quantized linear, from the config alone (checked before weights load)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return {"q/k/v/gate/up": config.hidden_size, "o_proj": config.num_attention_heads * head_dim,
-            "down_proj": config.intermediate_size}
+    widths = {"q/k/v/gate/up": config.hidden_size, "o_proj": config.num_attention_heads * head_dim,
+              "down_proj": config.intermediate_size}
+    if getattr(config, "moe_intermediate_size", None):
+        widths["experts' down_proj"] = config.moe_intermediate_size
+    return widths

@@ -285,6 +285,9 @@ def load_native(path: str, dtype: torch.dtype = torch.float32):
     spec = GridSpec(**meta["config"]["spec"])
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    from loaq.moe import unfuse
+
+    unfuse(model, arch_of(config))
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_tensors(os.path.join(path, "model.safetensors")).items()}
     quantized = os.path.join(path, "quantized.safetensors")
     for name, r in tensors_to_results(load_tensors(quantized), quantized).items():

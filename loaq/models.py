@@ -202,6 +202,9 @@ def load_model(path: str | Source | None, dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(
             src.directory, dtype=dtype, local_files_only=True, attn_implementation="sdpa", **src.kwargs(), **extra
         ).eval()
+    from loaq.moe import unfuse
+
+    unfuse(model, arch)  # per-expert linears (a no-op for dense families)
     if src.gguf_file:
         model.config.architectures = [type(model).__name__]
         if getattr(model.config, "quantization_config", None) is not None:

@@ -184,25 +184,32 @@ def quantize_layer(layer: nn.Module, arch: Arch, streams: Streams, cfg: QuantCon
     _attach_act(layer, arch, cfg)
     results = {}
     for sl in arch.sublayers:
-        results |= _quantize_sublayer(layer, fp_layer, sl, streams, cfg, eps, prefix, device)
+        if sl.experts:
+            from loaq.moe import quantize_moe  # imports this module's solve_group
+
+            results |= quantize_moe(layer, fp_layer, sl, streams, cfg, eps, prefix, device)
+        else:
+            results |= _quantize_sublayer(layer, fp_layer, sl, streams, cfg, eps, prefix, device)
     return results
 
 
 def _attach_act(layer: nn.Module, arch: Arch, cfg: QuantConfig) -> None:
     """Give the linears of ``layer`` the activation fake quantizer (nothing unless W4A4)."""
-    actquant.attach([layer.get_submodule(n) for n in arch.linear_names()], cfg.act)
+    actquant.attach([layer.get_submodule(n) for n in arch.layer_linears(layer)], cfg.act)
 
 
 def rtn_layer(layer: nn.Module, arch: Arch, cfg: QuantConfig, prefix: str) -> dict[str, QuantResult]:
     """Round-to-nearest every linear of ``layer`` in place (no calibration data)."""
-    results = {}
-    for n in arch.linear_names():
-        lin = layer.get_submodule(n)
-        codes, s, z = rtn_quantize(lin.weight.detach().float(), cfg.spec)
-        _set_weight(lin, dequantize(codes.float(), expand(s, cfg.spec, lin.in_features), expand(z, cfg.spec, lin.in_features)))
-        results[prefix + n] = QuantResult(codes, s, z)
+    results = {prefix + n: rtn_linear(layer.get_submodule(n), cfg.spec) for n in arch.layer_linears(layer)}
     _attach_act(layer, arch, cfg)
     return results
+
+
+def rtn_linear(lin: nn.Linear, spec) -> QuantResult:
+    """Round ``lin``'s weight to nearest on ``spec`` in place."""
+    codes, s, z = rtn_quantize(lin.weight.detach().float(), spec)
+    _set_weight(lin, dequantize(codes.float(), expand(s, spec, lin.in_features), expand(z, spec, lin.in_features)))
+    return QuantResult(codes, s, z)
 
 
 def _embeddings_to(model: nn.Module, arch: Arch, device) -> None:

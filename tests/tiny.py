@@ -1,7 +1,7 @@
 """Tiny random models of every supported architecture, built from a config (no hub)."""
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -10,7 +10,12 @@ CONFIGS = {  # keyword arguments override COMMON's fields
     "mistral": lambda **kw: MistralConfig(**COMMON | kw, sliding_window=None),
     "qwen2": lambda **kw: Qwen2Config(**COMMON | kw),
     "qwen3": lambda **kw: Qwen3Config(**COMMON | kw, head_dim=16),
+    # 4 experts, top 2, expert width 32 (tiny calibration sets leave some experts with few tokens)
+    "qwen3_moe": lambda **kw: Qwen3MoeConfig(**COMMON | dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                             norm_topk_prob=True) | kw, head_dim=16),
 }
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def tiny_model(kind: str = "llama", seed: int = 0, vocab: int = 96, **config):
@@ -18,14 +23,13 @@ def tiny_model(kind: str = "llama", seed: int = 0, vocab: int = 96, **config):
     torch.manual_seed(seed)
     cfg = CONFIGS[kind](**config)
     cfg.vocab_size = vocab
-    cfg.architectures = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                          "qwen3": "Qwen3ForCausalLM"}[kind]]
+    cfg.architectures = [ARCHITECTURES[kind]]
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa").eval()
     with torch.no_grad():  # HF initializes norms to 1 and small weights: give the streams some structure
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
-            elif p.ndim == 2:
+            elif p.ndim >= 2:  # linears, and the fused experts of a MoE
                 p.normal_(0, 0.08)
             else:
                 p.normal_(0, 0.02)

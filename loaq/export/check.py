@@ -10,12 +10,14 @@ import os
 import torch
 from safetensors import SafetensorError, safe_open
 
+from loaq.arch import arch_of
 from loaq.errors import LoaQError
 from loaq.export import layouts
 from loaq.export.manifest import MANIFEST, verify_manifest
 from loaq.export.pack import MARKER_KEY, check_marker, packed_shapes
 from loaq.export.scheme import FORMAT, activations, layer_specs
 from loaq.export.transform import online_hadamard
+from loaq.moe import unfuse
 
 ST_DTYPES = {"I32": torch.int32, "I64": torch.int64, "F32": torch.float32, "F16": torch.float16,
              "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8}
@@ -119,7 +121,7 @@ def check_export(path: str) -> str:
     header = _header(path, weight_map)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):  # shapes only; from_config applies no quantization
-        model = AutoModelForCausalLM.from_config(config)
+        model = unfuse(AutoModelForCausalLM.from_config(config), arch_of(config))
     expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
     for name, spec in specs.items():
         try:

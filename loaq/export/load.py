@@ -24,11 +24,13 @@ import os
 import torch
 
 from loaq.actquant import ActQuantizer
+from loaq.arch import arch_of
 from loaq.errors import LoaQError
 from loaq.export.check import checkpoint_layout, dequantize_layer, parse_quantization_config, tensor_index
 from loaq.export.layouts import library_layout
 from loaq.export.scheme import activations
 from loaq.export.transform import online_hadamard
+from loaq.moe import unfuse
 from loaq.rotation import OnlineHadamard
 
 
@@ -47,7 +49,7 @@ def load_export(path: str, dtype: torch.dtype = torch.float32):
         group["input_activations"] = None
     qc.pop("transform_config", None)
     config.quantization_config = qc
-    if layout == library_layout():
+    if layout == library_layout() and not arch_of(config).num_experts(config):  # MoE: per-expert names, below
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True).eval()
     else:
         model = _load_decoded(path, config, qconfig, layout, dtype)
@@ -67,7 +69,7 @@ def _load_decoded(path: str, config, qconfig, layout: str, dtype: torch.dtype):
 
     config = copy.deepcopy(config)
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    model = unfuse(AutoModelForCausalLM.from_config(config, dtype=dtype).eval(), arch_of(config))
     weight_map = tensor_index(path)
     tensors: dict[str, torch.Tensor] = {}
     for fname in sorted(set(weight_map.values())):

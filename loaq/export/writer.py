@@ -64,7 +64,7 @@ def layer_specs(meta: dict, names: list[str]) -> dict[str, GridSpec]:
 
 def expected_linears(config) -> list[str]:
     arch = arch_of(config)
-    return [f"{arch.layers}.{i}.{n}" for i in range(config.num_hidden_layers) for n in arch.linear_names()]
+    return [f"{arch.layers}.{i}.{n}" for i in range(config.num_hidden_layers) for n in arch.linear_names(arch.num_experts(config))]
 
 
 def _missing_message(path: str, missing: list[str]) -> str:
