@@ -40,10 +40,10 @@ chose (no quantized expert owns it, so it is shared like the residual) and ``r_{
 output statistics (GPTQ, GPTAQ, Qronos, LLOA) use ``X̂' = r̂X̂``, ``X' = rX``: the ``W_out`` error reaches the
 layer output weighted by ``r̂``, so ``H`` is weighted by ``r̂²``.
 
-**Experts that see few tokens** (``|S_e| < min_tokens``) get ``H`` shrunk towards the layer's:
-``H ← H + (min_tokens − |S_e|)/N · H_all`` with ``H_all`` the same statistic over all ``N`` tokens of the
-layer as if every token were routed to ``e`` (``W_in``: ``Σ x̂x̂ᵀ``; ``W_out``: ``X̂'`` with ``r̂`` = 1/k), a
-prior worth ``min_tokens`` tokens; ``C`` and ``B`` stay those of the routed tokens (no correction without
+**Experts that see few tokens** (``|S_e| < m``, ``m`` = the linear's input width by default: fewer tokens
+than columns leave ``H`` singular) get ``H`` shrunk towards the layer's: ``H ← H + (m − |S_e|)/N · H_all``
+with ``H_all`` the same statistic over all ``N`` tokens of the layer as if every token were routed to ``e``
+(``W_in``: ``Σ x̂x̂ᵀ``; ``W_out``: ``X̂'`` with ``r̂`` = 1/k), a prior worth ``m − |S_e|`` tokens; ``C`` and ``B`` stay those of the routed tokens (no correction without
 evidence). An expert no token reaches is then GPTQ on the layer's distribution instead of all-dead
 columns (which would zero it). ``benchmarks/results/moe_few_tokens.md`` measures this against damping
 alone and round-to-nearest.
@@ -51,6 +51,7 @@ alone and round-to-nearest.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -144,15 +145,19 @@ def check_moe(arch: Arch, config, cfg) -> None:
 
 @dataclass(frozen=True)
 class FewTokens:
-    """What an expert with fewer than ``min_tokens`` routed calibration tokens gets: ``shrink`` (its ``H`` shrunk
-    towards the layer's, see the module docstring), ``damp`` (GPTQ's damping alone) or ``rtn``."""
+    """What an expert linear with fewer than ``m = width × in_features`` routed calibration tokens gets:
+    ``shrink`` (its ``H`` shrunk towards the layer's, see the module docstring), ``damp`` (GPTQ's damping
+    alone) or ``rtn``; ``benchmarks/results/moe_few_tokens.md`` chose shrink at ``width = 1``."""
 
     policy: str = "shrink"
-    min_tokens: int = 256
+    width: float = 1.0
 
     def __post_init__(self):
         if self.policy not in ("shrink", "damp", "rtn"):
             raise LoaQError(f"few-token policy {self.policy!r} is unknown; use shrink, damp or rtn")
+
+    def min_tokens(self, n_in: int) -> int:
+        return 0 if self.policy == "damp" else math.ceil(self.width * n_in)
 
 
 FEW_TOKENS = FewTokens()
@@ -182,15 +187,18 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _shrink(st: Stats, H_all: torch.Tensor, n_all: int, few: FewTokens) -> None:
-    st.H += (few.min_tokens - st.tokens) / max(n_all, 1) * H_all
+def _shrink(st: Stats, H_all: torch.Tensor, n_all: int, m: int) -> None:
+    st.H += (m - st.tokens) / max(n_all, 1) * H_all
 
 
 def quantize_moe(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLayer, streams, cfg, eps: float, prefix: str,
-                 device, few: FewTokens = FEW_TOKENS) -> dict:
+                 device, few: FewTokens | None = None) -> dict:
     """Quantize every expert of MoE sub-layer ``sl`` of ``layer`` in place (W_in of all experts, then W_out)
-    and advance ``streams`` past it; returns the results by qualified name."""
+    and advance ``streams`` past it; returns the results by qualified name. ``few`` defaults to
+    :data:`FEW_TOKENS` (read at call time, so a benchmark can compare policies)."""
     from loaq.pipeline import rtn_linear, solve_group
+
+    few = few or FEW_TOKENS
 
     two = streams.h is not None
     norm = layer.get_submodule(sl.norm)
@@ -214,15 +222,16 @@ def quantize_moe(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLayer, str
             for b in range(len(xh)):
                 rows = rh[b].mask[:, e]
                 st.add(xh[b][rows], x[b][rows] if two else None)
-        if st.tokens < few.min_tokens and few.policy == "rtn":
+        m_in = few.min_tokens(st.H.shape[0])
+        if st.tokens < m_in and few.policy == "rtn":
             results |= {n: rtn_linear(lin, cfg.spec) for n, lin in zip(names, lins)}
             continue
-        if st.tokens < few.min_tokens and few.policy == "shrink":
+        if st.tokens < m_in and few.policy == "shrink":
             if H_in_all is None:
                 H_in_all = Stats(xh[0].shape[1], device=device)
                 for t in xh:
                     H_in_all.add(t)
-            _shrink(st, H_in_all.H, n_all, few)
+            _shrink(st, H_in_all.H, n_all, m_in)
         results |= solve_group(names, lins, st, cfg, ",".join(names))
     results |= _quantize_w_out(experts, fp_experts, router, sl, streams, xh, x, rh, r, cfg, eps, prefix, device, few)
     with torch.no_grad():  # (c) advance both streams
@@ -280,15 +289,16 @@ def _quantize_w_out(experts, fp_experts, router, sl, streams, xh, x, rh, r, cfg,
                 if s_hat[b] is not None:
                     Xh, X = s_hat[b][rows] * Xh, s[b][rows] * X
                 st.add(Xh, X, res[b][0][rows, e, None] * res[b][1][rows] if use_B else None)
-        if st.tokens < few.min_tokens and few.policy == "rtn":
+        m_out = few.min_tokens(w_out.in_features)
+        if st.tokens < m_out and few.policy == "rtn":
             results[name] = rtn_linear(w_out, cfg.spec)
             continue
-        if st.tokens < few.min_tokens and few.policy == "shrink":
+        if st.tokens < m_out and few.policy == "shrink":
             prior = Stats(w_out.in_features, device=device)
             with torch.no_grad():
                 for b in range(len(xh)):
                     Xh = expert.inner(xh[b]) / k
                     prior.add(s_hat[b] * Xh if s_hat[b] is not None else Xh)
-            _shrink(st, prior.H, n_all, few)
+            _shrink(st, prior.H, n_all, m_out)
         results |= solve_group([name], [w_out], st, cfg, name, st.B)
     return results
