@@ -12,7 +12,7 @@ CONFIGS = {  # keyword arguments override COMMON's fields
     "qwen3": lambda **kw: Qwen3Config(**COMMON | kw, head_dim=16),
     # 4 experts, top 2, expert width 32 (tiny calibration sets leave some experts with few tokens)
     "qwen3_moe": lambda **kw: Qwen3MoeConfig(**COMMON | dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                                             norm_topk_prob=True) | kw, head_dim=16),
+                                                             norm_topk_prob=True, head_dim=16) | kw),
 }
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}

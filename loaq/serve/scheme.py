@@ -27,6 +27,7 @@ import torch
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
 from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
+from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
     CompressedTensorsConfig, CompressedTensorsLinearMethod)
@@ -209,4 +210,10 @@ class LoaQCompressedTensorsConfig(CompressedTensorsConfig):
             if scheme is not None:
                 layer.scheme = scheme
                 return CompressedTensorsLinearMethod(self)
+        if isinstance(layer, RoutedExperts):  # mixture-of-experts layers: loaq.serve.moe
+            from loaq.serve.moe import loaq_moe_method
+
+            method = loaq_moe_method(self, layer, prefix)
+            if method is not None:
+                return method
         return super().get_quant_method(layer, prefix)
