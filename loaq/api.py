@@ -183,7 +183,9 @@ def output_bytes(config, cfg: QuantConfig, calib_tokens: int, export_dtype: str 
     h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     hd = input_widths(config)["o_proj"] // heads
-    shapes = [(heads * hd, h), (kv * hd, h), (kv * hd, h), (h, heads * hd), (i, h), (i, h), (h, i)]  # [out, in]
+    experts, mi = getattr(config, "num_experts", 0) or 0, getattr(config, "moe_intermediate_size", 0)
+    mlp = [(mi, h), (mi, h), (h, mi)] * experts if experts else [(i, h), (i, h), (h, i)]  # MoE: every expert's
+    shapes = [(heads * hd, h), (kv * hd, h), (kv * hd, h), (h, heads * hd), *mlp]  # [out, in]
     g = cfg.spec.group_size
     weights = n * sum(o * k for o, k in shapes)
     groups = n * sum(o * (k // g if g else 1) for o, k in shapes)  # scale + zero per (row, group)
