@@ -43,8 +43,8 @@ layer output weighted by ``r̂``, so ``H`` is weighted by ``r̂²``.
 **Experts that see few tokens** (``|S_e| < m``, ``m`` = the linear's input width by default: fewer tokens
 than columns leave ``H`` singular) get ``H`` shrunk towards the layer's: ``H ← H + (m − |S_e|)/N · H_all``
 with ``H_all`` the same statistic over all ``N`` tokens of the layer as if every token were routed to ``e``
-(``W_in``: ``Σ x̂x̂ᵀ``; ``W_out``: ``X̂'`` with ``r̂`` = 1/k), a prior worth ``m − |S_e|`` tokens; ``C`` and ``B`` stay those of the routed tokens (no correction without
-evidence). An expert no token reaches is then GPTQ on the layer's distribution instead of all-dead
+(``W_in``: ``Σ x̂x̂ᵀ``; ``W_out``: ``X̂'`` with ``r̂`` = 1/k), a prior worth ``m − |S_e|`` tokens; ``C`` and
+``B`` stay those of the routed tokens (no correction without evidence). An expert no token reaches is then GPTQ on the layer's distribution instead of all-dead
 columns (which would zero it). ``benchmarks/results/moe_few_tokens.md`` measures this against damping
 alone and round-to-nearest.
 """
