@@ -13,7 +13,9 @@ A W4A4 group that no LoaQ kernel can run (e.g. grouped weights) is refused with 
 A checkpoint saved by compressed-tensors 0.18-0.20 packs 3-bit codes as one dense bit stream
 (:mod:`loaq.export.layouts`, told apart by ``quantization_config.version``): the scheme allocates that
 layout's shapes and repacks it once after loading into the 10-per-word layout its kernels read; a version
-whose packing is unknown is refused with one line.
+whose packing is unknown is refused with one line. Under tensor parallelism each rank's weight loaders cut
+its slice of the checkpoint tensors (:mod:`loaq.serve.shard`: output rows for column-parallel layers, input
+words and groups for row-parallel ones) and a row-parallel layer's online R4 is its rank's diagonal block.
 """
 
 from __future__ import annotations
