@@ -155,3 +155,16 @@ def test_r4_blocks_and_their_rank_factors():
         shard.local_had_k("d", two.had_k, 4, 0)
     with pytest.raises(LoaQError, match="--r4-blocks 5 does not divide"):
         block_diagonal(1536, 5)
+
+
+def test_server_binds_one_core_set_per_parallel_rank(monkeypatch):
+    from loaq.serve import server
+
+    assert server.parallel_ranks(["--tensor-parallel-size", "2", "--dtype", "float32"]) == 2
+    assert server.parallel_ranks(["-tp=2", "--pipeline-parallel-size=2"]) == 4 and server.parallel_ranks(None) == 1
+    monkeypatch.setattr(server.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3, 5})
+    assert server.cpu_thread_binding(2) == "0,1|2,3" and server.cpu_thread_binding(1) is None
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(server, "_cuda", lambda: False)
+    assert server.server_env(ranks=2)["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in server.server_env(ranks=1)
