@@ -67,7 +67,8 @@ class Rotation:
         def site(f):
             return {"order": f.n, "had_k_order": f.K, "kind": f.kind}
 
-        r4 = site(self.r4) | {"blocks": hadamard.blocks_of(self.r4.had_k)}
+        blocks = hadamard.blocks_of(self.r4.had_k)
+        r4 = site(self.r4) | ({"blocks": blocks} if blocks > 1 else {})  # --r4-blocks; absent: the full R4
 
         return {"kind": "hadamard", "seed": self.seed, "r1": {**site(self.r1), "random_signs": True},
                 "r2": site(self.r2), "r4": r4, "untied_embeddings": self.untied,
