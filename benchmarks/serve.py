@@ -15,6 +15,16 @@ codes, so the quantized variants are RTN exports of the same model (seconds to m
 setting is in quality.md. Fixed prompt/output lengths (random tokens, ``--ignore-eos``). Per variant and
 concurrency: output tokens/s, TTFT and TPOT p50/p99; per variant: peak RSS of the server's process group.
 Writes ``benchmarks/results/serve.{json,md,png}`` (``loaq.bench.SERVE_JSON``, read by ``benchmarks/report.py``).
+
+Tensor / pipeline parallel (issue #15): ``--parallel 1,tp2,pp2`` serves every variant once per mode, one after
+the other in the same run (``--tensor-parallel-size 2`` / ``--pipeline-parallel-size 2``, one core per rank
+through ``VLLM_CPU_OMP_THREADS_BIND``); a TP=2 entry is ``<variant>-tp2`` in ``results`` (PP: ``-pp2``), with the
+same fields. SmolLM2-135M's 9 heads / 3 KV heads cannot be split in two, so ``even-<variant>`` is SmolLM2's
+shape with 6 heads of 96 and 2 KV heads (the same linear layers: q/o 576x576, k/v 576x192, MLP 576x1536x576,
+30 layers, vocab 49152) and random weights: serving speed does not depend on the values. ``--merge`` keeps the
+file's other entries (this run's header goes to ``meta["merged"]``)::
+
+    nice -n 5 python -m benchmarks.serve --variants even-loaq-w4g64,even-loaq-w4a4 --parallel 1,tp2,pp2 --merge
 """
 
 from __future__ import annotations
@@ -56,12 +66,37 @@ def bf16_dir(work: Path) -> Path:
     return out
 
 
-def export_dir(work: Path, name: str) -> Path:
-    """RTN export of one setting (``w4a4``: the W4 per-channel export with int4 per-token input activations)."""
-    out = work / f"smollm2-rtn-{name}-ct"
+def even_dir(work: Path) -> Path:
+    """SmolLM2-135M's shape with 6 heads of 96 and 2 KV heads (splittable over 2 TP ranks), random weights, bf16."""
+    out = work / "smollm2-even-bf16"
     if not (out / "config.json").exists():
-        sh([sys.executable, "-m", "loaq.cli", "-q", "quantize", "--method", "rtn", *QUANT[name], "--nsamples", "1",
-            "--seqlen", "32", "--out", str(work / f"smollm2-rtn-{name}"), "--export", str(out), "--force"])
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from loaq.api import load
+
+        fp = load(None)
+        cfg = fp.model.config
+        cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 6, 2, 96
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.uniform_(0.5, 1.5) if "norm" in n else p.normal_(0, 0.05)
+        model.to(torch.bfloat16).save_pretrained(out)
+        fp.tokenizer.save_pretrained(out)
+    return out
+
+
+def export_dir(work: Path, name: str, even: bool = False) -> Path:
+    """RTN export of one setting (``w4a4``: the W4 per-channel export with int4 per-token input activations);
+    ``even``: of :func:`even_dir`'s model."""
+    stem = "smollm2-even" if even else "smollm2"
+    out = work / f"{stem}-rtn-{name}-ct"
+    if not (out / "config.json").exists():
+        model = ["--model", str(even_dir(work))] if even else []
+        sh([sys.executable, "-m", "loaq.cli", "-q", "quantize", *model, "--method", "rtn", *QUANT[name], "--nsamples",
+            "1", "--seqlen", "32", "--out", str(work / f"{stem}-rtn-{name}"), "--export", str(out), "--force"])
         if name == "w4a4":
             add_input_activations(out)
     return out
@@ -106,6 +141,18 @@ def render(results: dict, meta: dict, out: Path) -> None:
             lines.append(f"| {name} | {v['kernel']} | {c} | {r['output_throughput']:.1f} | {r['p50_ttft_ms']:.0f} / "
                          f"{r['p99_ttft_ms']:.0f} | {r['p50_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f} | "
                          f"{v['peak_rss_gib']:.2f} |")
+    pairs = [(n, n.rsplit("-", 1)[0]) for n in results if n.endswith(("-tp2", "-pp2")) and n.rsplit("-", 1)[0] in results]
+    if pairs:
+        for m in meta.get("merged", []):
+            lines += ["", f"Merged run: `{m['command']}`, {m['date']}, {m['machine']}"]
+        lines += ["", "Parallel against one process, same run (`even-*`: SmolLM2's shape with 6 heads of 96 and 2 KV "
+                  "heads, random weights; goal TP=2 ≥ 0.9 × TP=1 output tok/s at concurrency 8 and 32):", "",
+                  "| entry | concurrency | output tok/s | / one process |", "|---|---|---|---|"]
+        for n, base in pairs:
+            for c, r in results[n]["runs"].items():
+                ref = results[base]["runs"].get(c, {}).get("output_throughput")
+                ratio = f"{r['output_throughput'] / ref:.2f}" if ref else "-"
+                lines.append(f"| {n} | {c} | {r['output_throughput']:.1f} | {ratio} |")
     (out / "serve.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -141,6 +188,8 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--work", default="runs/bench-serve")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--parallel", default="1", help="modes per variant: 1, tp2 (--tensor-parallel-size 2), pp2")
+    p.add_argument("--merge", action="store_true", help="keep the other entries of the existing serve.json")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work, out = Path(a.work), Path(a.out)
@@ -150,18 +199,27 @@ def main() -> int:
 
     meta = {"command": command(), "machine": machine(), "vllm": vllm.__version__, "torch": torch.__version__,
             "date": utc_date(), "input_len": a.input_len, "output_len": a.output_len}
-    results = {}
-    for name in a.variants.split(","):
+    results, header = {}, meta
+    if a.merge and (out / SERVE_JSON).exists():
+        old = json.loads((out / SERVE_JSON).read_text())
+        results, meta = old["results"], old["meta"]
+        meta["merged"] = [*meta.get("merged", []), header]
+    todo = [(v, m) for v in a.variants.split(",") for m in a.parallel.split(",")]
+    for variant, mode in todo:
         env = {}
-        if name == "bf16":
-            model, kernel = bf16_dir(work), "vLLM dense bf16"
-        elif name.startswith("stock-"):
-            model, kernel, env = export_dir(work, name[6:]), "vLLM CPUWNA16", {"LOAQ_VLLM_W4": "vllm"}
+        even = variant.startswith("even-")
+        base = variant.removeprefix("even-")
+        name = variant if mode == "1" else f"{variant}-{mode}"
+        flags = {"1": [], "tp2": ["--tensor-parallel-size", "2"], "pp2": ["--pipeline-parallel-size", "2"]}[mode]
+        if base == "bf16":
+            model, kernel = even_dir(work) if even else bf16_dir(work), "vLLM dense bf16"
+        elif base.startswith("stock-"):
+            model, kernel, env = export_dir(work, base[6:], even), "vLLM CPUWNA16", {"LOAQ_VLLM_W4": "vllm"}
         else:
-            model, kernel = export_dir(work, name[5:]), "LoaQ C++ (plugin)"
+            model, kernel = export_dir(work, base[5:], even), "LoaQ C++ (plugin)"
         os.environ.pop("LOAQ_VLLM_W4", None)
         os.environ.update(env)
-        server = Server(str(model), name=name, max_num_seqs=32)
+        server = Server(str(model), name=name, max_num_seqs=32, extra=flags)
         print(f"== {name}: starting vLLM (log {server.log_path})", flush=True)
         t0 = time.time()
         server.start(timeout=900)
@@ -177,6 +235,8 @@ def main() -> int:
             server.stop()
         results[name] = {"kernel": kernel, "start_s": round(time.time() - t0, 1), "runs": runs,
                          "peak_rss_gib": rss.peak / 2**10, "model": str(model)}
+        if mode != "1":
+            results[name]["parallel"] = " ".join(flags)
         os.environ.pop("LOAQ_VLLM_W4", None)
         out.mkdir(parents=True, exist_ok=True)
         (out / SERVE_JSON).write_text(json.dumps({"meta": meta, "results": results}, indent=2))

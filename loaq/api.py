@@ -315,7 +315,7 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
     if cfg.rotation.kind == "hadamard":
         from loaq.rotation import rotate_model
 
-        rotation = rotate_model(m, arch, cfg.rotation.seed)
+        rotation = rotate_model(m, arch, cfg.rotation.seed, cfg.rotation.r4_blocks)
     store = LayerStore(work, cfg.digest(calib_hash), cfg.spec) if work else None
     t0 = time.time()
     try:
@@ -461,7 +461,7 @@ def layer_mse(quantized: Loaded, calibration: Calibration = Calibration(nsamples
     if rotation:
         from loaq.rotation import rotate_model
 
-        rotate_model(ref, quantized.arch, rotation["seed"])
+        rotate_model(ref, quantized.arch, rotation["seed"], rotation.get("r4", {}).get("blocks", 1))
     w = calibration_windows(quantized.tokenizer, calibration)
     eps = quantized.model.config.rms_norm_eps
     return hidden_mse(layer_outputs(ref, quantized.arch, w, batch_size),

@@ -57,6 +57,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotate", choices=("none", "hadamard"),
                    help="Hadamard-rotate the model first (R1, per-head R2, online R4; QuaRot-style)")
     p.add_argument("--rotate-seed", type=int, help="seed of R1's random signs (default: 0)")
+    p.add_argument("--r4-blocks", type=int, help="block-diagonal online R4 with N Hadamard blocks, one per "
+                   "tensor-parallel shard (serve with --tensor-parallel-size dividing N; default: 1, full R4)")
     p.add_argument("--init", choices=("minmax", "neuqi"),
                    help="grid parameter initialization: min-max (default) or NeUQI (arXiv 2505.17595)")
     p.add_argument("--neuqi-continuous", action="store_true",
@@ -78,7 +80,7 @@ def _recipe(a):
                    "shat": a.shat},
         "solver": {"blocksize": a.blocksize, "act_order": a.act_order, "percdamp": a.percdamp},
         "act": {"bits": a.act_bits, "symmetric": a.act_sym},
-        "rotation": {"kind": a.rotate, "seed": a.rotate_seed},
+        "rotation": {"kind": a.rotate, "seed": a.rotate_seed, "r4_blocks": a.r4_blocks},
         "calibration": {"source": a.calib, "split": a.calib_split, "field": a.calib_field, "chat": a.chat,
                         "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed},
         "model": a.model,

@@ -32,6 +32,7 @@ from functools import lru_cache
 
 import torch
 
+from loaq.errors import LoaQError
 
 
 def sylvester(n: int) -> torch.Tensor:
@@ -126,6 +127,33 @@ def factor(n: int, seed: int = 0) -> Factor:
     Q, R = torch.linalg.qr(torch.randn(K, K, generator=g, dtype=torch.float64))
     Q = Q * torch.sign(torch.diagonal(R))[None, :]
     return Factor(n, K, (math.sqrt(K) * Q).float().contiguous(), "random-orthogonal")
+
+
+def block_diagonal(n: int, blocks: int, seed: int = 0) -> Factor:
+    """``I_N ⊗ M_{n/N}`` (``N = blocks`` copies of :func:`factor`'s map of order ``n/N`` on the diagonal, the
+    R4 of ``--r4-blocks``) in the same form ``(had_k ⊗ H_{2^m}) / √n``: ``had_k = √N (I_N ⊗ had_k_b)`` of
+    order ``N K_b`` (still ``had_k had_kᵀ = K I``), so every consumer of ``had_k`` runs it unchanged and a
+    tensor-parallel rank holding ``n/t`` inputs (``t | N``) applies its own block (:mod:`loaq.serve.shard`)."""
+    if blocks == 1:
+        return factor(n, seed)
+    if blocks < 1 or n % blocks:
+        raise LoaQError(f"--r4-blocks {blocks} does not divide the R4 width (intermediate_size) {n}; "
+                        f"use a divisor of {n} (e.g. the tensor-parallel size)")
+    f = factor(n // blocks, seed)
+    hb = torch.ones(1, 1, dtype=torch.float64) if f.had_k is None else f.had_k.double()
+    had_k = math.sqrt(blocks) * torch.kron(torch.eye(blocks, dtype=torch.float64), hb)
+    return Factor(n, blocks * f.K, had_k.float().contiguous(), f.kind)
+
+
+def blocks_of(had_k: torch.Tensor | None) -> int:
+    """The largest number of equal diagonal blocks ``had_k`` splits into (1: None or a full ``had_k``)."""
+    if had_k is None:
+        return 1
+    K, nz, best = had_k.shape[0], had_k != 0, 1
+    for t in range(2, K + 1):
+        if K % t == 0 and not (nz & ~torch.block_diag(*[torch.ones(K // t, K // t, dtype=torch.bool)] * t)).any():
+            best = t
+    return best
 
 
 def multiply(x: torch.Tensor, f: Factor) -> torch.Tensor:

@@ -41,10 +41,15 @@ R4_FILE = "rotation.safetensors"
 class RotationSpec:
     kind: str = "none"
     seed: int = 0
+    r4_blocks: int = 1  # R4 block-diagonal with this many Hadamard blocks (one per tensor-parallel shard)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise LoaQError(f"--rotate {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
+        if not isinstance(self.r4_blocks, int) or self.r4_blocks < 1:
+            raise LoaQError(f"--r4-blocks {self.r4_blocks!r} must be a positive integer (the tensor-parallel size)")
+        if self.r4_blocks > 1 and self.kind != "hadamard":
+            raise LoaQError("--r4-blocks splits the online R4 of the Hadamard rotation; add --rotate hadamard or drop it")
 
 
 @dataclass
@@ -62,8 +67,11 @@ class Rotation:
         def site(f):
             return {"order": f.n, "had_k_order": f.K, "kind": f.kind}
 
+        blocks = hadamard.blocks_of(self.r4.had_k)
+        r4 = site(self.r4) | ({"blocks": blocks} if blocks > 1 else {})  # --r4-blocks; absent: the full R4
+
         return {"kind": "hadamard", "seed": self.seed, "r1": {**site(self.r1), "random_signs": True},
-                "r2": site(self.r2), "r4": site(self.r4), "untied_embeddings": self.untied,
+                "r2": site(self.r2), "r4": r4, "untied_embeddings": self.untied,
                 "fused_norms": True,
                 "absorbed": {"r1": "embed_tokens (right), W_in and lm_head (input side), W_out (output side)",
                              "r2": "v_proj (output side, per head), o_proj (input side, per head)",
@@ -148,8 +156,10 @@ def _random_signs(n: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, arch: Arch, seed: int = 0) -> Rotation:
-    """Rotate ``model`` in place (steps 1-5 of the module docstring); its function is unchanged."""
+def rotate_model(model: nn.Module, arch: Arch, seed: int = 0, r4_blocks: int = 1) -> Rotation:
+    """Rotate ``model`` in place (steps 1-5 of the module docstring); its function is unchanged. ``r4_blocks``
+    > 1 makes R4 block-diagonal (:func:`loaq.hadamard.block_diagonal`): each tensor-parallel rank of
+    ``down_proj`` then rotates its own slice of the input."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     untied = untie_embeddings(model, arch)
@@ -159,7 +169,8 @@ def rotate_model(model: nn.Module, arch: Arch, seed: int = 0) -> Rotation:
             fuse_norm(layer.get_submodule(sl.norm), [layer.get_submodule(f"{sl.module}.{n}") for n in sl.w_in])
     fuse_norm(model.get_submodule(arch.final_norm), [model.get_submodule(arch.lm_head)])
 
-    r1, r2, r4 = (hadamard.factor(n, seed) for n in (cfg.hidden_size, head_dim, cfg.intermediate_size))
+    r4 = hadamard.block_diagonal(cfg.intermediate_size, r4_blocks, seed)  # first: refuses a bad r4_blocks
+    r1, r2 = (hadamard.factor(n, seed) for n in (cfg.hidden_size, head_dim))
     signs = _random_signs(cfg.hidden_size, seed)
 
     def R1(x):  # x diag(s) Mᵀ

@@ -52,3 +52,27 @@ def test_odd_orders_and_tied_embeddings():
     _, out2, r2, _ = rotated_logits(model, tokens(), seed=8)
     assert rel_err(ref, out2) <= 1e-4
     assert not torch.equal(r.model.embed_tokens.weight, r2.model.embed_tokens.weight)
+
+
+def test_r4_blocks_rotation_is_exact_and_block_diagonal():
+    """--r4-blocks 2 on intermediate 128: R4 = I_2 ⊗ H_64 / 8, had_k = √2 I_2; the function is unchanged and
+    the map never mixes the two halves (a tensor-parallel rank's slice)."""
+    from loaq import hadamard
+    from loaq.errors import LoaQError
+    from loaq.rotation import RotationSpec
+
+    model = tiny_model("llama")
+    r = copy.deepcopy(model)
+    rot = rotate_model(r, arch_of(r.config), 0, r4_blocks=2)
+    X = tokens()
+    with torch.no_grad():
+        assert rel_err(model(X).logits, r(X).logits) <= 1e-4
+    assert (rot.meta()["r4"]["blocks"], rot.meta()["r4"]["had_k_order"]) == (2, 2)
+    x = torch.zeros(1, 128, dtype=torch.float64)
+    x[0, 70] = 1
+    y = hadamard.multiply(x, rot.r4)
+    assert y[0, :64].abs().max() == 0 and abs(y[0, 64:].norm().item() - 1) < 1e-6
+    with pytest.raises(LoaQError, match="add --rotate hadamard"):
+        RotationSpec("none", 0, 2)
+    with pytest.raises(LoaQError, match="does not divide the R4 width"):
+        rotate_model(copy.deepcopy(model), arch_of(model.config), 0, r4_blocks=3)

@@ -17,6 +17,7 @@ from loaq.export.manifest import MANIFEST, verify_manifest
 from loaq.export.pack import MARKER_KEY, check_marker, packed_shapes
 from loaq.export.scheme import FORMAT, activations, layer_specs
 from loaq.export.transform import online_hadamard
+from loaq.hadamard import blocks_of
 from loaq.moe import unfuse
 
 ST_DTYPES = {"I32": torch.int32, "I64": torch.int64, "F32": torch.float32, "F16": torch.float16,
@@ -163,6 +164,8 @@ def check_export(path: str) -> str:
     notes = (f"{hashed} files match {MANIFEST}" if hashed is not None else f"no {MANIFEST}: files not verified")
     notes += "" if marker is not None else f"; no {MARKER_KEY} marker: packing assumed compressed-tensors 0.17's"
     extras = ("; W4A4" if any(acts.values()) else "") + (f"; online R4 on {len(r4)} linears" if r4 else "")
+    blocks = {blocks_of(h) for h in r4.values()}
+    extras += f" in {min(blocks)} diagonal blocks" if r4 and blocks != {1} else ""
     return (f"ok: {len(specs)} packed linears in {groups} config group(s), {len(header)} tensors in "
             f"{len(set(weight_map.values()))} file(s); {notes}{extras}")
 

@@ -10,7 +10,9 @@ one transform group ``"R4"`` on the ``input`` of every ``down_proj`` (exact-name
 - any other ``had_k`` (e.g. a Paley order-12 matrix ⊗ H_128 for width 1536, or the seeded
   ``√K · Q`` orthogonal fallback of :func:`loaq.hadamard.factor`): the library's schema has no such
   transform, so it is written as ``type "loaq-kronecker-hadamard"`` and the exact float32 ``had_k``
-  goes into ``config.json``'s top-level ``"loaq_transforms": {"R4": {...}}`` — a LoaQ extension. Loaders that do not know it stop at the unknown type instead of computing something else;
+  goes into ``config.json``'s top-level ``"loaq_transforms": {"R4": {...}}`` — a LoaQ extension, with
+  ``"blocks"``: how many diagonal blocks ``had_k`` has (``--r4-blocks``: ``√N (I_N ⊗ had_k_b)``; a
+  tensor-parallel size must divide it). Loaders that do not know it stop at the unknown type instead of computing something else;
   the LoaQ vLLM plugin and :func:`online_hadamard` apply it.
 """
 
@@ -23,6 +25,7 @@ import torch
 from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
 
 from loaq.errors import LoaQError
+from loaq.hadamard import blocks_of
 
 GROUP = "R4"
 EXTENSION_TYPE = "loaq-kronecker-hadamard"
@@ -57,7 +60,7 @@ def r4_config(targets: list[str], n: int, had_k: torch.Tensor | None) -> tuple[T
     if had_k is None:
         return TransformConfig(config_groups={GROUP: TransformScheme(type="hadamard", apply=apply)}), None
     scheme = TransformScheme(type=EXTENSION_TYPE, apply=apply)
-    ext = {GROUP: {"had_k": had_k.float().tolist(), "order": n, "definition": DEFINITION}}
+    ext = {GROUP: {"had_k": had_k.float().tolist(), "order": n, "blocks": blocks_of(had_k), "definition": DEFINITION}}
     return TransformConfig(config_groups={GROUP: scheme}), ext
 
 
@@ -74,6 +77,10 @@ def _had_k_of(scheme: TransformScheme, ext: dict | None, n: int, where: str) -> 
     had_k = torch.tensor(ext[GROUP]["had_k"], dtype=torch.float32)
     if not is_scaled_orthogonal(had_k):
         raise LoaQError(f"{where}: {EXTENSION_KEY}.{GROUP}.had_k is not a Hadamard matrix; re-export with `loaq-export`")
+    blocks = ext[GROUP].get("blocks", 1)
+    if not isinstance(blocks, int) or blocks < 1 or blocks_of(had_k) % blocks:
+        raise LoaQError(f"{where}: {EXTENSION_KEY}.{GROUP}.blocks is {blocks!r} but had_k is block-diagonal in "
+                        f"{blocks_of(had_k)} block(s); re-export with `loaq-export`")
     return had_k
 
 

@@ -26,6 +26,7 @@ from loaq.export.manifest import write_manifest
 from loaq.export.pack import MARKER_KEY, format_marker, pack_layer
 from loaq.export.scheme import quantization_config
 from loaq.export.transform import EXTENSION_KEY, r4_config, r4_targets
+from loaq.hadamard import blocks_of
 from loaq.grids import GridSpec
 from loaq.solver import QuantResult
 
@@ -215,6 +216,8 @@ def _rotation_text(native: Native) -> str:
     k = 1 if had_k is None else had_k.shape[0]
     kind = native.meta["rotation"].get("r4", {}).get("kind", "hadamard")
     r4 = f"H_{n}" if k == 1 else f"H_{k} ⊗ H_{n // k}" if kind == "hadamard" else f"({kind} {k}x{k}) ⊗ H_{n // k}"
+    if (blocks := blocks_of(had_k)) > 1:
+        r4 += f" = {blocks} diagonal blocks (serve with a tensor-parallel size dividing {blocks})"
     return (f"Hadamard (seed {native.meta['rotation'].get('seed')}): R1, R2 fused into the weights; online R4 = {r4} "
             "before every down_proj (`transform_config`; the LoaQ vLLM plugin applies it)")
 

@@ -13,7 +13,9 @@ A W4A4 group that no LoaQ kernel can run (e.g. grouped weights) is refused with 
 A checkpoint saved by compressed-tensors 0.18-0.20 packs 3-bit codes as one dense bit stream
 (:mod:`loaq.export.layouts`, told apart by ``quantization_config.version``): the scheme allocates that
 layout's shapes and repacks it once after loading into the 10-per-word layout its kernels read; a version
-whose packing is unknown is refused with one line.
+whose packing is unknown is refused with one line. Under tensor parallelism each rank's weight loaders cut
+its slice of the checkpoint tensors (:mod:`loaq.serve.shard`: output rows for column-parallel layers, input
+words and groups for row-parallel ones) and a row-parallel layer's online R4 is its rank's diagonal block.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
 from loaq.export import layouts
+from loaq.serve import shard
 from loaq.serve.kernels import WEIGHT_TYPES, LoaQCPULinearKernel, LoaQTritonLinearKernel
 
 __all__ = ["LoaQCompressedTensorsConfig", "LoaQLinearScheme", "loaq_kind"]
@@ -59,25 +62,31 @@ def loaq_kind(weights: QuantizationArgs | None, inputs: QuantizationArgs | None,
     return None
 
 
-def _rows_loader(rows: list[int], what: str) -> Callable:
-    """Weight loader for a parameter whose fused shards are stacked along dim 0 (``rows[i]`` rows each)."""
+def _rows_loader(rows: list[int], what: str, select: Callable | None = None) -> Callable:
+    """Weight loader for a parameter whose fused shards are stacked along dim 0 (``rows[i]`` rows each);
+    ``select(tensor, i)`` cuts this rank's slice of fused shard ``i`` from the checkpoint tensor (:mod:`loaq.serve.shard`)."""
     offsets = [0, *itertools.accumulate(rows)]
 
     def load(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         if shard_id is None:
-            dst = param.data
+            i, dst = 0, param.data
         else:
             i = _QKV[shard_id] if isinstance(shard_id, str) else int(shard_id)
             dst = param.data.narrow(0, offsets[i], rows[i])
-        loaded = loaded.reshape(dst.shape) if loaded.numel() == dst.numel() else loaded
-        if tuple(loaded.shape) != tuple(dst.shape):
-            raise ValueError(f"{what}: checkpoint tensor has shape {tuple(loaded.shape)}, expected "
-                             f"{tuple(dst.shape)} (shard {shard_id}); was it written by loaq-export?")
+        full = tuple(loaded.shape)
+        if select is not None:
+            try:
+                loaded = select(loaded, i)
+            except (RuntimeError, IndexError):
+                loaded = None
+        if loaded is not None:
+            loaded = loaded.reshape(dst.shape) if loaded.numel() == dst.numel() else loaded
+        if loaded is None or tuple(loaded.shape) != tuple(dst.shape):
+            raise ValueError(f"{what}: checkpoint tensor has shape {full}, expected {tuple(dst.shape)} on this rank "
+                             f"(shard {shard_id}, before tensor-parallel slicing if any); was it written by loaq-export?")
         dst.copy_(loaded)
 
     return load
-
-
 
 
 def kernel_class() -> type:
@@ -107,28 +116,61 @@ class LoaQLinearScheme(CompressedTensorsScheme):
     def create_weights(self, layer: torch.nn.Module, output_size: int, input_size: int,
                        output_partition_sizes: list[int], input_size_per_partition: int,
                        params_dtype: torch.dtype, weight_loader: Callable, **kwargs) -> None:
-        from vllm.distributed import get_tensor_model_parallel_world_size, model_parallel_is_initialized
+        from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 
-        if model_parallel_is_initialized() and get_tensor_model_parallel_world_size() > 1:
-            raise ValueError(f"{self.layer_name}: LoaQ layers run with tensor parallel size 1; drop --tensor-parallel-size")
         parts = list(output_partition_sizes)
         n, k = sum(parts), input_size_per_partition
         g = 1 if self.group_size is None else math.ceil(k / self.group_size)
         layer.input_size_per_partition, layer.output_size_per_partition = k, n
         layer.output_partition_sizes = parts
         self.parts = parts
+        # tensor parallel (loaq.serve.shard): a row-parallel rank holds inputs [k0, k0 + k), a column-parallel
+        # one rows [starts[i], starts[i] + parts[i]) of fused shard i (k/v heads replicated over some ranks)
+        tp, rank = getattr(layer, "tp_size", 1), getattr(layer, "tp_rank", 0)
+        row = isinstance(layer, RowParallelLinear) and tp > 1
+        col = isinstance(layer, ColumnParallelLinear) and tp > 1
+        if row:
+            shard.check_row_split(self.layer_name, input_size, tp, self.group_size)
+        reps = [1] * len(parts)
+        if col and len(parts) == 3 and hasattr(layer, "num_kv_head_replicas"):
+            reps = [1, layer.num_kv_head_replicas, layer.num_kv_head_replicas]
+        full = [p * tp // r for p, r in zip(parts, reps)] if col else parts
+        starts = [(rank // r) * p for p, r in zip(parts, reps)] if col else [0] * len(parts)
+        k0 = rank * k if row else 0
+        self.full_shapes = [(f, input_size if row else k) for f in full]
+        bits, gs, lay = self.bits, self.group_size, self.layout
 
-        def add(name: str, shape: tuple[int, ...], dtype: torch.dtype, rows: list[int]) -> None:
+        def rows_of(t: torch.Tensor, i: int) -> torch.Tensor:
+            if t.shape[0] != full[i]:
+                raise IndexError
+            return t.narrow(0, starts[i], parts[i]) if col else t
+
+        def packed(t: torch.Tensor, i: int) -> torch.Tensor:
+            t = rows_of(t, i)
+            return shard.packed_slice(t, bits, input_size, k0, k, lay) if row else t
+
+        def scales(t: torch.Tensor, i: int) -> torch.Tensor:
+            t = rows_of(t, i)
+            return shard.group_slice(t, gs, k0, k) if row else t
+
+        def zeros(t: torch.Tensor, i: int) -> torch.Tensor:
+            if col:
+                t = shard.packed_slice(t, bits, full[i], starts[i], parts[i], lay, dim=0)
+            return shard.group_slice(t, gs, k0, k) if row else t
+
+        def add(name: str, shape: tuple[int, ...], dtype: torch.dtype, rows: list[int], select=None) -> None:
             p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
-            set_weight_attrs(p, {"weight_loader": _rows_loader(rows, f"{self.layer_name}.{name}")})
+            set_weight_attrs(p, {"weight_loader": _rows_loader(rows, f"{self.layer_name}.{name}", select)})
             layer.register_parameter(name, p)
 
-        add("weight_packed", (n, layouts.packed_length(k, self.bits, self.layout)), torch.int32, parts)
-        add("weight_scale", (n, g), torch.float32, parts)  # float32 as exported: bit-exact dequantization
-        add("weight_shape", (len(parts), 2), torch.int64, [1] * len(parts))
+        sharded = row or col
+        add("weight_packed", (n, layouts.packed_length(k, self.bits, self.layout)), torch.int32, parts,
+            packed if sharded else None)
+        add("weight_scale", (n, g), torch.float32, parts, scales if sharded else None)  # float32: bit-exact
+        add("weight_shape", (len(parts), 2), torch.int64, [1] * len(parts))  # the checkpoint's full shapes
         if not self.symmetric:
             zrows = [layouts.packed_length(p, self.bits, self.layout) for p in parts]  # packed per shard
-            add("weight_zero_point", (sum(zrows), g), torch.int32, zrows)
+            add("weight_zero_point", (sum(zrows), g), torch.int32, zrows, zeros if sharded else None)
         c = MPLinearLayerConfig(full_weight_shape=(input_size, output_size), partition_weight_shape=(k, n),
                                 weight_type=WEIGHT_TYPES[(self.bits, self.symmetric)], act_type=params_dtype,
                                 group_size=-1 if self.group_size is None else self.group_size,
@@ -139,14 +181,15 @@ class LoaQLinearScheme(CompressedTensorsScheme):
             raise ValueError(f"{self.layer_name}: {reason}")
         self.kernel = cls(c, "weight_packed", "weight_scale", None if self.symmetric else "weight_zero_point")
         self.kernel.act_bits, self.kernel.act_sym = self.act_bits, self.act_sym
-        self.kernel.hadamard, self.kernel.had_k = self.hadamard, self.had_k
+        self.kernel.hadamard = self.hadamard
+        self.kernel.had_k = shard.local_had_k(self.layer_name, self.had_k, tp, rank) if row and self.hadamard \
+            else self.had_k
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         k = layer.input_size_per_partition
         shapes = [tuple(r) for r in layer.weight_shape.data.tolist()]
-        if shapes != [(p, k) for p in self.parts]:
-            raise ValueError(f"{self.layer_name}: weight_shape {shapes} does not match the model's "
-                             f"{[(p, k) for p in self.parts]}")
+        if shapes != self.full_shapes:
+            raise ValueError(f"{self.layer_name}: weight_shape {shapes} does not match the model's {self.full_shapes}")
         words = layouts.WORDS
         if self.layout != words:
             packed = layouts.repack(layer.weight_packed.data, self.bits, k, self.layout, words)

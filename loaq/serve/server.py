@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from loaq.errors import LoaQError
 
-__all__ = ["Server", "free_port", "server_command", "server_env", "CPU_DEFAULTS"]
+__all__ = ["Server", "free_port", "server_command", "server_env", "parallel_ranks", "cpu_thread_binding", "CPU_DEFAULTS"]
 
 # CPU defaults: KV cache in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE), context length, concurrent sequences
 CPU_DEFAULTS = {"kv_cache_gib": 1, "max_model_len": 2048, "max_num_seqs": 64}
@@ -73,8 +73,31 @@ def server_command(model_dir: str, host: str, port: int, name: str, max_model_le
     return cmd + list(extra or [])
 
 
-def server_env(kv_cache_gib: int | None = None) -> dict[str, str]:
+def parallel_ranks(extra: list[str] | None) -> int:
+    """Worker processes of a vLLM command line: tensor-parallel size × pipeline-parallel size."""
+    sizes = {"--tensor-parallel-size": 1, "-tp": 1, "--pipeline-parallel-size": 1, "-pp": 1}
+    args = list(extra or [])
+    for i, a in enumerate(args):
+        key, _, val = a.partition("=")
+        if key in sizes:
+            sizes[key] = int(val or (args[i + 1] if i + 1 < len(args) else 1))
+    return max(sizes["--tensor-parallel-size"], sizes["-tp"]) * max(sizes["--pipeline-parallel-size"], sizes["-pp"])
+
+
+def cpu_thread_binding(ranks: int) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` giving each of ``ranks`` CPU workers its own cores (``'0|1'``: two ranks on
+    two cores); vLLM's CPU backend stops on "Not enough allowed NUMA nodes" without it on one NUMA node."""
+    cores = sorted(os.sched_getaffinity(0))
+    if ranks <= 1 or len(cores) < ranks:
+        return None
+    per = len(cores) // ranks
+    return "|".join(",".join(map(str, cores[i * per:(i + 1) * per])) for i in range(ranks))
+
+
+def server_env(kv_cache_gib: int | None = None, ranks: int = 1) -> dict[str, str]:
     env = dict(os.environ)
+    if ranks > 1 and not _cuda() and (bind := cpu_thread_binding(ranks)):
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib or CPU_DEFAULTS["kv_cache_gib"]))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -96,7 +119,7 @@ class Server:
         self.host, self.port = host, port or free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.cmd = server_command(model_dir, host, self.port, self.name, max_model_len, max_num_seqs, extra)
-        self.env = server_env(kv_cache_gib)
+        self.env = server_env(kv_cache_gib, parallel_ranks(extra))
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="loaq-serve-", suffix=".log")
             os.close(fd)

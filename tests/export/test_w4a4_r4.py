@@ -235,3 +235,27 @@ def test_continuous_zero_points_are_refused(bases, tmp_path, capsys):
     save_file(t, q)
     err = one_line_error(capsys, main([native, str(tmp_path / "x")]))
     assert "real-valued zero points" in err and "--init neuqi" in err and not (tmp_path / "x").exists()
+
+
+def test_block_diagonal_r4_is_exported_and_checked(wide_bases, tmp_path, capsys):
+    """--r4-blocks 2: had_k = √2 (I_2 ⊗ H_12) of order 24, written with ``"blocks": 2``; --check reports the
+    blocks and refuses a ``blocks`` the matrix does not have."""
+    from loaq.hadamard import block_diagonal
+
+    had_k = block_diagonal(192, 2).had_k
+    native = rotated(make_native(wide_bases, "llama", GridSpec(3, 0, False), tmp_path / "n"), 192, had_k)
+    out = tmp_path / "x"
+    assert main([native, str(out), "--dtype", "float32"]) == 0
+    config = json.load(open(out / "config.json"))
+    assert config[EXTENSION_KEY]["R4"]["blocks"] == 2
+    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(4))
+    for got in online_hadamard(str(out)).values():
+        assert torch.equal(hadamard_transform_ref(x, got), hadamard_transform_ref(x, had_k))
+    capsys.readouterr()
+    assert main(["--check", str(out)]) == 0
+    assert "online R4 on 2 linears in 2 diagonal blocks" in capsys.readouterr().out
+    assert "2 diagonal blocks" in (out / "README.md").read_text()
+    config[EXTENSION_KEY]["R4"]["blocks"] = 4
+    json.dump(config, open(out / "config.json", "w"))
+    write_manifest(str(out))
+    assert "blocks is 4 but had_k is block-diagonal in 2" in one_line_error(capsys, main(["--check", str(out)]))

@@ -42,12 +42,15 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
-def assignment(w4a4: bool = True) -> dict[str, tuple[GridSpec, dict | None]]:
-    """Full module name -> (weight grid, activations or None); ``w4a4=False``: the same grids, weight-only."""
+def assignment(w4a4: bool = True, group: int = 32) -> dict[str, tuple[GridSpec, dict | None]]:
+    """Full module name -> (weight grid, activations or None); ``w4a4=False``: the same grids, weight-only;
+    ``group``: the group size of the grouped non-down_proj variants (64 = 128 / 2 splits over two TP ranks)."""
     out, other = {}, iter(_OTHER)
     for i in range(LAYERS):
         for unit, mods in UNITS.items():
             spec, act = _DOWN[i] if unit == "down" else next(other)
+            if unit != "down" and spec.group_size:
+                spec = GridSpec(spec.bits, group, spec.symmetric)
             out |= {f"model.layers.{i}.{m}": (spec, act if w4a4 else None) for m in mods}
     return out
 
@@ -75,22 +78,26 @@ def hadamard_12() -> torch.Tensor:
     return _fetch_hadamard_divisor(12, torch.float32)
 
 
-def build(path: str, w4a4: bool = True, dtype: str = "float32") -> str:
+def build(path: str, w4a4: bool = True, dtype: str = "float32", group: int = 32, r4_blocks: int = 1) -> str:
     """Native checkpoint ``path/native`` and its export ``path/export`` of the tiny model with every variant
-    (``w4a4=False``: every layer weight-only)."""
+    (``w4a4=False``: every layer weight-only; ``group`` as in :func:`assignment`; ``r4_blocks`` 2: the R4 of
+    ``--r4-blocks 2``, √2 (I_2 ⊗ H_12) ⊗ H_8, which two tensor-parallel ranks apply on their own halves)."""
+    from loaq.hadamard import block_diagonal
+
     model, tok = tiny_serving_model(), tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
-    plan = assignment(w4a4)
+    plan = assignment(w4a4, group)
+    had_k = hadamard_12() if r4_blocks == 1 else block_diagonal(192, r4_blocks).had_k
     cfg = QuantConfig(spec=GridSpec(4, 0, False), method=Method("rtn"))
     results = quantize_model(model, arch_of(model.config), torch.zeros(1, 1, dtype=torch.long), cfg, progress=False)
     for name, (spec, _) in plan.items():
         results[name] = QuantResult(*rtn(model.get_submodule(name).weight.detach(), spec))
     meta = {"config": cfg.to_dict(), "calibration": {"source": "none"}, "source_model": "tiny-serving",
             "arch": "LlamaForCausalLM", "layer_specs": {n: vars(s) for n, (s, _) in plan.items()},
-            "rotation": {"kind": "hadamard", "seed": 0, "r4": {"order": 192, "had_k_order": 12}}}
+            "rotation": {"kind": "hadamard", "seed": 0, "r4": {"order": 192, "had_k_order": had_k.shape[0]}}}
     native, out = os.path.join(path, "native"), os.path.join(path, "export")
     save_native(native, model, tok, results, meta, force=True)
-    save_file({"r4.had_k": hadamard_12()}, os.path.join(native, "rotation.safetensors"))
+    save_file({"r4.had_k": had_k}, os.path.join(native, "rotation.safetensors"))
     export(native, out, dtype=getattr(torch, dtype), force=True)
     _set_activations(out, plan)
     return out
@@ -113,9 +120,11 @@ def _set_activations(out: str, plan: dict) -> None:
     json.dump(config, open(p, "w"), indent=2)
 
 
-def reference_model(export_dir: str, native_dir: str, w4a4: bool = True):
+def reference_model(export_dir: str, native_dir: str, w4a4: bool = True, group: int = 32, tp: int = 1):
     """HF float32 model with the export's dequantized weights, the online R4 before every down_proj and per-token
-    activation fake-quant (:func:`quantize_activations_ref`) on every W4A4 layer's input, as the contract defines."""
+    activation fake-quant (:func:`quantize_activations_ref`) on every W4A4 layer's input, as the contract defines;
+    ``tp`` > 1: row-parallel layers (o_proj, down_proj) quantize activations per token per tensor-parallel shard
+    of their input (what each rank computes, :mod:`loaq.serve.shard`)."""
     from tests.export.test_export import decompressed
 
     model = tiny_serving_model()
@@ -123,9 +132,10 @@ def reference_model(export_dir: str, native_dir: str, w4a4: bool = True):
     sd |= {f"{n}.weight": w.float() for n, w in decompressed(export_dir).items()}
     model.load_state_dict(sd, strict=True)
     r4 = online_hadamard(export_dir)
-    for name, (_, act) in assignment(w4a4).items():
+    for name, (_, act) in assignment(w4a4, group).items():
         had = r4[name] if name in r4 else False
-        model.get_submodule(name).register_forward_pre_hook(_pre_hook(had, act))
+        row = name.endswith(("o_proj", "down_proj"))
+        model.get_submodule(name).register_forward_pre_hook(_pre_hook(had, act, tp if row else 1))
     return model
 
 
@@ -135,13 +145,13 @@ def fake_quant_activations(x: torch.Tensor, sym: bool) -> torch.Tensor:
     return y.reshape(x.shape).to(x.dtype)
 
 
-def _pre_hook(had_k, act):
+def _pre_hook(had_k, act, shards: int = 1):
     def hook(_module, args):
         x = args[0]
         if had_k is not False:
             x = hadamard_transform_ref(x, had_k)
         if act:
-            x = fake_quant_activations(x, act["symmetric"])
+            x = torch.cat([fake_quant_activations(s, act["symmetric"]) for s in x.chunk(shards, -1)], -1)
         return (x,)
 
     return hook
