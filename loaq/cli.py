@@ -62,6 +62,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neuqi-continuous", action="store_true",
                    help="NeUQI with real-valued zero points (not exportable to compressed-tensors)")
     p.add_argument("--act-bits", type=int, choices=(16, 4), help="4 = W4A4: per-token dynamic 4-bit activations")
+    p.add_argument("--target-bits", type=float, help="mixed precision: average bits per quantized weight as written "
+                   "(codes, scales, zero points), e.g. 2.5; each linear's width chosen from --candidates")
+    p.add_argument("--candidates", help="widths --target-bits chooses from (default: 2,3,4)")
+    p.add_argument("--alloc-holdout", type=float, help="fraction of the measured calibration windows held out to "
+                   "score each width (default: 0.25)")
+    p.add_argument("--alloc-windows", type=float, help="fraction of the calibration windows the sensitivity pass "
+                   "reads (default: 1)")
     p.add_argument("--act-sym", action=argparse.BooleanOptionalAction, help="symmetric activation grid (default: asymmetric)")
 
 
@@ -79,6 +86,8 @@ def _recipe(a):
         "solver": {"blocksize": a.blocksize, "act_order": a.act_order, "percdamp": a.percdamp},
         "act": {"bits": a.act_bits, "symmetric": a.act_sym},
         "rotation": {"kind": a.rotate, "seed": a.rotate_seed},
+        "allocation": {"target_bits": a.target_bits, "candidates": a.candidates, "holdout": a.alloc_holdout,
+                       "windows": a.alloc_windows},
         "calibration": {"source": a.calib, "split": a.calib_split, "field": a.calib_field, "chat": a.chat,
                         "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed},
         "model": a.model,
