@@ -212,15 +212,19 @@ def check_budget(shapes: dict[str, tuple[int, int]], spec: GridSpec, bits: tuple
 
 
 def allocate(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, device: str = "cpu",
-             progress: bool = True) -> tuple[dict[str, GridSpec], dict]:
-    """(per-linear grids, the ``allocation`` metadata) of ``cfg.allocation`` for ``model`` on ``calib``."""
+             progress: bool = True, sensitivity: dict | None = None) -> tuple[dict[str, GridSpec], dict]:
+    """(per-linear grids, the ``allocation`` metadata) of ``cfg.allocation`` for ``model`` on ``calib``;
+    ``sensitivity``: the ``allocation`` metadata of an earlier run of the same model, calibration and method
+    (another budget), whose measured errors are reused instead of measured again."""
     alloc = cfg.allocation
     groups = units(arch, len(arch.decoder_layers(model)))
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for u in groups for n in u}
     check_budget(shapes, cfg.spec, alloc.bits, alloc.target_bits)
     wide = {n: dataclasses.replace(cfg.spec, bits=max(alloc.bits)) for n in shapes}
     t0 = time.time()
-    if avg_bits(shapes, wide) <= alloc.target_bits:  # everything fits at the widest width: nothing to measure
+    if sensitivity is not None:
+        errors, windows = errors_from_meta(sensitivity, alloc.bits), sensitivity["windows"]
+    elif avg_bits(shapes, wide) <= alloc.target_bits:  # everything fits at the widest width: nothing to measure
         errors, windows = {tuple(u): {b: 0.0 for b in alloc.bits} for u in groups}, {"fit": 0, "held": 0}
     else:
         errors, windows = measure(model, arch, calib, cfg, batch_size=batch_size, device=device, progress=progress)
@@ -232,7 +236,7 @@ def allocate(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devi
     meta = {"target_bits": alloc.target_bits, "candidates": list(alloc.bits), "avg_bits": achieved,
             "bytes": sum(linear_bytes(*shapes[n], specs[n]) for n in shapes),
             "weights": sum(o * i for o, i in shapes.values()), "windows": windows,
-            "seconds": {"measure": round(t1 - t0, 2), "solve": round(t2 - t1, 2)},
+            "seconds": {"measure": round(t1 - t0, 2), "solve": round(t2 - t1, 2)}, "reused": sensitivity is not None,
             "units": [{"linears": u, "bits": specs[u[0]].bits, "error": {str(b): e for b, e in errors[tuple(u)].items()}}
                       for u in groups]}
     return specs, meta
@@ -241,3 +245,32 @@ def allocate(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devi
 def specs_from_meta(meta: dict, spec: GridSpec) -> dict[str, GridSpec]:
     """The per-linear grids an ``allocation`` metadata entry chose (what a resumed run reuses)."""
     return {n: dataclasses.replace(spec, bits=u["bits"]) for u in meta["units"] for n in u["linears"]}
+
+
+def errors_from_meta(meta: dict, bits: tuple[int, ...]) -> dict[tuple[str, ...], dict[int, float]]:
+    """The measured per-unit errors of an ``allocation`` metadata entry, at widths ``bits``."""
+    errors = {tuple(u["linears"]): {int(b): e for b, e in u["error"].items()} for u in meta["units"]}
+    if any(set(bits) - set(e) for e in errors.values()):
+        raise LoaQError(f"the reused sensitivity measured widths {meta['candidates']}, not all of {list(bits)}; "
+                        "measure again with these candidates")
+    return errors
+
+
+def written_bits(export_dir: str) -> tuple[float, int]:
+    """(average bits per quantized weight, bytes) of an export as written: the ``weight_packed``,
+    ``weight_scale`` and ``weight_zero_point`` tensors of every shard, over the weights ``weight_shape`` names."""
+    import glob
+    import os
+
+    from safetensors import safe_open
+
+    nbytes = weights = 0
+    for path in sorted(glob.glob(os.path.join(export_dir, "*.safetensors"))):
+        with safe_open(path, "pt") as f:
+            for k in f.keys():
+                if k.endswith((".weight_packed", ".weight_scale", ".weight_zero_point")):
+                    t = f.get_slice(k)
+                    nbytes += math.prod(t.get_shape()) * {"I32": 4, "F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
+                elif k.endswith(".weight_shape"):
+                    weights += int(f.get_tensor(k).prod())
+    return 8 * nbytes / weights, nbytes

@@ -239,7 +239,7 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
              calibration: Calibration | torch.Tensor | None = None, out: str | None = None, *, tokenizer=None,
              export: str | None = None, export_dtype: str = "bfloat16", device: str = "cpu", batch_size: int = 8,
              resume: bool = False, force: bool = False, evaluation: Evaluation | None = None,
-             progress: bool = True) -> QuantizeResult:
+             progress: bool = True, sensitivity: dict | None = None) -> QuantizeResult:
     """Quantize ``model`` and (with ``out``) write its native checkpoint, (with ``export``) its
     compressed-tensors export.
 
@@ -249,7 +249,9 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
       ``None`` (defaults: LoaQ W3 per channel);
     - ``calibration``: :class:`Calibration` (overrides the recipe's), or ready ``[n, L]`` token windows;
     - ``resume`` continues an interrupted run from its per-layer checkpoints in ``out + ".partial"``;
-    - ``evaluation`` also measures fp and quantized perplexity (recorded in ``loaq.json``).
+    - ``evaluation`` also measures fp and quantized perplexity (recorded in ``loaq.json``);
+    - ``sensitivity``: with ``config.allocation`` (``--target-bits``), an earlier run's ``meta["allocation"]``
+      (same model, calibration and method) whose measured per-linear errors are reused for this budget.
     """
     import loaq
     from loaq.checkpoint import LayerStore
@@ -315,7 +317,7 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
     t0 = time.time()
     try:
         if cfg.allocation.enabled:
-            specs, alloc_meta = _allocate(m, arch, calib, cfg, store, batch_size, device, progress)
+            specs, alloc_meta = _allocate(m, arch, calib, cfg, store, batch_size, device, progress, sensitivity)
             timings["allocate"] = time.time() - t0
             t0 = time.time()
         results = quantize_model(m, arch, calib, cfg, batch_size=batch_size, device=device, store=store,
@@ -352,7 +354,7 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
     return QuantizeResult(m, tok, results, meta, rec, out, export, rotation, timings)
 
 
-def _allocate(m, arch, calib, cfg, store, batch_size, device, progress):
+def _allocate(m, arch, calib, cfg, store, batch_size, device, progress, sensitivity):
     """Per-linear grids of ``cfg.allocation`` (:mod:`loaq.allocation`); a resumed run reuses the stored choice."""
     from loaq import allocation
 
@@ -360,7 +362,8 @@ def _allocate(m, arch, calib, cfg, store, batch_size, device, progress):
     if meta is not None:
         specs = allocation.specs_from_meta(meta, cfg.spec)
     else:
-        specs, meta = allocation.allocate(m, arch, calib, cfg, batch_size=batch_size, device=device, progress=progress)
+        specs, meta = allocation.allocate(m, arch, calib, cfg, batch_size=batch_size, device=device, progress=progress,
+                                          sensitivity=sensitivity)
     if store is not None:
         store.save_json("allocation.json", meta)
         store.specs = specs  # a resumed run's finished layers dequantize on their own grids

@@ -58,19 +58,6 @@ def test_settings_are_checked():
     assert QuantConfig.from_dict(d).allocation == Allocation(2.5, "2,3")
 
 
-def written_bits(export_dir):
-    """Average bits per quantized weight from the export's tensors (packed codes, scales, zero points)."""
-    nbytes = weights = 0
-    with safe_open(os.path.join(export_dir, "model.safetensors"), "pt") as f:
-        for k in f.keys():
-            if k.endswith((".weight_packed", ".weight_scale", ".weight_zero_point")):
-                t = f.get_tensor(k)
-                nbytes += t.numel() * t.element_size()
-            if k.endswith(".weight_shape"):
-                weights += int(f.get_tensor(k).prod())
-    return 8 * nbytes / weights
-
-
 @pytest.fixture(scope="module")
 def mixed_run(model_dir, calib, tmp_path_factory):
     """A tiny model quantized by LoaQ to 3.3 bits per weight as written, with its native checkpoint and export."""
@@ -83,8 +70,8 @@ def mixed_run(model_dir, calib, tmp_path_factory):
 
 def test_budget_is_met_as_written(mixed_run):
     a = mixed_run.meta["allocation"]
-    got = written_bits(mixed_run.export)
-    assert got == pytest.approx(a["avg_bits"], rel=1e-12) and got <= 3.3
+    got, nbytes = allocation.written_bits(mixed_run.export)
+    assert nbytes == a["bytes"] and got == pytest.approx(a["avg_bits"], rel=1e-12) and got <= 3.3
     assert got > 3.3 - 0.1  # the budget is used, not left idle
     specs = layer_specs(json.load(open(os.path.join(mixed_run.out, "loaq.json"))), sorted(mixed_run.results))
     assert {s.bits for s in specs.values()} >= {2, 3} or {s.bits for s in specs.values()} >= {2, 4}
@@ -164,3 +151,17 @@ def test_a_budget_below_the_narrowest_width_is_refused(model_dir, calib, tmp_pat
         api.quantize(model_dir, cfg, Calibration(calib, nsamples=4, seqlen=32), out=str(tmp_path / "o"),
                      progress=False)
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_export_check_and_sensitivity_reuse(mixed_run, model_dir, calib):
+    from loaq.export.cli import main
+
+    assert main(["--check", mixed_run.export]) == 0
+    a = mixed_run.meta["allocation"]
+    cfg = QuantConfig(spec=GridSpec(3, 0), allocation=Allocation(2.9))
+    run = api.quantize(model_dir, cfg, Calibration(calib, nsamples=8, seqlen=32), batch_size=2, progress=False,
+                       sensitivity=a)
+    b = run.meta["allocation"]
+    assert b["reused"] and [u["error"] for u in b["units"]] == [u["error"] for u in a["units"]]
+    assert b["avg_bits"] <= 2.9 < a["avg_bits"]
+    assert sum(u["bits"] for u in b["units"]) < sum(u["bits"] for u in a["units"])
