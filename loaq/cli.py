@@ -129,12 +129,19 @@ def cmd_quantize(a) -> int:
         print("note: lm_head untied from the embeddings (the final norm is fused into lm_head only)")
     t = run.timings
     print(f"wrote {run.out} ({len(run.results)} linears, quantized in {t['quantize']:.1f}s, total {t['total']:.1f}s)")
+    if run.meta.get("allocation"):
+        al = run.meta["allocation"]
+        widths = sorted({u["bits"] for u in al["units"]})
+        count = {b: sum(len(u["linears"]) for u in al["units"] if u["bits"] == b) for b in widths}
+        print(f"allocated {al['avg_bits']:.4f} bits per weight as written (budget {al['target_bits']:g}; linears per "
+              f"width: {', '.join(f'W{b}: {n}' for b, n in count.items())}; allocation {t['allocate']:.1f}s)")
     if run.export:
         print(f"exported {run.export} (compressed-tensors pack-quantized)")
     if a.eval:
         spec = recipe.config.spec
         print(_table([dict(label="fp32", method="-", bits=32, group="-", ppl=run.fp_ppl),
-                      dict(label="quantized", method=recipe.config.method.name, bits=spec.bits, group=spec.group_size,
+                      dict(label="quantized", method=recipe.config.method.name, group=spec.group_size,
+                           bits=round(run.meta["allocation"]["avg_bits"], 2) if run.meta.get("allocation") else spec.bits,
                            ppl=run.ppl)]))
     return 0
 

@@ -119,7 +119,8 @@ def test_sensitivity_reads_only_held_out_calibration_windows(model_dir, monkeypa
     def no_eval(*a, **k):
         raise AssertionError("the evaluation text was read")
 
-    monkeypatch.setattr(data, "default_split", lambda split: no_eval() if split == "eval" else data.default_split(split))
+    default_split = data.default_split
+    monkeypatch.setattr(data, "default_split", lambda split: no_eval() if split == "eval" else default_split(split))
     monkeypatch.setattr(api, "eval_windows", no_eval)
     seen = {}
     split = holdout.split_windows
@@ -165,3 +166,17 @@ def test_export_check_and_sensitivity_reuse(mixed_run, model_dir, calib):
     assert b["reused"] and [u["error"] for u in b["units"]] == [u["error"] for u in a["units"]]
     assert b["avg_bits"] <= 2.9 < a["avg_bits"]
     assert sum(u["bits"] for u in b["units"]) < sum(u["bits"] for u in a["units"])
+
+
+def test_cli_target_bits_and_recipe(model_dir, calib, tmp_path, capsys):
+    from loaq.cli import main
+    from loaq.recipe import load_recipe
+
+    out = tmp_path / "m"
+    assert main(["-q", "quantize", "--model", model_dir, "--calib", calib, "--nsamples", "4", "--seqlen", "32",
+                 "--batch-size", "2", "--target-bits", "3.0", "--candidates", "2,4", "--out", str(out)]) == 0
+    assert "allocated" in capsys.readouterr().out
+    meta = json.load(open(out / "loaq.json"))
+    assert meta["config"]["allocation"]["target_bits"] == 3.0 and meta["allocation"]["avg_bits"] <= 3.0
+    assert {s["bits"] for s in meta["layer_specs"].values()} <= {2, 4}
+    assert load_recipe(str(out)).config.allocation == Allocation(3.0, "2,4")  # the run is its own recipe
