@@ -180,3 +180,29 @@ def test_cli_target_bits_and_recipe(model_dir, calib, tmp_path, capsys):
     assert meta["config"]["allocation"]["target_bits"] == 3.0 and meta["allocation"]["avg_bits"] <= 3.0
     assert {s["bits"] for s in meta["layer_specs"].values()} <= {2, 4}
     assert load_recipe(str(out)).config.allocation == Allocation(3.0, "2,4")  # the run is its own recipe
+
+
+def test_resume_reuses_the_allocation_bit_identically(mixed_run, model_dir, calib, tmp_path, monkeypatch):
+    from loaq.checkpoint import LayerStore
+
+    class Killed(Exception):
+        pass
+
+    real_save = LayerStore.save_layer
+
+    def save_then_die(self, i, res, streams):
+        real_save(self, i, res, streams)
+        if i == 0:
+            raise Killed
+
+    cfg = QuantConfig(spec=GridSpec(3, 0), allocation=Allocation(3.3, holdout=0.25))
+    kw = dict(out=str(tmp_path / "n"), batch_size=2, progress=False)
+    cal = Calibration(calib, nsamples=8, seqlen=32)
+    monkeypatch.setattr(LayerStore, "save_layer", save_then_die)
+    with pytest.raises(Killed):
+        api.quantize(model_dir, cfg, cal, **kw)
+    monkeypatch.setattr(LayerStore, "save_layer", real_save)
+    monkeypatch.setattr(allocation, "measure", lambda *a, **k: pytest.fail("measured again on resume"))
+    run = api.quantize(model_dir, cfg, cal, resume=True, **kw)
+    assert run.meta["layer_specs"] == mixed_run.meta["layer_specs"]
+    assert all(torch.equal(run.results[n].codes, r.codes) for n, r in mixed_run.results.items())
