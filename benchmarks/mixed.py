@@ -6,7 +6,7 @@
 Rows: uniform LoaQ W2, W3, W4 (per channel, asymmetric), then for each budget (average bits per quantized
 weight as written: packed codes + float32 scales + packed zero points, :func:`loaq.allocation.written_bits`)
 mixed LoaQ and mixed GPTQ over the candidates {2, 3, 4} per channel (:mod:`loaq.allocation`). The sensitivity
-of each method is measured once (by its first budget's run, on a held-out quarter of the calibration windows)
+of each method is measured once (by its first budget's run, on the first half of the calibration windows, a quarter of those held out)
 and reused for its other budgets, so ``alloc_s`` is the measurement + knapsack of that first run and
 ``overhead`` = ``alloc_s`` / the quantization seconds of the same run. Every row is exported (bfloat16
 embeddings, as ``loaq quantize --export`` writes by default); ``size_mb`` is the export's safetensors bytes,
@@ -67,7 +67,7 @@ def render(doc: dict, out: Path) -> None:
     lines = ["# Mixed precision under a size budget on SmolLM2-135M", "",
              f"Command: `{doc['command']}`  ", f"Machine: {doc['machine']}  ", f"Date: {doc['date']}  ",
              f"Calibration: {doc['nsamples']} × {doc['seqlen']} tokens (all rows); candidates {{2, 3, 4}} per channel, "
-             "asymmetric; sensitivity on a held-out quarter of the calibration windows; ppl16k as quality.md.", "",
+             "asymmetric; sensitivity measured on the first half of the calibration windows, a quarter of them held out for scoring; ppl16k as quality.md.", "",
              "avg bits: per quantized weight as written (packed codes + float32 scales + packed zero points); "
              "size: the export's safetensors (bf16 embeddings and norms included).", "",
              "| budget | kind | method | avg bits | size MB | ppl | quant s | alloc s | overhead |", "|---|---|---|---|---|---|---|---|---|"]

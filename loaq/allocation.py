@@ -15,7 +15,7 @@ points, asymmetric grids), over its ``out × in`` weights; ``weight_shape`` (16 
    error on the held-out tokens, ``e(b) = tr((Q_b − W̃) H_held (Q_b − W̃)ᵀ) / tr(W̃ H_held W̃ᵀ)``, with ``W̃``
    the method's GPTQ target (eqs. 8, 10, 12; ``W`` for GPTQ). The quantized stream advances with the widest
    solution, so each unit's error is that of it alone dropping a width. The pass reads ``windows`` of the
-   calibration windows (default all), and solves every unit once per candidate.
+   calibration windows (default half: with the extra solves it then costs less than one quantization run).
 3. **Allocation** (:func:`knapsack`): one width per unit minimizing ``Σ e(b)`` subject to the written bytes
    ``≤ B · n_weights / 8``: an exact multiple-choice knapsack by dynamic programming over sizes in units of
    ``ceil(budget / resolution)`` bytes, each size rounded *up*, so the budget holds exactly for the written bytes.
@@ -54,7 +54,7 @@ class Allocation:
     target_bits: float | None = None
     candidates: str = "2,3,4"
     holdout: float = 0.25
-    windows: float = 1.0
+    windows: float = 0.5
 
     def __post_init__(self):
         bits = self.bits  # parses

@@ -68,7 +68,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alloc-holdout", type=float, help="fraction of the measured calibration windows held out to "
                    "score each width (default: 0.25)")
     p.add_argument("--alloc-windows", type=float, help="fraction of the calibration windows the sensitivity pass "
-                   "reads (default: 1)")
+                   "reads (default: 0.5)")
     p.add_argument("--act-sym", action=argparse.BooleanOptionalAction, help="symmetric activation grid (default: asymmetric)")
 
 

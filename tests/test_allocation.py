@@ -133,7 +133,7 @@ def test_sensitivity_reads_only_held_out_calibration_windows(model_dir, monkeypa
     monkeypatch.setattr(holdout, "split_windows", spy)
     model, _, arch, _ = load_model(resolve(model_dir))
     calib = tokens(8, 32, vocab=320)
-    cfg = QuantConfig(spec=GridSpec(3, 32), allocation=Allocation(3.0, "2,4", holdout=0.25))
+    cfg = QuantConfig(spec=GridSpec(3, 32), allocation=Allocation(3.0, "2,4", holdout=0.25, windows=1.0))
     errors, windows = allocation.measure(model, arch, calib, cfg, batch_size=2, progress=False)
     assert windows == {"fit": 6, "held": 2}
     rows = {tuple(r.tolist()) for r in calib}
