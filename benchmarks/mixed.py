@@ -61,13 +61,15 @@ def run_row(fp, tok, calib, windows, cfg: QuantConfig, work: Path, name: str, se
     return row, alloc
 
 
-def render(doc: dict, out: Path) -> None:
+def render(doc: dict, out: Path, stem: str = "mixed") -> None:
     rows = doc["rows"]
     uni = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["avg_bits"])
     lines = ["# Mixed precision under a size budget on SmolLM2-135M", "",
              f"Command: `{doc['command']}`  ", f"Machine: {doc['machine']}  ", f"Date: {doc['date']}  ",
              f"Calibration: {doc['nsamples']} × {doc['seqlen']} tokens (all rows); candidates {{2, 3, 4}} per channel, "
-             "asymmetric; sensitivity measured on the first half of the calibration windows, a quarter of them held out for scoring; ppl16k as quality.md.", "",
+             f"asymmetric; sensitivity measured on {doc.get('alloc_windows', 0.5):g} of the calibration windows, a "
+             f"quarter of those held out for scoring; perplexity on the first {doc.get('eval_tokens', 16384)} tokens of "
+             "the DATA.md evaluation split in windows of 512 (16384: ppl16k as quality.md).", "",
              "avg bits: per quantized weight as written (packed codes + float32 scales + packed zero points); "
              "size: the export's safetensors (bf16 embeddings and norms included).", "",
              "| budget | kind | method | avg bits | size MB | ppl | quant s | alloc s | overhead |", "|---|---|---|---|---|---|---|---|---|"]
@@ -98,14 +100,14 @@ def render(doc: dict, out: Path) -> None:
                   f"{doc['serve']['meta']}", "", "| export | output tokens/s | TPOT p50 ms | TTFT p50 ms |", "|---|---|---|---|"]
         for name, r in doc["serve"]["results"].items():
             lines.append(f"| {name} | {r['output_throughput']:.1f} | {r['p50_tpot_ms']:.1f} | {r['p50_ttft_ms']:.0f} |")
-    (out / "mixed.md").write_text("\n".join(lines) + "\n")
-    (out / "mixed.json").write_text(json.dumps(doc, indent=2))
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2))
     try:
         from loaq.plots import mixed_size_ppl
 
         import matplotlib.pyplot as plt
 
-        mixed_size_ppl(rows, str(out / "mixed.size_ppl.png"))
+        mixed_size_ppl(rows, str(out / f"{stem}.size_ppl.png"))
         plt.close("all")
     except ImportError:
         pass
@@ -144,12 +146,24 @@ def main() -> int:
     ap.add_argument("--serve", action="store_true", help="also serve the 2.5-bit mixed and uniform W2/W3 exports")
     ap.add_argument("--serve-only", action="store_true", help="only the serving rows, from an earlier run's exports")
     ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--eval-tokens", type=int, default=16384, help="perplexity tokens (default 16384: ppl16k)")
+    ap.add_argument("--alloc-windows", type=float, default=0.5, help="Allocation.windows (default 0.5)")
+    ap.add_argument("--no-uniform", action="store_true", help="only the mixed rows (a run split over processes)")
+    ap.add_argument("--tag", default="mixed", help="results file stem (a split run: mixed.loaq, mixed.gptq)")
+    ap.add_argument("--merge", help="comma-separated stems of split runs to merge into mixed.{json,md,png}")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "mixed.json"
+    path = out / f"{a.tag}.json"
+    if a.merge:
+        parts = [json.loads((out / f"{t}.json").read_text()) for t in a.merge.split(",")]
+        doc = {k: v for k, v in parts[0].items() if k != "rows"} | {"rows": [r for p in parts for r in p["rows"]]}
+        doc["command"] = " + ".join(p["command"] for p in parts)
+        render(doc, out)
+        print((out / "mixed.md").read_text())
+        return 0
     if a.serve_only:
         doc = json.loads(path.read_text())
         doc["serve"] = serve(doc, work, a.prompts, 128, 128)
@@ -157,16 +171,17 @@ def main() -> int:
         print((out / "mixed.md").read_text())
         return 0
     doc = json.loads(path.read_text()) if a.resume and path.exists() else {"rows": []}
-    doc |= {"command": command(), "machine": machine(), "date": utc_date(), "nsamples": a.nsamples, "seqlen": a.seqlen}
+    doc |= {"command": command(), "machine": machine(), "date": utc_date(), "nsamples": a.nsamples, "seqlen": a.seqlen,
+            "eval_tokens": a.eval_tokens, "alloc_windows": a.alloc_windows}
     done = {(r["kind"], r["method"], r["budget_bits"], r.get("bits")) for r in doc["rows"]}
     fp = api.load(None)
     cal = Calibration(nsamples=a.nsamples, seqlen=a.seqlen)
     calib = api.calibration_windows(fp.tokenizer, cal)
-    windows = api.eval_windows(fp.tokenizer, api.Evaluation())
+    windows = api.eval_windows(fp.tokenizer, api.Evaluation(tokens=a.eval_tokens))
 
     def add(row):
         doc["rows"].append(row)
-        render(doc, out)
+        render(doc, out, a.tag)
         print(json.dumps({k: v for k, v in row.items() if k != "export"}), flush=True)
 
     budgets = [float(x) for x in a.budgets.split(",")]
@@ -177,7 +192,8 @@ def main() -> int:
     jobs += [("mixed", "loaq", x, None) for x in budgets if x not in first] + [("uniform", "loaq", None, 4)]
     jobs += [("mixed", m, x, None) for m in methods if m != "loaq" for x in budgets if x not in first]
     for kind, method, budget, bits in jobs:
-        if (kind, method, budget, bits) in done or (kind == "mixed" and method not in methods):
+        if (kind, method, budget, bits) in done or (kind == "mixed" and method not in methods) or \
+                (kind == "uniform" and a.no_uniform):
             continue
         if kind == "uniform":
             cfg = QuantConfig(spec=GridSpec(bits, 0, False), method=Method("loaq"))
@@ -186,7 +202,8 @@ def main() -> int:
             continue
         sens = next((r["allocation"] for r in doc["rows"] if r["kind"] == "mixed" and r["method"] == method
                      and r.get("measured")), None)
-        cfg = QuantConfig(spec=GridSpec(3, 0, False), method=Method(method), allocation=Allocation(budget))
+        cfg = QuantConfig(spec=GridSpec(3, 0, False), method=Method(method),
+                          allocation=Allocation(budget, windows=a.alloc_windows))
         row, alloc = run_row(fp.model, fp.tokenizer, calib, windows, cfg, work, f"mixed-{method}-{budget:g}", sens)
         widths = {}
         for u in alloc["units"]:
