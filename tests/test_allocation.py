@@ -106,7 +106,9 @@ def test_mixed_export_round_trips_through_the_cpu_kernels(mixed_run):
             torch.testing.assert_close(cpu_wna16_matmul(x, cw), x @ ref.T, rtol=1e-5, atol=1e-5)
             w_model = mixed_run.model.get_submodule(name).weight
             assert torch.equal(w_model, ref), name  # what the pipeline wrote is what was exported
-    assert api.load(mixed_run.out).label["bits"] == round(mixed_run.meta["allocation"]["avg_bits"], 3)
+    loaded = api.load(mixed_run.out)  # the native reader dequantizes every linear on its own grid
+    assert loaded.label["bits"] == round(mixed_run.meta["allocation"]["avg_bits"], 3)
+    assert all(torch.equal(loaded.model.get_submodule(n).weight, mixed_run.model.get_submodule(n).weight) for n in native)
 
 
 def test_sensitivity_reads_only_held_out_calibration_windows(model_dir, monkeypatch):
