@@ -64,7 +64,7 @@ def run_row(fp, tok, calib, windows, cfg: QuantConfig, work: Path, name: str, se
 def render(doc: dict, out: Path, stem: str = "mixed") -> None:
     rows = doc["rows"]
     uni = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["avg_bits"])
-    lines = ["# Mixed precision under a size budget on SmolLM2-135M", "",
+    lines = [f"# Mixed precision under a size budget on {doc.get('model') or 'SmolLM2-135M'}", "",
              f"Command: `{doc['command']}`  ", f"Machine: {doc['machine']}  ", f"Date: {doc['date']}  ",
              f"Calibration: {doc['nsamples']} × {doc['seqlen']} tokens (all rows); candidates {{2, 3, 4}} per channel, "
              f"asymmetric; sensitivity measured on {doc.get('alloc_windows', 0.5):g} of the calibration windows, a "
@@ -136,6 +136,7 @@ def serve(doc: dict, work: Path, prompts: int, in_len: int, out_len: int) -> dic
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="model to quantize (default: SmolLM2-135M-Instruct; a tiny one checks the script)")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--budgets", default=BUDGETS)
@@ -174,7 +175,8 @@ def main() -> int:
     doc |= {"command": command(), "machine": machine(), "date": utc_date(), "nsamples": a.nsamples, "seqlen": a.seqlen,
             "eval_tokens": a.eval_tokens, "alloc_windows": a.alloc_windows}
     done = {(r["kind"], r["method"], r["budget_bits"], r.get("bits")) for r in doc["rows"]}
-    fp = api.load(None)
+    fp = api.load(a.model)
+    doc["model"] = fp.source
     cal = Calibration(nsamples=a.nsamples, seqlen=a.seqlen)
     calib = api.calibration_windows(fp.tokenizer, cal)
     windows = api.eval_windows(fp.tokenizer, api.Evaluation(tokens=a.eval_tokens))
