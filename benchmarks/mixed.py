@@ -1,6 +1,8 @@
 """Mixed precision under a size budget on SmolLM2-135M (issue #19), all rows in one run.
 
-    nice -n 5 python -m benchmarks.mixed --nsamples 16 --seqlen 512
+    nice -n 5 python -m benchmarks.mixed --nsamples 64 --seqlen 512          # quality.md's calibration
+    python -m benchmarks.mixed --model /tmp/tiny --nsamples 8 --seqlen 64 --budgets 2.75,3.5 --eval-tokens 2048 \
+        --out /tmp/r                                                          # the script end to end, in minutes
     flock /tmp/loaq-vllm.lock python -m benchmarks.mixed --serve-only     # tokens/s of the exports it wrote
 
 Rows: uniform LoaQ W2, W3, W4 (per channel, asymmetric), then for each budget (average bits per quantized

@@ -15,7 +15,9 @@ points, asymmetric grids), over its ``out × in`` weights; ``weight_shape`` (16 
    error on the held-out tokens, ``e(b) = tr((Q_b − W̃) H_held (Q_b − W̃)ᵀ) / tr(W̃ H_held W̃ᵀ)``, with ``W̃``
    the method's GPTQ target (eqs. 8, 10, 12; ``W`` for GPTQ). The quantized stream advances with the widest
    solution, so each unit's error is that of it alone dropping a width. The pass reads ``windows`` of the
-   calibration windows (default half: with the extra solves it then costs less than one quantization run).
+   calibration windows (default half). Its cost is the two-stream forwards over those windows plus one solve
+   per unit and candidate: about 0.5 × a run's forwards + 3 × its solves (solves are ~10 % of a SmolLM2 run at
+   64 × 512, so ~0.8 × a run: an estimate, not measured); where solves dominate (a tiny model) it is ~2.4 × a run.
 3. **Allocation** (:func:`knapsack`): one width per unit minimizing ``Σ e(b)`` subject to the written bytes
    ``≤ B · n_weights / 8``: an exact multiple-choice knapsack by dynamic programming over sizes in units of
    ``ceil(budget / resolution)`` bytes, each size rounded *up*, so the budget holds exactly for the written bytes.
