@@ -16,6 +16,7 @@ group sizes, an existing output) is refused first, with one line, and nothing is
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -242,7 +243,7 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
              calibration: Calibration | torch.Tensor | None = None, out: str | None = None, *, tokenizer=None,
              export: str | None = None, export_dtype: str = "bfloat16", device: str = "cpu", batch_size: int = 8,
              resume: bool = False, force: bool = False, evaluation: Evaluation | None = None,
-             progress: bool = True) -> QuantizeResult:
+             progress: bool = True, sensitivity: dict | None = None) -> QuantizeResult:
     """Quantize ``model`` and (with ``out``) write its native checkpoint, (with ``export``) its
     compressed-tensors export.
 
@@ -252,7 +253,9 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
       ``None`` (defaults: LoaQ W3 per channel);
     - ``calibration``: :class:`Calibration` (overrides the recipe's), or ready ``[n, L]`` token windows;
     - ``resume`` continues an interrupted run from its per-layer checkpoints in ``out + ".partial"``;
-    - ``evaluation`` also measures fp and quantized perplexity (recorded in ``loaq.json``).
+    - ``evaluation`` also measures fp and quantized perplexity (recorded in ``loaq.json``);
+    - ``sensitivity``: with ``config.allocation`` (``--target-bits``), an earlier run's ``meta["allocation"]``
+      (same model, calibration and method) whose measured per-linear errors are reused for this budget.
     """
     import loaq
     from loaq.checkpoint import LayerStore
@@ -317,10 +320,15 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
 
         rotation = rotate_model(m, arch, cfg.rotation.seed, cfg.rotation.r4_blocks)
     store = LayerStore(work, cfg.digest(calib_hash), cfg.spec) if work else None
+    specs, alloc_meta = None, None
     t0 = time.time()
     try:
+        if cfg.allocation.enabled:
+            specs, alloc_meta = _allocate(m, arch, calib, cfg, store, batch_size, device, progress, sensitivity)
+            timings["allocate"] = time.time() - t0
+            t0 = time.time()
         results = quantize_model(m, arch, calib, cfg, batch_size=batch_size, device=device, store=store,
-                                 progress=progress)
+                                 progress=progress, specs=specs)
     except BaseException:
         if store is not None and store.load_streams() is None:  # no layer finished: nothing to resume from
             shutil.rmtree(work, ignore_errors=True)
@@ -340,6 +348,9 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
         "quant_seconds": round(timings["quantize"], 2),
         "activations": cfg.act.meta(),
     }
+    if specs is not None:
+        meta["layer_specs"] = {n: dataclasses.asdict(s) for n, s in sorted(specs.items())}
+        meta["allocation"] = alloc_meta | {"seconds": alloc_meta["seconds"] | {"total": round(timings["allocate"], 2)}}
     if evaluation is not None:
         meta["eval"] = {"ppl": perplexity(m, windows, batch_size), "fp_ppl": fp_ppl, "tokens": int(windows.numel()),
                         "seqlen": evaluation.seqlen}
@@ -348,6 +359,22 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
         shutil.rmtree(work, ignore_errors=True)
     timings["total"] = time.time() - t_start
     return QuantizeResult(m, tok, results, meta, rec, out, export, rotation, timings)
+
+
+def _allocate(m, arch, calib, cfg, store, batch_size, device, progress, sensitivity):
+    """Per-linear grids of ``cfg.allocation`` (:mod:`loaq.allocation`); a resumed run reuses the stored choice."""
+    from loaq import allocation
+
+    meta = store.load_json("allocation.json") if store is not None else None
+    if meta is not None:
+        specs = allocation.specs_from_meta(meta, cfg.spec)
+    else:
+        specs, meta = allocation.allocate(m, arch, calib, cfg, batch_size=batch_size, device=device, progress=progress,
+                                          sensitivity=sensitivity)
+    if store is not None:
+        store.save_json("allocation.json", meta)
+        store.specs = specs  # a resumed run's finished layers dequantize on their own grids
+    return specs, meta
 
 
 def _write_outputs(out, export, export_dtype, force, model, tok, results, meta, rotation, timings) -> None:
@@ -382,7 +409,8 @@ def load(path: str | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
 
         model, tok, meta = load_native(path, dtype)
         c = meta["config"]
-        label = dict(method=c["method"]["name"], bits=c["spec"]["bits"], group=c["spec"]["group_size"])
+        bits = round(meta["allocation"]["avg_bits"], 3) if meta.get("allocation") else c["spec"]["bits"]
+        label = dict(method=c["method"]["name"], bits=bits, group=c["spec"]["group_size"])
         return Loaded(model, tok, arch_of(model.config), "native", meta["source_model"], label, meta)
     from loaq.models import load_config, load_model, resolve
 

@@ -81,6 +81,21 @@ def dequantized(r: QuantResult, spec: GridSpec) -> torch.Tensor:
     return dequantize(r.codes.float(), expand(r.scales, spec, in_f), expand(r.zeros.float(), spec, in_f))
 
 
+def layer_specs(meta: dict, names: list[str]) -> dict[str, GridSpec]:
+    """Grid of every quantized linear: the run's ``config.spec``, overridden per layer by ``layer_specs``
+    (``{name: {bits, group_size, symmetric, init}}``) where present (a per-linear allocation, :mod:`loaq.allocation`)."""
+    base = GridSpec(**meta["config"]["spec"])
+    over = meta.get("layer_specs") or {}
+    specs = {}
+    for n in names:
+        try:
+            specs[n] = GridSpec(**over[n]) if n in over else base
+        except (TypeError, ValueError, LoaQError):
+            raise LoaQError(f"loaq.json layer_specs.{n} is not a grid (bits, group_size, symmetric): {over[n]}; "
+                            "fix the entry or re-run the allocation") from None
+    return specs
+
+
 def check_output(path: str, force: bool) -> None:
     if os.path.exists(path) and not force:
         raise LoaQError(f"output {path!r} already exists; pass --force to overwrite it or choose another path")
@@ -94,8 +109,8 @@ class LayerStore:
     layer files and ``streams.pt`` each whole or absent, and ``streams.pt`` names the layer to continue at.
     """
 
-    def __init__(self, workdir: str, digest: str, spec: GridSpec):
-        self.workdir, self.digest, self.spec = workdir, digest, spec
+    def __init__(self, workdir: str, digest: str, spec: GridSpec, specs: dict[str, GridSpec] | None = None):
+        self.workdir, self.digest, self.spec, self.specs = workdir, digest, spec, specs or {}
         meta = os.path.join(workdir, "run.json")
         if os.path.exists(meta):
             old = json.load(open(meta))["digest"]
@@ -136,8 +151,20 @@ class LayerStore:
             results |= tensors_to_results(load_file(self._layer_path(i)))
         for name, r in results.items():
             w = model.get_submodule(name).weight
-            w.data.copy_(dequantized(r, self.spec).to(w.dtype))
+            w.data.copy_(dequantized(r, self.specs.get(name, self.spec)).to(w.dtype))
         return results
+
+    def save_json(self, name: str, obj: dict) -> None:
+        """Keep ``obj`` (e.g. the allocation, whose measurement a resume need not repeat) as ``name`` in the store."""
+        self._create()
+        path = os.path.join(self.workdir, name)
+        with open(f"{path}.tmp", "w") as fh:
+            json.dump(obj, fh)
+        os.replace(f"{path}.tmp", path)
+
+    def load_json(self, name: str) -> dict | None:
+        path = os.path.join(self.workdir, name)
+        return json.load(open(path)) if os.path.exists(path) else None
 
 
 def _umask() -> int:
@@ -282,7 +309,6 @@ def load_native(path: str, dtype: torch.dtype = torch.float32):
     from loaq.rotation import attach_online, load_had_k
 
     meta = read_meta(path)
-    spec = GridSpec(**meta["config"]["spec"])
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     from loaq.moe import unfuse
@@ -290,8 +316,10 @@ def load_native(path: str, dtype: torch.dtype = torch.float32):
     unfuse(model, arch_of(config))
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_tensors(os.path.join(path, "model.safetensors")).items()}
     quantized = os.path.join(path, "quantized.safetensors")
-    for name, r in tensors_to_results(load_tensors(quantized), quantized).items():
-        sd[f"{name}.weight"] = dequantized(r, spec).to(dtype)
+    results = tensors_to_results(load_tensors(quantized), quantized)
+    specs = layer_specs(meta, sorted(results))
+    for name, r in results.items():
+        sd[f"{name}.weight"] = dequantized(r, specs[name]).to(dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     model.tie_weights()
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]

@@ -64,6 +64,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neuqi-continuous", action="store_true",
                    help="NeUQI with real-valued zero points (not exportable to compressed-tensors)")
     p.add_argument("--act-bits", type=int, choices=(16, 4), help="4 = W4A4: per-token dynamic 4-bit activations")
+    p.add_argument("--target-bits", type=float, help="mixed precision: average bits per quantized weight as written "
+                   "(codes, scales, zero points), e.g. 2.5; each linear's width chosen from --candidates")
+    p.add_argument("--candidates", help="widths --target-bits chooses from (default: 2,3,4)")
+    p.add_argument("--alloc-holdout", type=float, help="fraction of the measured calibration windows held out to "
+                   "score each width (default: 0.25)")
+    p.add_argument("--alloc-windows", type=float, help="fraction of the calibration windows the sensitivity pass "
+                   "reads (default: 0.5)")
     p.add_argument("--act-sym", action=argparse.BooleanOptionalAction, help="symmetric activation grid (default: asymmetric)")
 
 
@@ -81,6 +88,8 @@ def _recipe(a):
         "solver": {"blocksize": a.blocksize, "act_order": a.act_order, "percdamp": a.percdamp},
         "act": {"bits": a.act_bits, "symmetric": a.act_sym},
         "rotation": {"kind": a.rotate, "seed": a.rotate_seed, "r4_blocks": a.r4_blocks},
+        "allocation": {"target_bits": a.target_bits, "candidates": a.candidates, "holdout": a.alloc_holdout,
+                       "windows": a.alloc_windows},
         "calibration": {"source": a.calib, "split": a.calib_split, "field": a.calib_field, "chat": a.chat,
                         "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed},
         "model": a.model,
@@ -122,12 +131,19 @@ def cmd_quantize(a) -> int:
         print("note: lm_head untied from the embeddings (the final norm is fused into lm_head only)")
     t = run.timings
     print(f"wrote {run.out} ({len(run.results)} linears, quantized in {t['quantize']:.1f}s, total {t['total']:.1f}s)")
+    if run.meta.get("allocation"):
+        al = run.meta["allocation"]
+        widths = sorted({u["bits"] for u in al["units"]})
+        count = {b: sum(len(u["linears"]) for u in al["units"] if u["bits"] == b) for b in widths}
+        print(f"allocated {al['avg_bits']:.4f} bits per weight as written (budget {al['target_bits']:g}; linears per "
+              f"width: {', '.join(f'W{b}: {n}' for b, n in count.items())}; allocation {t['allocate']:.1f}s)")
     if run.export:
         print(f"exported {run.export} (compressed-tensors pack-quantized)")
     if a.eval:
         spec = recipe.config.spec
         print(_table([dict(label="fp32", method="-", bits=32, group="-", ppl=run.fp_ppl),
-                      dict(label="quantized", method=recipe.config.method.name, bits=spec.bits, group=spec.group_size,
+                      dict(label="quantized", method=recipe.config.method.name, group=spec.group_size,
+                           bits=round(run.meta["allocation"]["avg_bits"], 2) if run.meta.get("allocation") else spec.bits,
                            ppl=run.ppl)]))
     return 0
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from loaq import methods
 from loaq.actquant import ActSpec
+from loaq.allocation import Allocation
 from loaq.errors import LoaQError
 from loaq.grids import GridSpec
 from loaq.rotation import RotationSpec
@@ -77,15 +78,20 @@ class Method:
 @dataclass(frozen=True)
 class QuantConfig:
     """Everything that determines the quantized weights (its hash guards --resume): grid (with its
-    initialization), method, solver, activation quantization (W4A4) and rotation."""
+    initialization), method, solver, activation quantization (W4A4), rotation and the per-linear bit
+    allocation (:mod:`loaq.allocation`; its widths replace ``spec.bits`` linear by linear)."""
 
     spec: GridSpec = field(default_factory=GridSpec)
     method: Method = field(default_factory=Method)
     solver: SolverOptions = field(default_factory=SolverOptions)
     act: ActSpec = field(default_factory=ActSpec)
     rotation: RotationSpec = field(default_factory=RotationSpec)
+    allocation: Allocation = field(default_factory=Allocation)
 
     def __post_init__(self):
+        if self.allocation.enabled and (self.method.rule.solve is None or self.act.enabled):
+            raise LoaQError("--target-bits measures each linear's error with a calibrated weight-only method; "
+                            "drop it, or use --method loaq/gptq/... without --act-bits 4")
         if self.act.enabled and (self.spec.bits != 4 or self.spec.group_size != 0):
             raise LoaQError(f"--act-bits 4 needs 4-bit per-channel weights (--bits 4 --group-size 0), got --bits "
                             f"{self.spec.bits} --group-size {self.spec.group_size}: the W4A4 serving kernels take only that")
@@ -95,12 +101,16 @@ class QuantConfig:
             raise LoaQError("--rotate-seed seeds the Hadamard rotation; add --rotate hadamard or drop it")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.allocation.enabled:  # uniform runs keep the digest and loaq.json they always had
+            del d["allocation"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
         """The inverse of :meth:`to_dict`; missing fields take their defaults, unknown ones are refused."""
-        types = {"spec": GridSpec, "method": Method, "solver": SolverOptions, "act": ActSpec, "rotation": RotationSpec}
+        types = {"spec": GridSpec, "method": Method, "solver": SolverOptions, "act": ActSpec, "rotation": RotationSpec,
+                 "allocation": Allocation}
         _no_unknown(d, types, "recipe")
         kw = {}
         for name, typ in types.items():

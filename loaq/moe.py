@@ -141,6 +141,9 @@ def check_moe(arch: Arch, config, cfg) -> None:
     if cfg.act.enabled:
         raise LoaQError(f"--act-bits {cfg.act.bits} is not supported for {name}: no fused-MoE path quantizes "
                         "activations per token; drop --act-bits")
+    if cfg.allocation.enabled:
+        raise LoaQError(f"--target-bits is not supported for {name} yet (the allocator measures dense linears only); "
+                        "drop --target-bits and choose one --bits")
 
 
 @dataclass(frozen=True)

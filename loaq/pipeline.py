@@ -53,6 +53,7 @@ class Streams:
     h: list[torch.Tensor] | None
     h_hat: list[torch.Tensor]
     kwargs: list[dict]
+    held: int = 0  # the last ``held`` batches advance with the others but stay out of H, C, B (a probe scores them)
 
 
 def capture_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor, batch_size: int, device) -> tuple[list, list]:
@@ -95,12 +96,18 @@ def _set_weight(linear: nn.Linear, Q: torch.Tensor) -> None:
 
 
 def solve_group(names: list[str], linears: list[nn.Linear], stats: Stats, cfg: QuantConfig,
-                label: str, B: torch.Tensor | None = None) -> dict[str, QuantResult]:
-    """Quantize linears sharing one input (their rows stacked) with the method's registry rule (:mod:`loaq.methods`)."""
+                label: str, B: torch.Tensor | None = None, specs: dict | None = None, probe=None,
+                held: Stats | None = None) -> dict[str, QuantResult]:
+    """Quantize linears sharing one input (their rows stacked) with the method's registry rule (:mod:`loaq.methods`),
+    on ``specs[names[0]]`` (a per-linear allocation, shared by the group) or ``cfg.spec``; ``probe`` (the
+    allocation's sensitivity measurement) sees the group's problem, its solution and the held-out ``H``."""
     m = cfg.method
+    spec = (specs or {}).get(names[0], cfg.spec)
     W = torch.cat([lin.weight.detach().float() for lin in linears])
     factor = factorize(stats.H, cfg.solver.percdamp, label)
-    res = m.rule.solve(W, factor, stats.C, B, m, cfg.spec, cfg.solver)
+    res = m.rule.solve(W, factor, stats.C, B, m, spec, cfg.solver)
+    if probe is not None:
+        probe(names, W, factor, stats, B, res.Q, held)
     out, row = {}, 0
     for name, lin in zip(names, linears):
         n = lin.out_features
@@ -112,9 +119,15 @@ def solve_group(names: list[str], linears: list[nn.Linear], stats: Stats, cfg: Q
 
 
 def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLayer, streams: Streams,
-                       cfg: QuantConfig, eps: float, prefix: str, device) -> dict[str, QuantResult]:
+                       cfg: QuantConfig, eps: float, prefix: str, device, specs: dict | None = None,
+                       probe=None) -> dict[str, QuantResult]:
     m = cfg.method
     two = streams.h is not None
+    n_fit = len(streams.h_hat) - streams.held
+
+    def stats_of(b: int, st: Stats, held: Stats | None):
+        """``st.add`` for a calibration batch; a held-out one adds only its ``H`` input to ``held``."""
+        return st.add if b < n_fit else (lambda x_hat, *_: held.add(x_hat))
     norm = layer.get_submodule(sl.norm)
     mod = layer.get_submodule(sl.module)
     results = {}
@@ -122,35 +135,38 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
     # (a) W_in: inputs are Q_a(Norm(ĥ)) (Q_a = identity unless W4A4) and Norm(h)
     w_in = [mod.get_submodule(n) for n in sl.w_in]
     st = Stats(w_in[0].in_features, cross=two, device=device)
+    held = Stats(w_in[0].in_features, device=device) if streams.held else None
     with torch.no_grad():
         for b, h_hat in enumerate(streams.h_hat):
             x_hat = norm(h_hat)
             if cfg.act.enabled:
                 x_hat = actquant.fake_quantize(x_hat, cfg.act.symmetric)
-            st.add(x_hat, norm(streams.h[b]) if two else None)
+            stats_of(b, st, held)(x_hat, norm(streams.h[b]) if two else None)
     results |= solve_group([f"{prefix}{sl.module}.{n}" for n in sl.w_in], w_in, st, cfg,
-                           f"{prefix}{sl.module}.{','.join(sl.w_in)}")
-    del st
+                           f"{prefix}{sl.module}.{','.join(sl.w_in)}", specs=specs, probe=probe, held=held)
+    del st, held
 
     # (b) W_out: inputs X̂ (quantized W_in on ĥ) and X (float sub-layer on h)
     w_out = mod.get_submodule(sl.w_out)
     fp_out = fp_layer.get_submodule(sl.module).get_submodule(sl.w_out) if two else None
     use_B = m.rule.output_stats and m.soa and m.beta != 0
     st = Stats(w_out.in_features, cross=two, n_res=w_out.out_features if use_B else 0, device=device)
+    held = Stats(w_out.in_features, device=device) if streams.held else None
     y_fp, X_hats = [], []
     with torch.no_grad():
         for b, h_hat in enumerate(streams.h_hat):
             # W_out still holds its float weights here, so y_hat = X̂Wᵀ + b (what ŝ needs)
             X_hat, y_hat = _catch_input(w_out, lambda: sl.run(layer, h_hat, streams.kwargs[b]))
             X_hats.append(X_hat)
+            add = stats_of(b, st, held)
             if not two:
-                st.add(X_hat)
+                add(X_hat)
                 continue
             h = streams.h[b]
             X, y = _catch_input(fp_out, lambda: sl.run(fp_layer, h, streams.kwargs[b]))
             y_fp.append(y)
             if not m.rule.output_stats:
-                st.add(X_hat, X)
+                add(X_hat, X)
                 continue
             bias = fp_out.bias if fp_out.bias is not None else 0
             h_b, hh_b = h + bias, h_hat + bias
@@ -158,12 +174,12 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
                 s = rms_factor(h + y, eps)  # y = XWᵀ + b
                 base = h_hat if m.shat == "text" else h
                 s_hat = rms_factor(base + y_hat, eps)
-                st.add(s_hat * X_hat, s * X, (s * h_b - s_hat * hh_b) if use_B else None)
+                add(s_hat * X_hat, s * X, (s * h_b - s_hat * hh_b) if use_B else None)
             else:
-                st.add(X_hat, X, (h_b - hh_b) if use_B else None)
+                add(X_hat, X, (h_b - hh_b) if use_B else None)
     name = f"{prefix}{sl.module}.{sl.w_out}"
-    results |= solve_group([name], [w_out], st, cfg, name, st.B)
-    del st
+    results |= solve_group([name], [w_out], st, cfg, name, st.B, specs=specs, probe=probe, held=held)
+    del st, held
 
     # (c) advance both streams past this sub-layer; X̂ does not depend on W_out, so reuse it (it already
     # went through W_out's input hooks: apply the weights only)
@@ -176,8 +192,9 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
 
 
 def quantize_layer(layer: nn.Module, arch: Arch, streams: Streams, cfg: QuantConfig, eps: float,
-                   prefix: str, device) -> dict[str, QuantResult]:
-    """Quantize one decoder layer in place and advance ``streams`` past it (Algorithm 1 lines 3-21)."""
+                   prefix: str, device, specs: dict | None = None, probe=None) -> dict[str, QuantResult]:
+    """Quantize one decoder layer in place and advance ``streams`` past it (Algorithm 1 lines 3-21);
+    ``specs``: per-linear grids (qualified names; others take ``cfg.spec``)."""
     if cfg.method.resets_fp_stream:
         streams.h = [h.clone() for h in streams.h_hat]
     fp_layer = copy.deepcopy(layer) if streams.h is not None else None
@@ -189,7 +206,7 @@ def quantize_layer(layer: nn.Module, arch: Arch, streams: Streams, cfg: QuantCon
 
             results |= quantize_moe(layer, fp_layer, sl, streams, cfg, eps, prefix, device)
         else:
-            results |= _quantize_sublayer(layer, fp_layer, sl, streams, cfg, eps, prefix, device)
+            results |= _quantize_sublayer(layer, fp_layer, sl, streams, cfg, eps, prefix, device, specs, probe)
     return results
 
 
@@ -198,9 +215,11 @@ def _attach_act(layer: nn.Module, arch: Arch, cfg: QuantConfig) -> None:
     actquant.attach([layer.get_submodule(n) for n in arch.layer_linears(layer)], cfg.act)
 
 
-def rtn_layer(layer: nn.Module, arch: Arch, cfg: QuantConfig, prefix: str) -> dict[str, QuantResult]:
+def rtn_layer(layer: nn.Module, arch: Arch, cfg: QuantConfig, prefix: str,
+              specs: dict | None = None) -> dict[str, QuantResult]:
     """Round-to-nearest every linear of ``layer`` in place (no calibration data)."""
-    results = {prefix + n: rtn_linear(layer.get_submodule(n), cfg.spec) for n in arch.layer_linears(layer)}
+    results = {prefix + n: rtn_linear(layer.get_submodule(n), (specs or {}).get(prefix + n, cfg.spec))
+               for n in arch.layer_linears(layer)}
     _attach_act(layer, arch, cfg)
     return results
 
@@ -221,8 +240,10 @@ def _embeddings_to(model: nn.Module, arch: Arch, device) -> None:
 
 
 def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: QuantConfig, *, batch_size: int = 8,
-                   device: str = "cpu", store=None, progress: bool = True) -> dict[str, QuantResult]:
+                   device: str = "cpu", store=None, progress: bool = True,
+                   specs: dict | None = None) -> dict[str, QuantResult]:
     """Quantize every decoder linear of ``model`` in place; returns the results by qualified name.
+    ``specs`` gives linears their own grids (a per-linear allocation, :mod:`loaq.allocation`).
 
     ``store`` (a :class:`loaq.checkpoint.LayerStore`) receives each finished layer and both streams,
     and on resume supplies the finished prefix so the run continues where it stopped.
@@ -233,7 +254,7 @@ def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: Quant
     results: dict[str, QuantResult] = {}
     if cfg.method.rule.solve is None:  # round to nearest: no calibration
         for i, layer in enumerate(layers):
-            results |= rtn_layer(layer, arch, cfg, f"{arch.layers}.{i}.")
+            results |= rtn_layer(layer, arch, cfg, f"{arch.layers}.{i}.", specs)
         return results
     _embeddings_to(model, arch, device)
     hs, kws = capture_inputs(model, arch, calib, batch_size, device)
@@ -256,7 +277,7 @@ def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: Quant
     for i in bar:
         t0 = time.time()
         layers[i].to(device)
-        res = quantize_layer(layers[i], arch, streams, cfg, eps, f"{arch.layers}.{i}.", device)
+        res = quantize_layer(layers[i], arch, streams, cfg, eps, f"{arch.layers}.{i}.", device, specs)
         layers[i].to("cpu")
         results |= res
         check_interrupted()  # a Ctrl-C Python swallowed stops the run before this layer is kept

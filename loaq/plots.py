@@ -146,6 +146,28 @@ def size_vs_ppl(rows: list[dict], out: str):
     return _save(fig, out)
 
 
+def mixed_size_ppl(rows: list[dict], out: str):
+    """``rows`` of benchmarks/mixed.py (``kind``, ``method``, ``size_mb``, ``ppl``, ``bits``/``budget_bits``): the
+    uniform-width points and one mixed-precision curve per method, perplexity against size on disk."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    uni = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["size_mb"])
+    ax.scatter([r["size_mb"] for r in uni], [r["ppl"] for r in uni], color="k", zorder=3, label="uniform LoaQ")
+    for r in uni:
+        ax.annotate(f"W{r['bits']}", (r["size_mb"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for i, m in enumerate(sorted({r["method"] for r in rows if r["kind"] == "mixed"})):
+        pts = sorted((r["size_mb"], r["ppl"], r["budget_bits"]) for r in rows if r["kind"] == "mixed" and r["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=f"mixed {m}")
+        for s, p, b in pts:
+            ax.annotate(f"{b:g}", (s, p), textcoords="offset points", xytext=(3, -10), fontsize=7, color=f"C{i}")
+    ax.set(yscale="log", xlabel="size on disk (MiB)", ylabel="perplexity (ppl16k)",
+           title="Mixed precision under a size budget (labels: budget bits)")
+    _plain_log_ticks(ax)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
 def serve_throughput(rows: list[dict], out: str):
     """``rows``: ``{label, tokens_per_s}`` per served variant; one bar each. Rows that also carry ``variant``
     and ``concurrency`` (:func:`serve_rows`) are grouped: one group per variant, one bar colour per concurrency."""

@@ -1,7 +1,7 @@
 """Recipes: a run's settings in a YAML or JSON file, so a run is reproducible from a file.
 
 A recipe holds the sections of :class:`loaq.config.QuantConfig` (``spec``, ``method``, ``solver``, ``act``,
-``rotation``), optionally ``calibration`` (:class:`loaq.config.Calibration`) and ``model``::
+``rotation``, ``allocation``), optionally ``calibration`` (:class:`loaq.config.Calibration`) and ``model``::
 
     model: HuggingFaceTB/SmolLM2-135M-Instruct
     spec: {bits: 3, group_size: 0, symmetric: false, init: minmax}
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from loaq.config import Calibration, QuantConfig
 from loaq.errors import LoaQError
 
-SECTIONS = ("spec", "method", "solver", "act", "rotation")
+SECTIONS = ("spec", "method", "solver", "act", "rotation", "allocation")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from loaq.arch import arch_of
-from loaq.checkpoint import atomic_dir, check_output, load_tensors, read_meta, tensors_to_results
+from loaq.checkpoint import atomic_dir, check_output, layer_specs, load_tensors, read_meta, tensors_to_results
 from loaq.errors import LoaQError
 from loaq.export.manifest import write_manifest
 from loaq.export.pack import MARKER_KEY, format_marker, pack_layer
@@ -46,21 +46,6 @@ class Native:
     specs: dict[str, GridSpec]
     act: dict | None = None  # W4A4: {"bits": 4, "symmetric": bool}
     r4: tuple[list[str], int, torch.Tensor | None] | None = None  # online R4: (targets, width, had_k)
-
-
-def layer_specs(meta: dict, names: list[str]) -> dict[str, GridSpec]:
-    """Grid of every quantized linear: the run's ``config.spec``, overridden per layer by ``layer_specs``
-    (``{name: {bits, group_size, symmetric}}``) where present (a per-layer allocation; read by export only)."""
-    base = GridSpec(**meta["config"]["spec"])
-    over = meta.get("layer_specs") or {}
-    specs = {}
-    for n in names:
-        try:
-            specs[n] = GridSpec(**over[n]) if n in over else base
-        except (TypeError, ValueError, LoaQError):
-            raise LoaQError(f"loaq.json layer_specs.{n} is not a grid (bits, group_size, symmetric): {over[n]}; "
-                            "fix the entry or re-run the allocation") from None
-    return specs
 
 
 def expected_linears(config) -> list[str]:

@@ -1,0 +1,278 @@
+"""Mixed precision under a size budget: per-linear bit widths chosen from LoaQ's own output error (issue #19).
+
+``--target-bits B`` asks for an average of ``B`` bits per quantized weight *as the export writes it*
+(:func:`avg_bits`): per linear, the bytes of ``weight_packed`` (int32 words of ``32 // b`` codes),
+``weight_scale`` (float32, one per row and group) and ``weight_zero_point`` (int32 words of packed zero
+points, asymmetric grids), over its ``out × in`` weights; ``weight_shape`` (16 bytes of metadata) is not counted.
+
+1. **Units.** Linears that read one input are solved together by the pipeline and are fused by vLLM into
+   one layer with one scheme (``qkv_proj``, ``gate_up_proj``), so q/k/v share a width and gate/up share one;
+   ``o_proj`` and ``down_proj`` are units of their own: four units per decoder layer.
+2. **Sensitivity** (:func:`measure`), with the method itself, in one two-stream pass over the layers at the
+   widest candidate: each unit's group statistics ``H, C, B`` are accumulated on the *fit* windows and only
+   ``H_held`` on a held-out slice of the calibration windows (:func:`loaq.holdout.split_windows`; never the
+   evaluation text); the group is solved at every candidate width ``b`` and scored by its normalized output
+   error on the held-out tokens, ``e(b) = tr((Q_b − W̃) H_held (Q_b − W̃)ᵀ) / tr(W̃ H_held W̃ᵀ)``, with ``W̃``
+   the method's GPTQ target (eqs. 8, 10, 12; ``W`` for GPTQ). The quantized stream advances with the widest
+   solution, so each unit's error is that of it alone dropping a width. The pass reads ``windows`` of the
+   calibration windows (default half). Its cost is the two-stream forwards over those windows plus one solve
+   per unit and candidate: about 0.5 × a run's forwards + 3 × its solves (solves are ~10 % of a SmolLM2 run at
+   64 × 512, so ~0.8 × a run: an estimate, not measured); where solves dominate (a tiny model) it is ~2.4 × a run.
+3. **Allocation** (:func:`knapsack`): one width per unit minimizing ``Σ e(b)`` subject to the written bytes
+   ``≤ B · n_weights / 8``: an exact multiple-choice knapsack by dynamic programming over sizes in units of
+   ``ceil(budget / resolution)`` bytes, each size rounded *up*, so the budget holds exactly for the written bytes.
+4. The pipeline then quantizes every linear on its own grid (``quantize_model(specs=...)``), and ``loaq.json``
+   records ``layer_specs`` (every linear) and ``allocation`` (budget, sizes, errors, seconds).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from loaq.errors import LoaQError
+from loaq.grids import GridSpec
+
+log = logging.getLogger(__name__)
+
+SERVABLE_BITS = (2, 3, 4)  # the widths the LoaQ serving kernels run
+RESOLUTION = 100_000  # size cells of the knapsack
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """``target_bits``: average bits per quantized weight as written (``None``: one grid for every linear);
+    ``candidates``: comma-separated widths (default ``"2,3,4"``; group size, symmetry and init come from
+    ``spec``); ``holdout``: the fraction of the measured windows held out for scoring; ``windows``: the
+    fraction of the calibration windows the sensitivity pass reads."""
+
+    target_bits: float | None = None
+    candidates: str = "2,3,4"
+    holdout: float = 0.25
+    windows: float = 0.5
+
+    def __post_init__(self):
+        bits = self.bits  # parses
+        if self.target_bits is not None and not (math.isfinite(self.target_bits) and self.target_bits > 0):
+            raise LoaQError(f"--target-bits {self.target_bits} is not a positive number of bits; e.g. 2.5")
+        bad = [b for b in bits if b not in SERVABLE_BITS]
+        if bad or not bits:
+            raise LoaQError(f"--candidates {self.candidates!r} must list widths from {SERVABLE_BITS} (the serving "
+                            "kernels' widths), e.g. 2,3,4")
+        if not 0 < self.holdout < 1:
+            raise LoaQError(f"--alloc-holdout {self.holdout} is not a fraction strictly between 0 and 1; e.g. 0.25")
+        if not 0 < self.windows <= 1:
+            raise LoaQError(f"--alloc-windows {self.windows} is not a fraction in (0, 1]; e.g. 0.5 reads half")
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        try:
+            return tuple(sorted({int(x) for x in str(self.candidates).split(",") if x.strip()}))
+        except ValueError:
+            raise LoaQError(f"--candidates {self.candidates!r} is not a comma-separated list of widths; "
+                            "e.g. 2,3,4") from None
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_bits is not None
+
+
+def units(arch, n_layers: int) -> list[list[str]]:
+    """Qualified names of the linears that share a width: per layer and sub-layer, ``w_in`` then ``w_out``."""
+    out = []
+    for i in range(n_layers):
+        p = f"{arch.layers}.{i}."
+        for sl in arch.sublayers:
+            out.append([f"{p}{sl.module}.{n}" for n in sl.w_in])
+            out.append([f"{p}{sl.module}.{sl.w_out}"])
+    return out
+
+
+def linear_bytes(out_features: int, in_features: int, spec: GridSpec) -> int:
+    """Bytes the export writes for one [out, in] linear: packed codes + float32 scales + packed zero points."""
+    from loaq.export.pack import packed_shapes
+
+    return sum(math.prod(shape) * dtype.itemsize for k, (shape, dtype) in
+               packed_shapes(out_features, in_features, spec).items() if k != "weight_shape")
+
+
+def avg_bits(shapes: dict[str, tuple[int, int]], specs: dict[str, GridSpec]) -> float:
+    """Average bits per quantized weight as written (:func:`linear_bytes`) of linears ``shapes`` [out, in]."""
+    nbytes = sum(linear_bytes(*shapes[n], specs[n]) for n in shapes)
+    return 8 * nbytes / sum(o * i for o, i in shapes.values())
+
+
+def knapsack(costs: list[list[int]], values: list[list[float]], capacity: int) -> list[int]:
+    """Exact multiple-choice knapsack: one choice ``j`` per item, ``Σ costs[i][j] ≤ capacity`` (non-negative
+    integers), minimizing ``Σ values[i][j]``; returns the choices. Dynamic programming over the total cost."""
+    if capacity < 0:
+        raise LoaQError("the size budget is negative")
+    dp = np.full(capacity + 1, np.inf)
+    dp[0] = 0.0
+    pick = np.zeros((len(costs), capacity + 1), dtype=np.int16)
+    for i, (cs, vs) in enumerate(zip(costs, values)):
+        new = np.full(capacity + 1, np.inf)
+        for j, (c, v) in enumerate(zip(cs, vs)):
+            if c > capacity:
+                continue
+            cand = np.full(capacity + 1, np.inf)
+            cand[c:] = dp[: capacity + 1 - c] + v
+            better = cand < new
+            new[better] = cand[better]
+            pick[i, better] = j
+        dp = new
+    if not np.isfinite(dp).any():
+        raise LoaQError("no allocation fits the size budget")
+    c = int(np.argmin(dp))
+    choice = []
+    for i in range(len(costs) - 1, -1, -1):
+        j = int(pick[i, c])
+        choice.append(j)
+        c -= costs[i][j]
+    return choice[::-1]
+
+
+class Probe:
+    """The pipeline's per-group hook during :func:`measure`: solve the group at every candidate and keep its
+    normalized held-out output error ``tr((Q − W̃) H_held (Q − W̃)ᵀ) / tr(W̃ H_held W̃ᵀ)`` per width."""
+
+    def __init__(self, cfg, bits: tuple[int, ...]):
+        self.cfg, self.bits = cfg, bits
+        self.errors: dict[tuple[str, ...], dict[int, float]] = {}
+
+    def __call__(self, names, W, factor, stats, B, Q_wide, held) -> None:
+        from loaq.targets import output_target
+
+        m, spec = self.cfg.method, self.cfg.spec
+        T = output_target(W, factor, stats.C, m.alpha, B, m.beta).double()
+        Hh = held.H.double()
+        norm = float(((T @ Hh) * T).sum())
+        err = {}
+        for b in self.bits:
+            Q = Q_wide if b == spec.bits else m.rule.solve(W, factor, stats.C, B, m, dataclasses.replace(spec, bits=b),
+                                                           self.cfg.solver).Q
+            D = Q.double() - T
+            err[b] = float(((D @ Hh) * D).sum()) / max(norm, 1e-30)
+        self.errors[tuple(names)] = err
+
+
+def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, device: str = "cpu",
+            progress: bool = True) -> tuple[dict[tuple[str, ...], dict[int, float]], dict]:
+    """Per-unit held-out errors at every candidate width (module docstring, step 2), on a copy of ``model``;
+    returns (errors, the windows read: ``{"fit": n, "held": n}``)."""
+    from tqdm.auto import tqdm
+
+    from loaq.holdout import split_windows
+    from loaq.pipeline import Streams, _embeddings_to, capture_inputs, quantize_layer
+
+    alloc = cfg.allocation
+    n = max(2, math.ceil(alloc.windows * calib.shape[0]))
+    fit, held = split_windows(calib[:n], alloc.holdout)
+    wide = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, bits=max(alloc.bits)))
+    m = copy.deepcopy(model)
+    _embeddings_to(m, arch, device)
+    hs, kws = capture_inputs(m, arch, fit, batch_size, device)
+    hs_held, kws_held = capture_inputs(m, arch, held, batch_size, device)
+    _embeddings_to(m, arch, "cpu")
+    hs, kws = hs + hs_held, kws + kws_held
+    streams = Streams([x.clone() for x in hs] if cfg.method.two_stream else None, hs, kws, held=len(hs_held))
+    probe = Probe(wide, alloc.bits)
+    eps = m.config.rms_norm_eps
+    layers = arch.decoder_layers(m)
+    for i in tqdm(range(len(layers)), desc="sensitivity", disable=not progress, unit="layer"):
+        layers[i].to(device)
+        quantize_layer(layers[i], arch, streams, wide, eps, f"{arch.layers}.{i}.", device, probe=probe)
+        layers[i].to("cpu")
+    return probe.errors, {"fit": int(fit.shape[0]), "held": int(held.shape[0])}
+
+
+def solve(shapes: dict[str, tuple[int, int]], groups: list[list[str]], errors: dict, spec: GridSpec,
+          bits: tuple[int, ...], target_bits: float, resolution: int = RESOLUTION) -> dict[str, GridSpec]:
+    """Per-linear grids minimizing the summed errors with the written bytes ``≤ target_bits · n_weights / 8``."""
+    budget = math.floor(target_bits * sum(o * i for o, i in shapes.values()) / 8)
+    cell = max(1, math.ceil(budget / resolution))
+    grids = [dataclasses.replace(spec, bits=b) for b in bits]
+    costs = [[math.ceil(sum(linear_bytes(*shapes[n], g) for n in u) / cell) for g in grids] for u in groups]
+    values = [[errors[tuple(u)][b] for b in bits] for u in groups]
+    choice = knapsack(costs, values, budget // cell)
+    return {n: grids[j] for u, j in zip(groups, choice) for n in u}
+
+
+def check_budget(shapes: dict[str, tuple[int, int]], spec: GridSpec, bits: tuple[int, ...], target_bits: float) -> None:
+    """Refuse a budget below every linear at the narrowest candidate (before any measurement)."""
+    low = avg_bits(shapes, {n: dataclasses.replace(spec, bits=min(bits)) for n in shapes})
+    if target_bits < low:
+        raise LoaQError(f"--target-bits {target_bits} is below {low:.4f}, the size of every linear at {min(bits)} bits "
+                        f"(codes, scales and zero points as written); raise it or add a narrower candidate")
+
+
+def allocate(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, device: str = "cpu",
+             progress: bool = True, sensitivity: dict | None = None) -> tuple[dict[str, GridSpec], dict]:
+    """(per-linear grids, the ``allocation`` metadata) of ``cfg.allocation`` for ``model`` on ``calib``;
+    ``sensitivity``: the ``allocation`` metadata of an earlier run of the same model, calibration and method
+    (another budget), whose measured errors are reused instead of measured again."""
+    alloc = cfg.allocation
+    groups = units(arch, len(arch.decoder_layers(model)))
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for u in groups for n in u}
+    check_budget(shapes, cfg.spec, alloc.bits, alloc.target_bits)
+    wide = {n: dataclasses.replace(cfg.spec, bits=max(alloc.bits)) for n in shapes}
+    t0 = time.time()
+    if sensitivity is not None:
+        errors, windows = errors_from_meta(sensitivity, alloc.bits), sensitivity["windows"]
+    elif avg_bits(shapes, wide) <= alloc.target_bits:  # everything fits at the widest width: nothing to measure
+        errors, windows = {tuple(u): {b: 0.0 for b in alloc.bits} for u in groups}, {"fit": 0, "held": 0}
+    else:
+        errors, windows = measure(model, arch, calib, cfg, batch_size=batch_size, device=device, progress=progress)
+    t1 = time.time()
+    specs = solve(shapes, groups, errors, cfg.spec, alloc.bits, alloc.target_bits)
+    t2 = time.time()
+    achieved = avg_bits(shapes, specs)
+    log.info("allocation: %.4f bits per weight as written (budget %.4f)", achieved, alloc.target_bits)
+    meta = {"target_bits": alloc.target_bits, "candidates": list(alloc.bits), "avg_bits": achieved,
+            "bytes": sum(linear_bytes(*shapes[n], specs[n]) for n in shapes),
+            "weights": sum(o * i for o, i in shapes.values()), "windows": windows,
+            "seconds": {"measure": round(t1 - t0, 2), "solve": round(t2 - t1, 2)}, "reused": sensitivity is not None,
+            "units": [{"linears": u, "bits": specs[u[0]].bits, "error": {str(b): e for b, e in errors[tuple(u)].items()}}
+                      for u in groups]}
+    return specs, meta
+
+
+def specs_from_meta(meta: dict, spec: GridSpec) -> dict[str, GridSpec]:
+    """The per-linear grids an ``allocation`` metadata entry chose (what a resumed run reuses)."""
+    return {n: dataclasses.replace(spec, bits=u["bits"]) for u in meta["units"] for n in u["linears"]}
+
+
+def errors_from_meta(meta: dict, bits: tuple[int, ...]) -> dict[tuple[str, ...], dict[int, float]]:
+    """The measured per-unit errors of an ``allocation`` metadata entry, at widths ``bits``."""
+    errors = {tuple(u["linears"]): {int(b): e for b, e in u["error"].items()} for u in meta["units"]}
+    if any(set(bits) - set(e) for e in errors.values()):
+        raise LoaQError(f"the reused sensitivity measured widths {meta['candidates']}, not all of {list(bits)}; "
+                        "measure again with these candidates")
+    return errors
+
+
+def written_bits(export_dir: str) -> tuple[float, int]:
+    """(average bits per quantized weight, bytes) of an export as written: the ``weight_packed``,
+    ``weight_scale`` and ``weight_zero_point`` tensors of every shard, over the weights ``weight_shape`` names."""
+    import glob
+    import os
+
+    from safetensors import safe_open
+
+    nbytes = weights = 0
+    for path in sorted(glob.glob(os.path.join(export_dir, "*.safetensors"))):
+        with safe_open(path, "pt") as f:
+            for k in f.keys():
+                if k.endswith((".weight_packed", ".weight_scale", ".weight_zero_point")):
+                    t = f.get_slice(k)
+                    nbytes += math.prod(t.get_shape()) * {"I32": 4, "F32": 4, "BF16": 2, "F16": 2}[t.get_dtype()]
+                elif k.endswith(".weight_shape"):
+                    weights += int(f.get_tensor(k).prod())
+    return 8 * nbytes / weights, nbytes

@@ -1,0 +1,210 @@
+"""Mixed-precision allocation (issue #19): the knapsack, the budget as written, the export round trip
+through the CPU kernels, and the sensitivity pass's data path (held-out calibration windows only)."""
+
+import dataclasses
+import itertools
+import json
+import os
+import random
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from loaq import allocation, api
+from loaq.allocation import Allocation, knapsack
+from loaq.arch import arch_of
+from loaq.checkpoint import dequantized, layer_specs, load_tensors, tensors_to_results
+from loaq.config import Calibration, Method, QuantConfig
+from loaq.errors import LoaQError
+from loaq.grids import GridSpec
+
+
+def brute_force(costs, values, cap):
+    best = None
+    for choice in itertools.product(*[range(len(c)) for c in costs]):
+        if sum(c[j] for c, j in zip(costs, choice)) <= cap:
+            v = sum(vs[j] for vs, j in zip(values, choice))
+            best = v if best is None or v < best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_knapsack_matches_brute_force(seed):
+    rng = random.Random(seed)
+    n, k = rng.randint(1, 6), rng.randint(1, 3)
+    costs = [[rng.randint(0, 9) for _ in range(k)] for _ in range(n)]
+    values = [[rng.uniform(-1, 5) for _ in range(k)] for _ in range(n)]
+    cap = rng.randint(sum(map(min, costs)), 9 * n)
+    choice = knapsack(costs, values, cap)
+    assert sum(c[j] for c, j in zip(costs, choice)) <= cap
+    assert sum(v[j] for v, j in zip(values, choice)) == pytest.approx(brute_force(costs, values, cap), abs=1e-9)
+
+
+def test_knapsack_refuses_an_impossible_budget():
+    with pytest.raises(LoaQError, match="no allocation fits"):
+        knapsack([[3, 5], [4]], [[1, 0], [0]], 6)
+
+
+def test_settings_are_checked():
+    with pytest.raises(LoaQError, match="--candidates"):
+        Allocation(2.5, "2,5")
+    with pytest.raises(LoaQError, match="--target-bits"):
+        Allocation(-1.0)
+    with pytest.raises(LoaQError, match="calibrated weight-only"):
+        QuantConfig(method=Method("rtn"), allocation=Allocation(2.5))
+    assert "allocation" not in QuantConfig().to_dict()  # uniform runs keep their digest
+    d = QuantConfig(allocation=Allocation(2.5, "2,3")).to_dict()
+    assert QuantConfig.from_dict(d).allocation == Allocation(2.5, "2,3")
+
+
+@pytest.fixture(scope="module")
+def mixed_run(model_dir, calib, tmp_path_factory):
+    """A tiny model quantized by LoaQ to 3.3 bits per weight as written, with its native checkpoint and export."""
+    d = tmp_path_factory.mktemp("mixed")
+    cfg = QuantConfig(spec=GridSpec(3, 0), allocation=Allocation(3.3, holdout=0.25))
+    run = api.quantize(model_dir, cfg, Calibration(calib, nsamples=8, seqlen=32), out=str(d / "n"),
+                       export=str(d / "x"), export_dtype="float32", batch_size=2, progress=False)
+    return run
+
+
+def test_budget_is_met_as_written(mixed_run):
+    a = mixed_run.meta["allocation"]
+    got, nbytes = allocation.written_bits(mixed_run.export)
+    assert nbytes == a["bytes"] and got == pytest.approx(a["avg_bits"], rel=1e-12) and got <= 3.3
+    assert got > 3.3 - 0.1  # the budget is used, not left idle
+    specs = layer_specs(json.load(open(os.path.join(mixed_run.out, "loaq.json"))), sorted(mixed_run.results))
+    assert {s.bits for s in specs.values()} >= {2, 3} or {s.bits for s in specs.values()} >= {2, 4}
+    for u in allocation.units(arch_of(mixed_run.model.config), 2):
+        assert len({specs[n] for n in u}) == 1, u  # q/k/v and gate/up share a width (vLLM fuses them)
+    # a fused group's widths in the export's config groups
+    qc = json.load(open(os.path.join(mixed_run.export, "config.json")))["quantization_config"]
+    assert len(qc["config_groups"]) == len({s.bits for s in specs.values()})
+
+
+def test_mixed_export_round_trips_through_the_cpu_kernels(mixed_run):
+    from loaq.export.pack import pack_layer
+    from loaq.kernels.cpu import _dequantize, cpu_wna16_matmul, prepare_cpu
+    from loaq.kernels.layout import PackedLinear, unpack_lanes
+
+    native = tensors_to_results(load_tensors(os.path.join(mixed_run.out, "quantized.safetensors")))
+    specs = layer_specs(mixed_run.meta, sorted(native))
+    with safe_open(os.path.join(mixed_run.export, "model.safetensors"), "pt") as f:
+        for name, r in native.items():
+            s = specs[name]
+            t = {k: f.get_tensor(f"{name}.{k}") for k in ("weight_packed", "weight_scale", "weight_zero_point")}
+            assert all(torch.equal(t[k], v) for k, v in pack_layer(r, s).items() if k in t), name
+            w = PackedLinear(t["weight_packed"], t["weight_scale"], t["weight_zero_point"], s.bits,
+                             tuple(r.codes.shape), s.group_size or None)
+            ref = dequantized(r, s)
+            cw = prepare_cpu(w)  # the CPU kernels' own layout: codes, zero points and scales bit-exact
+            assert torch.equal(unpack_lanes(cw.packed, s.bits, cw.k), r.codes.int()), name
+            assert torch.equal(cw.uz, r.zeros.int()) and torch.equal(cw.scales, r.scales), name
+            # the kernel dequantizes as q·s − z·s (fp32): within rounding of scale·(q − z)
+            torch.testing.assert_close(_dequantize(cw, torch.float32), ref, rtol=0, atol=1e-6 * ref.abs().max().item())
+            x = torch.randn(3, cw.k, generator=torch.Generator().manual_seed(0))
+            torch.testing.assert_close(cpu_wna16_matmul(x, cw), x @ ref.T, rtol=1e-5, atol=1e-5)
+            w_model = mixed_run.model.get_submodule(name).weight
+            assert torch.equal(w_model, ref), name  # what the pipeline wrote is what was exported
+    loaded = api.load(mixed_run.out)  # the native reader dequantizes every linear on its own grid
+    assert loaded.label["bits"] == round(mixed_run.meta["allocation"]["avg_bits"], 3)
+    assert all(torch.equal(loaded.model.get_submodule(n).weight, mixed_run.model.get_submodule(n).weight) for n in native)
+
+
+def test_sensitivity_reads_only_held_out_calibration_windows(model_dir, monkeypatch):
+    """The pass splits the calibration windows (held-out ⊂ calibration), scores each width on the held-out
+    ``H`` alone, and never touches the evaluation text."""
+    from loaq import data, holdout
+    from loaq.models import load_model, resolve
+    from tests.tiny import tokens
+
+    def no_eval(*a, **k):
+        raise AssertionError("the evaluation text was read")
+
+    default_split = data.default_split
+    monkeypatch.setattr(data, "default_split", lambda split: no_eval() if split == "eval" else default_split(split))
+    monkeypatch.setattr(api, "eval_windows", no_eval)
+    seen = {}
+    split = holdout.split_windows
+
+    def spy(calib, fraction):
+        fit, held = split(calib, fraction)
+        seen.update(calib=calib, fit=fit, held=held)
+        return fit, held
+
+    monkeypatch.setattr(holdout, "split_windows", spy)
+    model, _, arch, _ = load_model(resolve(model_dir))
+    calib = tokens(8, 32, vocab=320)
+    cfg = QuantConfig(spec=GridSpec(3, 32), allocation=Allocation(3.0, "2,4", holdout=0.25, windows=1.0))
+    errors, windows = allocation.measure(model, arch, calib, cfg, batch_size=2, progress=False)
+    assert windows == {"fit": 6, "held": 2}
+    rows = {tuple(r.tolist()) for r in calib}
+    assert all(tuple(r.tolist()) in rows for r in seen["held"])  # held-out ⊂ calibration windows
+    assert not {tuple(r.tolist()) for r in seen["held"]} & {tuple(r.tolist()) for r in seen["fit"]}
+    assert len(errors) == 4 * 2 and all(e[2] > e[4] >= 0 for e in errors.values())
+    # the held-out windows matter: other held-out windows give other errors
+    cal2 = torch.cat([calib[:6], tokens(2, 32, vocab=320, seed=9)])
+    errors2, _ = allocation.measure(model, arch, cal2, cfg, batch_size=2, progress=False)
+    assert all(errors2[u][4] != errors[u][4] for u in errors)
+
+
+def test_a_budget_below_the_narrowest_width_is_refused(model_dir, calib, tmp_path):
+    cfg = QuantConfig(spec=GridSpec(3, 32), allocation=Allocation(1.5))
+    with pytest.raises(LoaQError, match="below"):
+        api.quantize(model_dir, cfg, Calibration(calib, nsamples=4, seqlen=32), out=str(tmp_path / "o"),
+                     progress=False)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_export_check_and_sensitivity_reuse(mixed_run, model_dir, calib):
+    from loaq.export.cli import main
+
+    assert main(["--check", mixed_run.export]) == 0
+    a = mixed_run.meta["allocation"]
+    cfg = QuantConfig(spec=GridSpec(3, 0), allocation=Allocation(2.9))
+    run = api.quantize(model_dir, cfg, Calibration(calib, nsamples=8, seqlen=32), batch_size=2, progress=False,
+                       sensitivity=a)
+    b = run.meta["allocation"]
+    assert b["reused"] and [u["error"] for u in b["units"]] == [u["error"] for u in a["units"]]
+    assert b["avg_bits"] <= 2.9 < a["avg_bits"]
+    assert sum(u["bits"] for u in b["units"]) < sum(u["bits"] for u in a["units"])
+
+
+def test_cli_target_bits_and_recipe(model_dir, calib, tmp_path, capsys):
+    from loaq.cli import main
+    from loaq.recipe import load_recipe
+
+    out = tmp_path / "m"
+    assert main(["-q", "quantize", "--model", model_dir, "--calib", calib, "--nsamples", "4", "--seqlen", "32",
+                 "--batch-size", "2", "--target-bits", "3.0", "--candidates", "2,4", "--out", str(out)]) == 0
+    assert "allocated" in capsys.readouterr().out
+    meta = json.load(open(out / "loaq.json"))
+    assert meta["config"]["allocation"]["target_bits"] == 3.0 and meta["allocation"]["avg_bits"] <= 3.0
+    assert {s["bits"] for s in meta["layer_specs"].values()} <= {2, 4}
+    assert load_recipe(str(out)).config.allocation == Allocation(3.0, "2,4")  # the run is its own recipe
+
+
+def test_resume_reuses_the_allocation_bit_identically(mixed_run, model_dir, calib, tmp_path, monkeypatch):
+    from loaq.checkpoint import LayerStore
+
+    class Killed(Exception):
+        pass
+
+    real_save = LayerStore.save_layer
+
+    def save_then_die(self, i, res, streams):
+        real_save(self, i, res, streams)
+        if i == 0:
+            raise Killed
+
+    cfg = QuantConfig(spec=GridSpec(3, 0), allocation=Allocation(3.3, holdout=0.25))
+    kw = dict(out=str(tmp_path / "n"), batch_size=2, progress=False)
+    cal = Calibration(calib, nsamples=8, seqlen=32)
+    monkeypatch.setattr(LayerStore, "save_layer", save_then_die)
+    with pytest.raises(Killed):
+        api.quantize(model_dir, cfg, cal, **kw)
+    monkeypatch.setattr(LayerStore, "save_layer", real_save)
+    monkeypatch.setattr(allocation, "measure", lambda *a, **k: pytest.fail("measured again on resume"))
+    run = api.quantize(model_dir, cfg, cal, resume=True, **kw)
+    assert run.meta["layer_specs"] == mixed_run.meta["layer_specs"]
+    assert all(torch.equal(run.results[n].codes, r.codes) for n, r in mixed_run.results.items())
