@@ -29,6 +29,7 @@ from torch import nn
 from loaq.config import Calibration, QuantConfig
 from loaq.errors import LoaQError
 from loaq.recipe import Recipe, build, from_mapping, load_recipe
+from loaq.streams import StreamOptions
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
              calibration: Calibration | torch.Tensor | None = None, out: str | None = None, *, tokenizer=None,
              export: str | None = None, export_dtype: str = "bfloat16", device: str = "cpu", batch_size: int = 8,
              resume: bool = False, force: bool = False, evaluation: Evaluation | None = None,
-             progress: bool = True) -> QuantizeResult:
+             progress: bool = True, streams: StreamOptions = StreamOptions()) -> QuantizeResult:
     """Quantize ``model`` and (with ``out``) write its native checkpoint, (with ``export``) its
     compressed-tensors export.
 
@@ -248,7 +249,9 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
       ``None`` (defaults: LoaQ W3 per channel);
     - ``calibration``: :class:`Calibration` (overrides the recipe's), or ready ``[n, L]`` token windows;
     - ``resume`` continues an interrupted run from its per-layer checkpoints in ``out + ".partial"``;
-    - ``evaluation`` also measures fp and quantized perplexity (recorded in ``loaq.json``).
+    - ``evaluation`` also measures fp and quantized perplexity (recorded in ``loaq.json``);
+    - ``streams`` (:class:`loaq.streams.StreamOptions`): where the calibration streams live (``offload``
+      device/cpu/disk), their storage and compute dtypes, how often ``resume`` state saves them.
     """
     import loaq
     from loaq.checkpoint import LayerStore
@@ -309,13 +312,14 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
         from loaq.rotation import rotate_model
 
         rotation = rotate_model(m, arch, cfg.rotation.seed)
-    store = LayerStore(work, cfg.digest(calib_hash), cfg.spec) if work else None
+    store = LayerStore(work, cfg.digest(calib_hash, streams.digest_fields()), cfg.spec,
+                       streams.checkpoint_every) if work else None
     t0 = time.time()
     try:
         results = quantize_model(m, arch, calib, cfg, batch_size=batch_size, device=device, store=store,
-                                 progress=progress)
+                                 progress=progress, streams=streams)
     except BaseException:
-        if store is not None and store.load_streams() is None:  # no layer finished: nothing to resume from
+        if store is not None and not store.finished():  # no layer finished: nothing to resume from
             shutil.rmtree(work, ignore_errors=True)
         raise
     timings["quantize"] = time.time() - t0
@@ -332,6 +336,8 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
                      "transformers": __import__("transformers").__version__},
         "quant_seconds": round(timings["quantize"], 2),
         "activations": cfg.act.meta(),
+        "streams": {"device": str(device), "offload": streams.offload, "dtype": streams.dtype,
+                    "compute_dtype": streams.compute_dtype},
     }
     if evaluation is not None:
         meta["eval"] = {"ppl": perplexity(m, windows, batch_size), "fp_ppl": fp_ppl, "tokens": int(windows.numel()),
