@@ -90,7 +90,7 @@ def _to(obj, device, dtype: torch.dtype | None = None, non_blocking: bool = Fals
 def _pinned(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A pinned CPU copy of ``x`` (device → host without blocking; the next device use orders after it)."""
     out = torch.empty(x.shape, dtype=dtype, device="cpu", pin_memory=True)
-    return out.copy_(x, non_blocking=True)
+    return out.copy_(x.to(dtype), non_blocking=True)  # cast on the device, then a plain pinned copy
 
 
 class Stream:
@@ -135,7 +135,7 @@ class Stream:
 
     def get(self, b: int) -> torch.Tensor:
         """Batch ``b`` in float32 on the compute device."""
-        return self.stored(b).to(self.device, torch.float32, non_blocking=self.cuda)
+        return self.stored(b).to(self.device, non_blocking=self.cuda).float()  # copied as stored, cast on the device
 
     def cpu(self) -> Iterable[torch.Tensor]:
         """Every batch on CPU in the storage dtype, one at a time (for the ``--resume`` state)."""
