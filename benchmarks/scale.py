@@ -42,9 +42,9 @@ SHAPES = {  # HF LlamaConfig fields
                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
                         rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192),
 }
-# (shape, layers, devices it is measured on)
-CASES = [("smollm2-135m", 30, ("cpu", "cuda")), ("llama-3.2-1b", 4, ("cpu", "cuda")),
-         ("llama-3.2-1b", 16, ("cpu", "cuda")), ("llama-3-8b", 32, ("cuda",))]
+# (shape, layers, devices it is measured on, layers timed per row unless --max-layers says otherwise)
+CASES = [("smollm2-135m", 30, ("cpu", "cuda"), 4), ("llama-3.2-1b", 4, ("cpu", "cuda"), 1),
+         ("llama-3.2-1b", 16, ("cpu", "cuda"), 1), ("llama-3-8b", 32, ("cuda",), 2)]
 METHODS = ("gptq", "loaq")
 
 
@@ -251,7 +251,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-layers", type=int, default=4, help="stop each row after this many layers (default 4)")
+    ap.add_argument("--max-layers", type=int, help="stop each row after this many layers (default: per case, "
+                                                   "4 for SmolLM2, 1 for the 1B shape, 2 for 8B)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--cases", default="cpu", help="'cpu' (the CPU cases) or 'all'")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "scale"))
@@ -264,7 +265,7 @@ def main() -> None:
     paths = load_paths()
     rows, t_start = [], time.time()
     with tempfile.TemporaryDirectory(prefix="loaq-scale-") as tmp:
-        for shape, layers, devices in CASES:
+        for shape, layers, devices, timed in CASES:
             s = SHAPES[shape]
             base = dict(model=shape, layers=layers, params=params(s, layers), tokens=a.nsamples * a.seqlen,
                         nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size)
@@ -278,7 +279,7 @@ def main() -> None:
             for method in a.methods.split(","):
                 for path in paths:
                     row = dict(base, method=method, path=path, device=a.device, dir=d,
-                               max_layers=min(a.max_layers, layers))
+                               max_layers=min(a.max_layers or timed, layers))
                     row |= run_row(row)
                     row.pop("dir")
                     row["measured"] = True

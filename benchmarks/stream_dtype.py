@@ -4,7 +4,8 @@
 
 LoaQ (the registry's α, β) at W3 and W2 per channel, asymmetric, with the quality tables' calibration
 (32 windows of 512 tokens, seed 0) and ppl16k; each setting quantized twice in one run: streams stored in
-float32 (the default) and in bfloat16 (``StreamOptions(dtype="bfloat16")``; all math stays float32).
+float32 (the default) and in bfloat16 (``StreamOptions(dtype="bfloat16")``; all math stays float32);
+plus one W3 row with the forward passes in bfloat16 (``compute_dtype="bfloat16"``, streams float32).
 The float32 rows must equal ``benchmarks/results/quality_tables.json``'s LoaQ rows (same codes).
 Writes benchmarks/results/stream_dtype.{json,md}.
 """
@@ -36,17 +37,19 @@ def main() -> None:
     calib = api.calibration_windows(fp.tokenizer, Calibration(nsamples=a.nsamples, seqlen=a.seqlen, seed=0))
     windows = api.eval_windows(fp.tokenizer, api.Evaluation())
     rows = []
-    for setting, spec in SETTINGS.items():
-        for dtype in ("float32", "bfloat16"):
-            m = copy.deepcopy(fp.model)
-            with PeakRSS() as mem:
-                run = api.quantize(m, QuantConfig(spec=spec, method=Method("loaq")), calib, tokenizer=fp.tokenizer,
-                                   progress=False, streams=StreamOptions(dtype=dtype))
-            rows.append(dict(setting=setting, bits=spec.bits, method="loaq", stream_dtype=dtype,
-                             ppl=perplexity(run.model, windows, 8), quant_seconds=round(run.timings["quantize"], 1),
-                             peak_rss_mb=round(mem.delta, 1)))
-            print(rows[-1], flush=True)
-            del m, run
+    runs = [(setting, dtype, "float32") for setting in SETTINGS for dtype in ("float32", "bfloat16")]
+    runs.append(("w3", "float32", "bfloat16"))  # --compute-dtype bfloat16: forwards in bf16 (sanity row)
+    for setting, dtype, compute in runs:
+        spec = SETTINGS[setting]
+        m = copy.deepcopy(fp.model)
+        with PeakRSS() as mem:
+            run = api.quantize(m, QuantConfig(spec=spec, method=Method("loaq")), calib, tokenizer=fp.tokenizer,
+                               progress=False, streams=StreamOptions(dtype=dtype, compute_dtype=compute))
+        rows.append(dict(setting=setting, bits=spec.bits, method="loaq", stream_dtype=dtype, compute_dtype=compute,
+                         ppl=perplexity(run.model, windows, 8), quant_seconds=round(run.timings["quantize"], 1),
+                         peak_rss_mb=round(mem.delta, 1)))
+        print(rows[-1], flush=True)
+        del m, run
     doc = dict(command=command(), machine=machine(), date=utc_date(), nsamples=a.nsamples, seqlen=a.seqlen,
                eval="ppl16k: first 16,384 eval-split tokens, 32 windows of 512", rows=rows)
     with open(a.out + ".json", "w") as fh:
@@ -61,13 +64,13 @@ def markdown(doc: dict) -> str:
              f"Calibration {doc['nsamples']} × {doc['seqlen']} tokens (the quality tables'), {doc['eval']}. "
              "Streams h, ĥ and the kept X̂ stored in the given dtype between uses; norms, residual sums and "
              "H, C, B stay float32 (float64 sums).", "",
-             "| setting | stream dtype | ppl | Δ ppl vs float32 | quant s | peak RSS MB (above start) |",
-             "|---|---|---:|---:|---:|---:|"]
-    base = {r["setting"]: r["ppl"] for r in doc["rows"] if r["stream_dtype"] == "float32"}
+             "| setting | stream dtype | compute dtype | ppl | Δ ppl vs float32 | quant s | peak RSS MB (above start) |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    base = {r["setting"]: r["ppl"] for r in doc["rows"] if r["stream_dtype"] == r["compute_dtype"] == "float32"}
     for r in doc["rows"]:
         d = 100 * (r["ppl"] / base[r["setting"]] - 1)
-        lines.append(f"| {r['setting']} | {r['stream_dtype']} | {r['ppl']:.3f} | {d:+.2f} % | {r['quant_seconds']} | "
-                     f"{r['peak_rss_mb']} |")
+        lines.append(f"| {r['setting']} | {r['stream_dtype']} | {r['compute_dtype']} | {r['ppl']:.3f} | {d:+.2f} % | "
+                     f"{r['quant_seconds']} | {r['peak_rss_mb']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -150,3 +150,25 @@ def test_stream_options_are_checked_and_only_dtypes_enter_the_digest():
     assert cfg.digest("h", StreamOptions(offload="disk", checkpoint_every=3).digest_fields()) == base
     assert cfg.digest("h", StreamOptions(dtype="bfloat16").digest_fields()) != base
     assert cfg.digest("h", StreamOptions(compute_dtype="float16").digest_fields()) != base
+
+
+def test_cli_flags_reach_the_run_and_offload_keeps_the_codes(model_dir, calib, tmp_path):
+    """`loaq quantize --offload-streams disk --stream-checkpoint-every 1` writes the same codes as the default
+    run, records the stream settings in loaq.json and leaves no work directory."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from loaq.cli import main
+
+    def quantize(out, *extra):
+        return main(["-q", "quantize", "--model", model_dir, "--calib", calib, "--nsamples", "4", "--seqlen", "32",
+                     "--batch-size", "2", "--out", str(out), *extra])
+
+    assert quantize(tmp_path / "a") == 0
+    assert quantize(tmp_path / "b", "--offload-streams", "disk", "--stream-checkpoint-every", "1") == 0
+    a, b = (load_file(tmp_path / d / "quantized.safetensors") for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.load(open(tmp_path / "b" / "loaq.json"))
+    assert meta["streams"] == {"device": "cpu", "offload": "disk", "dtype": "float32", "compute_dtype": "float32"}
+    assert not os.path.exists(tmp_path / "b.partial")
