@@ -161,15 +161,17 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
                 continue
             h = streams.h.get(b)
             X, y = _catch_input(fp_out, lambda: sl.run(fp_layer, h.to(cdt), kw))
+            h_next = h + y
             streams.at_layer = None
-            streams.h.set(b, h + y)
+            streams.h.set(b, h_next)
             if not m.rule.output_stats:
                 st.add(X_hat, X)
                 continue
-            bias = fp_out.bias if fp_out.bias is not None else 0
-            h_b, hh_b = h + bias, h_hat + bias
+            if use_B:
+                bias = fp_out.bias if fp_out.bias is not None else 0
+                h_b, hh_b = h + bias, h_hat + bias
             if m.rescale:
-                s = rms_factor(h + y, eps)  # y = XWᵀ + b
+                s = rms_factor(h_next, eps)  # y = XWᵀ + b
                 base = h_hat if m.shat == "text" else h
                 s_hat = rms_factor(base + y_hat, eps)
                 st.add(s_hat * X_hat, s * X, (s * h_b - s_hat * hh_b) if use_B else None)
