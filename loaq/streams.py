@@ -110,7 +110,7 @@ class Stream:
         """Store batch ``b`` (a new tensor each time: a tensor ``get`` returned is never written in place)."""
         x = x.detach()
         if self.opts.offload == "device":
-            self.items[b] = x.to(self.dtype)
+            self.items[b] = x.to(self.device, self.dtype)  # (a resumed run's streams come from CPU)
         elif self.opts.offload == "cpu":
             self.items[b] = _pinned(x, self.dtype) if self.cuda else x.to("cpu", self.dtype)
         else:
