@@ -43,7 +43,7 @@ SHAPES = {  # HF LlamaConfig fields
                         rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192),
 }
 # (shape, layers, devices it is measured on, layers timed per row unless --max-layers says otherwise)
-CASES = [("smollm2-135m", 30, ("cpu", "cuda"), 4), ("llama-3.2-1b", 4, ("cpu", "cuda"), 1),
+CASES = [("smollm2-135m", 30, ("cpu", "cuda"), 2), ("llama-3.2-1b", 4, ("cpu", "cuda"), 1),
          ("llama-3.2-1b", 16, ("cpu", "cuda"), 1), ("llama-3-8b", 32, ("cuda",), 2)]
 METHODS = ("gptq", "loaq")
 
@@ -252,7 +252,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-layers", type=int, help="stop each row after this many layers (default: per case, "
-                                                   "4 for SmolLM2, 1 for the 1B shape, 2 for 8B)")
+                                                   "2 for SmolLM2 and 8B, 1 for the 1B shape)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--cases", default="cpu", help="'cpu' (the CPU cases) or 'all'")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "scale"))
@@ -260,8 +260,6 @@ def main() -> None:
     if a.row:
         print(json.dumps(measure(json.loads(a.row))))
         return
-    from loaq.bench import command, machine, utc_date
-
     paths = load_paths()
     rows, t_start = [], time.time()
     with tempfile.TemporaryDirectory(prefix="loaq-scale-") as tmp:
@@ -285,17 +283,23 @@ def main() -> None:
                     row["measured"] = True
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    _write(a, paths, rows, t_start)  # after every row: a cut-short run keeps what it measured
             import shutil
 
             shutil.rmtree(d)
+    _write(a, paths, rows, t_start)
+
+
+def _write(a, paths: list[str], rows: list[dict], t_start: float) -> None:
+    from loaq.bench import command, machine, utc_date
+    from loaq.plots import peak_memory_vs_params
+
     doc = dict(command=command(), machine=machine(), date=utc_date(), minutes=round((time.time() - t_start) / 60, 1),
                load_paths=paths, rows=rows, projection=projection(rows))
     with open(a.out + ".json", "w") as fh:
         json.dump(doc, fh, indent=2)
     with open(a.out + ".md", "w") as fh:
         fh.write(markdown(doc))
-    from loaq.plots import peak_memory_vs_params
-
     peak_memory_vs_params(rows, a.out + ".peak_rss.png")
 
 

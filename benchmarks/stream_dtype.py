@@ -37,8 +37,10 @@ def main() -> None:
     calib = api.calibration_windows(fp.tokenizer, Calibration(nsamples=a.nsamples, seqlen=a.seqlen, seed=0))
     windows = api.eval_windows(fp.tokenizer, api.Evaluation())
     rows = []
-    runs = [("w3", "float32", "float32"), ("w3", "bfloat16", "float32"), ("w2", "bfloat16", "float32"),
-            ("w2", "float32", "float32"), ("w3", "float32", "bfloat16")]  # last: forwards in bf16 (sanity row)
+    # bf16 rows first (a run cut short compares them with quality_tables.json's float32 LoaQ rows), then
+    # the float32 reference rows of this run, then forwards in bf16 (a sanity row)
+    runs = [("w3", "bfloat16", "float32"), ("w2", "bfloat16", "float32"), ("w3", "float32", "float32"),
+            ("w2", "float32", "float32"), ("w3", "float32", "bfloat16")]
     for setting, dtype, compute in runs:
         spec = SETTINGS[setting]
         m = copy.deepcopy(fp.model)
