@@ -183,15 +183,16 @@ def run_row(row: dict) -> dict:
 def layer_flops(s: dict, tokens: int, method: str) -> dict:
     """Multiply-adds ×2 of one decoder layer at ``tokens`` calibration tokens, by part (the cost model of
     the projection): forwards (the quantized one, plus the float one for two-stream methods), statistics
-    (``H``; LoaQ adds ``C``), the GPTQ column solve (``out · in²`` per group) and LoaQ's target
-    ``H⁻¹ C W`` (``in² · out`` for ``C W`` and for the Cholesky solve)."""
+    (``H``; LoaQ adds ``C``), the solve (GPTQ's column loop ``out · in²`` plus the float64 Cholesky
+    factor, inverse and factor of the inverse, ``≈ 1.5 in³``, per group) and LoaQ's target ``H⁻¹ C W``
+    (``2 in² out`` for ``C W``, ``2 in² out`` for the two triangular solves)."""
     lin = _linears(s)
     weights = sum(o * k for o, k in lin)
     attn = 2 * tokens * s["seqlen_for_flops"] * s["num_attention_heads"] * s["head_dim"] * 2
     fwd = 2 * tokens * weights + attn
     groups = [(sum(o for o, _ in lin[:3]), s["hidden_size"]), lin[3], (2 * s["intermediate_size"], s["hidden_size"]), lin[6]]
     stats = sum(2 * tokens * k * k for _, k in groups)
-    solve = sum(2 * o * k * k for o, k in groups)
+    solve = sum(o * k * k + 1.5 * k ** 3 for o, k in groups)
     two = method != "gptq"
     target = sum(4 * o * k * k for o, k in groups) if two else 0
     return dict(forward=fwd * (2 if two else 1), stats=stats * (2 if two else 1), solve=solve, target=target)
@@ -202,9 +203,10 @@ def projection(rows: list[dict], tokens_paper: int = 128 * 2048, seqlen_paper: i
 
     Time: the measured seconds per layer of the deepest measured 1B-shape row (per method), scaled by the
     ratio of :func:`layer_flops` totals (same machine, same token budget, and at the paper's 128 × 2048
-    tokens), times the depth. Memory (lazy path): two float32 copies of one layer + both streams + the
-    kept ``X̂`` (tokens × intermediate) + one batch's largest activations + float32 embeddings, scaled by
-    the measured/modelled ratio of the 1B rows; eager adds the whole float32 model."""
+    tokens), times the depth. Memory (:func:`_memory_model`, streams on the device): lazy = two float32
+    copies of one layer + both streams + the kept ``X̂`` (tokens × intermediate) + one batch's largest
+    activations + float32 embeddings; eager adds the whole float32 model. ``fitted_mb`` scales the
+    model of the reference row's path by that row's measured / modelled ratio."""
     base = [r for r in rows if r["model"] == "llama-3.2-1b" and r.get("seconds_per_layer") and r["device"] == "cpu"]
     if not base:
         return []
@@ -222,12 +224,13 @@ def projection(rows: list[dict], tokens_paper: int = 128 * 2048, seqlen_paper: i
                 spl = ref["seconds_per_layer"] * f / f1
                 mem = _memory_model(s, tokens, ref["batch_size"], seqlen, method)
                 ref_mem = _memory_model(s1, ref["tokens"], ref["batch_size"], ref["seqlen"], method)
-                fit = ref["peak_rss_mb"] / ref_mem["lazy_mb"] if ref["path"] == "lazy" else None
+                key = f"{ref['path']}_mb"
+                fit = ref["peak_rss_mb"] / ref_mem[key]  # measured / modelled on the reference row
                 out.append(dict(model=shape, layers=s["num_hidden_layers"], params=params(s, s["num_hidden_layers"]),
                                 method=method, tokens=tokens, seconds_per_layer=round(spl, 1),
                                 hours=round(spl * s["num_hidden_layers"] / 3600, 2),
                                 lazy_mb_model=round(mem["lazy_mb"]), eager_mb_model=round(mem["eager_mb"]),
-                                lazy_mb_fitted=round(mem["lazy_mb"] * fit) if fit else None,
+                                fitted_mb=round(mem[key] * fit), fitted_path=ref["path"],
                                 from_row=f"{ref['model']}/{ref['layers']}/{ref['path']}"))
     return out
 
@@ -324,11 +327,12 @@ def markdown(doc: dict) -> str:
                 lines.append(f"- {r['model']} × {r['layers']} ({r['path']}): {r['seconds_per_layer'] / g['seconds_per_layer']:.2f}")
     if doc["projection"]:
         lines += ["", "## Projection to 8B and 70B (see `benchmarks/scale.py: projection`)", "",
-                  "| model | method | tokens | s/layer | hours | lazy MB (model) | lazy MB (fitted) | eager MB (model) | from |",
+                  "| model | method | tokens | s/layer | hours | lazy MB (model) | eager MB (model) | MB fitted (path) | from |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for p in doc["projection"]:
             lines.append(f"| {p['model']} | {p['method']} | {p['tokens']} | {p['seconds_per_layer']} | {p['hours']} | "
-                         f"{p['lazy_mb_model']} | {p['lazy_mb_fitted'] or '-'} | {p['eager_mb_model']} | {p['from_row']} |")
+                         f"{p['lazy_mb_model']} | {p['eager_mb_model']} | {p['fitted_mb']} ({p['fitted_path']}) | "
+                         f"{p['from_row']} |")
     return "\n".join(lines) + "\n"
 
 
