@@ -297,8 +297,11 @@ def _write(a, paths: list[str], rows: list[dict], t_start: float) -> None:
     from loaq.bench import command, machine, utc_date
     from loaq.plots import peak_memory_vs_params
 
+    import torch
+
     doc = dict(command=command(), machine=machine(), date=utc_date(), minutes=round((time.time() - t_start) / 60, 1),
-               load_paths=paths, rows=rows, projection=projection(rows))
+               threads=int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads()), load_paths=paths, rows=rows,
+               projection=projection(rows))
     with open(a.out + ".json", "w") as fh:
         json.dump(doc, fh, indent=2)
     with open(a.out + ".md", "w") as fh:
@@ -311,6 +314,7 @@ def markdown(doc: dict) -> str:
              f"`{doc['command']}` on {doc['machine']}, {doc['date']} ({doc['minutes']} min).", "",
              f"Load paths measured: {', '.join(doc['load_paths'])}. Peak RSS is above the subprocess's RSS after its "
              "imports; each row stops after `layers_timed` layers (seconds per layer are over those).", "",
+             *[f"{n}" for n in doc.get("notes", [])], *([""] if doc.get("notes") else []),
              "| model | layers | params (M) | method | path | device | peak RSS MB | peak device MB | s/layer | layers timed | tokens |",
              "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|"]
     for r in doc["rows"]:

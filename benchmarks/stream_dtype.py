@@ -31,16 +31,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=16384, help="ppl tokens (default 16384: ppl16k)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "stream_dtype"))
     a = ap.parse_args()
     fp = api.load(None)
     calib = api.calibration_windows(fp.tokenizer, Calibration(nsamples=a.nsamples, seqlen=a.seqlen, seed=0))
-    windows = api.eval_windows(fp.tokenizer, api.Evaluation())
+    windows = api.eval_windows(fp.tokenizer, api.Evaluation(tokens=a.eval_tokens))
     rows = []
-    # bf16 rows first (a run cut short compares them with quality_tables.json's float32 LoaQ rows), then
-    # the float32 reference rows of this run, then forwards in bf16 (a sanity row)
-    runs = [("w3", "bfloat16", "float32"), ("w2", "bfloat16", "float32"), ("w3", "float32", "float32"),
-            ("w2", "float32", "float32"), ("w3", "float32", "bfloat16")]
+    # each setting's float32 reference, then bf16 storage; last, forwards in bf16 (a sanity row)
+    runs = [("w3", "float32", "float32"), ("w3", "bfloat16", "float32"), ("w2", "float32", "float32"),
+            ("w2", "bfloat16", "float32"), ("w3", "float32", "bfloat16")]
     for setting, dtype, compute in runs:
         spec = SETTINGS[setting]
         m = copy.deepcopy(fp.model)
@@ -53,7 +53,8 @@ def main() -> None:
         print(rows[-1], flush=True)
         del m, run
         doc = dict(command=command(), machine=machine(), date=utc_date(), nsamples=a.nsamples, seqlen=a.seqlen,
-                   eval="ppl16k: first 16,384 eval-split tokens, 32 windows of 512", rows=rows)
+                   eval=f"ppl of the first {windows.numel():,} eval-split tokens, {windows.shape[0]} windows of 512",
+                   rows=rows)
         with open(a.out + ".json", "w") as fh:  # after every row: a cut-short run keeps what it measured
             json.dump(doc, fh, indent=2)
         with open(a.out + ".md", "w") as fh:
