@@ -45,6 +45,9 @@ SHAPES = {  # HF LlamaConfig fields
 # (shape, layers, devices it is measured on, layers timed per row unless --max-layers says otherwise)
 CASES = [("smollm2-135m", 30, ("cpu", "cuda"), 2), ("llama-3.2-1b", 4, ("cpu", "cuda"), 1),
          ("llama-3.2-1b", 16, ("cpu", "cuda"), 1), ("llama-3-8b", 32, ("cuda",), 2)]
+# one decoder layer of the 1B shape (with its 128k-token embeddings): seconds per layer and LoaQ ÷ GPTQ where
+# the deeper eager rows do not fit in memory (--only llama-3.2-1b:1)
+EXTRA_CASES = [("llama-3.2-1b", 1, ("cpu", "cuda"), 1)]
 METHODS = ("gptq", "loaq")
 
 
@@ -175,8 +178,10 @@ def run_row(row: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
     r = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--row", json.dumps(row)], env=env,
                        capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"row {row['model']}/{row['layers']}/{row['method']}/{row['path']} failed:\n{r.stderr[-3000:]}")
+    if r.returncode != 0:  # recorded, not fatal: the other rows still run
+        why = "killed by the OOM killer" if r.returncode == -9 else f"exit status {r.returncode}"
+        print(r.stderr[-3000:], file=sys.stderr)
+        return dict(peak_rss_mb=None, peak_device_mb=None, seconds_per_layer=None, failed=why)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -258,6 +263,8 @@ def main() -> None:
                                                    "2 for SmolLM2 and 8B, 1 for the 1B shape)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--cases", default="cpu", help="'cpu' (the CPU cases) or 'all'")
+    ap.add_argument("--only", help="run only these cases, e.g. llama-3.2-1b:4,llama-3.2-1b:16")
+    ap.add_argument("--append", action="store_true", help="keep the rows already in --out's JSON (other cases)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "scale"))
     a = ap.parse_args()
     if a.row:
@@ -265,8 +272,16 @@ def main() -> None:
         return
     paths = load_paths()
     rows, t_start = [], time.time()
+    only = set(a.only.split(",")) if a.only else None
+    if a.append and os.path.exists(a.out + ".json"):
+        with open(a.out + ".json") as fh:
+            rows = [r for r in json.load(fh)["rows"] if only is None or f"{r['model']}:{r['layers']}" not in only]
     with tempfile.TemporaryDirectory(prefix="loaq-scale-") as tmp:
-        for shape, layers, devices, timed in CASES:
+        for shape, layers, devices, timed in CASES + EXTRA_CASES:
+            if (shape, layers, devices, timed) in EXTRA_CASES and (only is None or f"{shape}:{layers}" not in only):
+                continue
+            if only is not None and f"{shape}:{layers}" not in only:
+                continue
             s = SHAPES[shape]
             base = dict(model=shape, layers=layers, params=params(s, layers), tokens=a.nsamples * a.seqlen,
                         nsamples=a.nsamples, seqlen=a.seqlen, batch_size=a.batch_size)
@@ -283,7 +298,7 @@ def main() -> None:
                                max_layers=min(a.max_layers or timed, layers))
                     row |= run_row(row)
                     row.pop("dir")
-                    row["measured"] = True
+                    row["measured"] = not row.get("failed")
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     _write(a, paths, rows, t_start)  # after every row: a cut-short run keeps what it measured
@@ -318,7 +333,7 @@ def markdown(doc: dict) -> str:
              "| model | layers | params (M) | method | path | device | peak RSS MB | peak device MB | s/layer | layers timed | tokens |",
              "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|"]
     for r in doc["rows"]:
-        f = lambda k: "not measured" if r.get(k) is None else r[k]  # noqa: E731
+        f = lambda k: (r.get("failed") or "not measured") if r.get(k) is None else r[k]  # noqa: E731
         lines.append(f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.0f} | {r['method']} | {r['path']} | "
                      f"{r['device']} | {f('peak_rss_mb')} | {f('peak_device_mb') if r['device'] != 'cpu' else '-'} | "
                      f"{f('seconds_per_layer')} | {r.get('layers_timed', '-')} | {r['tokens']} |")
