@@ -329,14 +329,14 @@ def markdown(doc: dict) -> str:
              f"`{doc['command']}` on {doc['machine']}, {doc['date']} ({doc['minutes']} min).", "",
              f"Load paths measured: {', '.join(doc['load_paths'])}. Peak RSS is above the subprocess's RSS after its "
              "imports; each row stops after `layers_timed` layers (seconds per layer are over those).", "",
-             *[f"{n}" for n in doc.get("notes", [])], *([""] if doc.get("notes") else []),
+             *[f"- {n}" for n in doc.get("notes", [])], *([""] if doc.get("notes") else []),
              "| model | layers | params (M) | method | path | device | peak RSS MB | peak device MB | s/layer | layers timed | tokens |",
              "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|"]
     for r in doc["rows"]:
         f = lambda k: (r.get("failed") or "not measured") if r.get(k) is None else r[k]  # noqa: E731
         lines.append(f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.0f} | {r['method']} | {r['path']} | "
                      f"{r['device']} | {f('peak_rss_mb')} | {f('peak_device_mb') if r['device'] != 'cpu' else '-'} | "
-                     f"{f('seconds_per_layer')} | {r.get('layers_timed', '-')} | {r['tokens']} |")
+                     f"{'-' if r.get('failed') else f('seconds_per_layer')} | {r.get('layers_timed', '-')} | {r['tokens']} |")
     lines += ["", "LoaQ ÷ GPTQ seconds per layer (same run):", ""]
     for r in doc["rows"]:
         if r["method"] == "loaq" and r.get("seconds_per_layer"):
