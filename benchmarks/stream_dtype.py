@@ -64,7 +64,7 @@ def main() -> None:
 def markdown(doc: dict) -> str:
     lines = ["# Stream storage dtype: perplexity effect (SmolLM2-135M, LoaQ)", "",
              f"`{doc['command']}` on {doc['machine']}, {doc['date']}.", "",
-             f"Calibration {doc['nsamples']} × {doc['seqlen']} tokens (the quality tables'), {doc['eval']}. "
+             f"Calibration {doc['nsamples']} × {doc['seqlen']} tokens (the quality tables': 32 × 512), {doc['eval']}. "
              "Streams h, ĥ and the kept X̂ stored in the given dtype between uses; norms, residual sums and "
              "H, C, B stay float32 (float64 sums).", "",
              "| setting | stream dtype | compute dtype | ppl | Δ ppl vs float32 | quant s | peak RSS MB (above start) |",
@@ -74,6 +74,7 @@ def markdown(doc: dict) -> str:
         d = 100 * (r["ppl"] / base[r["setting"]] - 1) if r["setting"] in base else float("nan")
         lines.append(f"| {r['setting']} | {r['stream_dtype']} | {r['compute_dtype']} | {r['ppl']:.3f} | {d:+.2f} % | "
                      f"{r['quant_seconds']} | {r['peak_rss_mb']} |")
+    lines += [""] + [f"- {n}" for n in doc.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
