@@ -14,7 +14,7 @@ _API = {
     "QuantConfig": "loaq.config", "Method": "loaq.config", "Calibration": "loaq.config",
     "GridSpec": "loaq.grids", "SolverOptions": "loaq.solver", "ActSpec": "loaq.actquant",
     "RotationSpec": "loaq.rotation", "Recipe": "loaq.recipe", "load_recipe": "loaq.recipe",
-    "LoaQError": "loaq.errors",
+    "LoaQError": "loaq.errors", "StreamOptions": "loaq.streams",
 }
 __all__ = sorted(_API)
 

@@ -170,26 +170,27 @@ def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devic
     from tqdm.auto import tqdm
 
     from loaq.holdout import split_windows
-    from loaq.pipeline import Streams, _embeddings_to, capture_inputs, quantize_layer
+    from loaq.pipeline import _capture, quantize_layer
+    from loaq.streams import StreamOptions, Streams
 
     alloc = cfg.allocation
     n = max(2, math.ceil(alloc.windows * calib.shape[0]))
     fit, held = split_windows(calib[:n], alloc.holdout)
     wide = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, bits=max(alloc.bits)))
     m = copy.deepcopy(model)
-    _embeddings_to(m, arch, device)
-    hs, kws = capture_inputs(m, arch, fit, batch_size, device)
-    hs_held, kws_held = capture_inputs(m, arch, held, batch_size, device)
-    _embeddings_to(m, arch, "cpu")
-    hs, kws = hs + hs_held, kws + kws_held
-    streams = Streams([x.clone() for x in hs] if cfg.method.two_stream else None, hs, kws, held=len(hs_held))
-    probe = Probe(wide, alloc.bits)
-    eps = m.config.rms_norm_eps
-    layers = arch.decoder_layers(m)
-    for i in tqdm(range(len(layers)), desc="sensitivity", disable=not progress, unit="layer"):
-        layers[i].to(device)
-        quantize_layer(layers[i], arch, streams, wide, eps, f"{arch.layers}.{i}.", device, probe=probe)
-        layers[i].to("cpu")
+    n_fit = len(fit.split(batch_size))
+    streams = Streams(n_fit + len(held.split(batch_size)), cfg.method.two_stream, StreamOptions(), device)
+    try:
+        _capture(m, arch, fit, batch_size, streams)
+        _capture(m, arch, held, batch_size, streams, offset=n_fit)
+        streams.held = len(streams) - n_fit
+        probe = Probe(wide, alloc.bits)
+        eps = m.config.rms_norm_eps
+        layers = arch.decoder_layers(m)
+        for i in tqdm(range(len(layers)), desc="sensitivity", disable=not progress, unit="layer"):
+            quantize_layer(layers[i], arch, streams, wide, eps, f"{arch.layers}.{i}.", probe=probe)
+    finally:
+        streams.close()
     return probe.errors, {"fit": int(fit.shape[0]), "held": int(held.shape[0])}
 
 

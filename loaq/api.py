@@ -30,6 +30,7 @@ from torch import nn
 from loaq.config import Calibration, QuantConfig
 from loaq.errors import LoaQError
 from loaq.recipe import Recipe, build, from_mapping, load_recipe
+from loaq.streams import StreamOptions
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,8 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
              calibration: Calibration | torch.Tensor | None = None, out: str | None = None, *, tokenizer=None,
              export: str | None = None, export_dtype: str = "bfloat16", device: str = "cpu", batch_size: int = 8,
              resume: bool = False, force: bool = False, evaluation: Evaluation | None = None,
-             progress: bool = True, sensitivity: dict | None = None) -> QuantizeResult:
+             progress: bool = True, sensitivity: dict | None = None,
+             streams: StreamOptions = StreamOptions()) -> QuantizeResult:
     """Quantize ``model`` and (with ``out``) write its native checkpoint, (with ``export``) its
     compressed-tensors export.
 
@@ -255,7 +257,9 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
     - ``resume`` continues an interrupted run from its per-layer checkpoints in ``out + ".partial"``;
     - ``evaluation`` also measures fp and quantized perplexity (recorded in ``loaq.json``);
     - ``sensitivity``: with ``config.allocation`` (``--target-bits``), an earlier run's ``meta["allocation"]``
-      (same model, calibration and method) whose measured per-linear errors are reused for this budget.
+      (same model, calibration and method) whose measured per-linear errors are reused for this budget;
+    - ``streams`` (:class:`loaq.streams.StreamOptions`): where the calibration streams live (``offload``
+      device/cpu/disk), their storage and compute dtypes, how often ``resume`` state saves them.
     """
     import loaq
     from loaq.checkpoint import LayerStore
@@ -319,7 +323,8 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
         from loaq.rotation import rotate_model
 
         rotation = rotate_model(m, arch, cfg.rotation.seed, cfg.rotation.r4_blocks)
-    store = LayerStore(work, cfg.digest(calib_hash), cfg.spec) if work else None
+    store = LayerStore(work, cfg.digest(calib_hash, streams.digest_fields()), cfg.spec,
+                       stream_every=streams.checkpoint_every) if work else None
     specs, alloc_meta = None, None
     t0 = time.time()
     try:
@@ -328,9 +333,9 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
             timings["allocate"] = time.time() - t0
             t0 = time.time()
         results = quantize_model(m, arch, calib, cfg, batch_size=batch_size, device=device, store=store,
-                                 progress=progress, specs=specs)
+                                 progress=progress, specs=specs, streams=streams)
     except BaseException:
-        if store is not None and store.load_streams() is None:  # no layer finished: nothing to resume from
+        if store is not None and not store.finished():  # no layer finished: nothing to resume from
             shutil.rmtree(work, ignore_errors=True)
         raise
     timings["quantize"] = time.time() - t0
@@ -347,6 +352,8 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
                      "transformers": __import__("transformers").__version__},
         "quant_seconds": round(timings["quantize"], 2),
         "activations": cfg.act.meta(),
+        "streams": {"device": str(device), "offload": streams.offload, "dtype": streams.dtype,
+                    "compute_dtype": streams.compute_dtype},
     }
     if specs is not None:
         meta["layer_specs"] = {n: dataclasses.asdict(s) for n, s in sorted(specs.items())}

@@ -104,13 +104,21 @@ def check_output(path: str, force: bool) -> None:
 class LayerStore:
     """Per-layer checkpoints of a running quantization in ``workdir`` (``--resume`` reads them back).
 
-    ``workdir`` is created with the first finished layer, so an interruption before it leaves nothing.
-    Every file is written to a temporary name and renamed: a kill at any point leaves ``run.json``, the
-    layer files and ``streams.pt`` each whole or absent, and ``streams.pt`` names the layer to continue at.
+    ``layers/NNNN.safetensors`` holds each finished layer's codes (written every layer); ``streams-NNNN/``
+    the streams entering layer ``NNNN`` (one file per batch, in their storage dtype), written every
+    ``stream_every`` layers (0: never) and when an interruption finds them at a layer boundary; only the
+    newest is kept, so the store holds one copy of the streams whatever the depth. Resume continues after
+    the finished layers, replaying forward those after the saved streams (:func:`loaq.pipeline.replay_layer`;
+    none saved: from the captured layer-0 inputs). ``workdir`` is created with the first finished layer, so
+    an interruption before it leaves nothing. Every file and stream directory is written under a temporary
+    name and renamed: a kill at any point leaves ``run.json``, each layer file and each streams directory
+    whole or absent.
     """
 
-    def __init__(self, workdir: str, digest: str, spec: GridSpec, specs: dict[str, GridSpec] | None = None):
+    def __init__(self, workdir: str, digest: str, spec: GridSpec, specs: dict[str, GridSpec] | None = None,
+                 stream_every: int = 8):
         self.workdir, self.digest, self.spec, self.specs = workdir, digest, spec, specs or {}
+        self.stream_every = stream_every
         meta = os.path.join(workdir, "run.json")
         if os.path.exists(meta):
             old = json.load(open(meta))["digest"]
@@ -129,29 +137,71 @@ class LayerStore:
             os.replace(f"{meta}.tmp", meta)
 
     def save_layer(self, i: int, results: dict[str, QuantResult], streams) -> None:
+        """Keep layer ``i``'s codes; every ``stream_every`` layers also the streams entering layer ``i + 1``."""
         self._create()
         _atomic_save(results_to_tensors(results), self._layer_path(i))
-        state = {"next_layer": i + 1, "h": streams.h, "h_hat": streams.h_hat}
-        tmp = os.path.join(self.workdir, "streams.pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(self.workdir, "streams.pt"))
+        if self.stream_every and (i + 1) % self.stream_every == 0:
+            self.save_streams(i + 1, streams)
 
-    def load_streams(self) -> tuple[int, list | None, list] | None:
-        """(next layer, float stream, quantized stream) saved after the last finished layer, or None."""
-        p = os.path.join(self.workdir, "streams.pt")
-        if not os.path.exists(p):
-            return None
-        st = torch.load(p, weights_only=True)
-        return st["next_layer"], st["h"], st["h_hat"]
+    def finished(self) -> int:
+        """How many layers (0, 1, ...) have their codes on disk."""
+        n = 0
+        while os.path.exists(self._layer_path(n)):
+            n += 1
+        return n
 
-    def load_layers(self, model, upto: int) -> dict[str, QuantResult]:
-        """Results of layers ``0..upto-1``, written back into ``model``'s weights."""
+    def _saved_streams(self) -> list[int]:
+        if not os.path.isdir(self.workdir):
+            return []
+        return sorted(int(d[8:]) for d in os.listdir(self.workdir) if d.startswith("streams-") and d[8:].isdigit())
+
+    def save_streams(self, layer: int, streams) -> None:
+        """Write the streams entering ``layer`` (a :class:`loaq.streams.Streams`), one batch at a time."""
+        self._create()
+        final = os.path.join(self.workdir, f"streams-{layer:04d}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        parts = {"h_hat": streams.h_hat.cpu(), "h": streams.h.cpu() if streams.h is not None else iter(())}
+        for name, batches in parts.items():
+            for b, x in enumerate(batches):
+                save_file({"x": x.contiguous()}, os.path.join(tmp, f"{name}.{b:05d}.safetensors"))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in self._saved_streams():
+            if old != layer:
+                shutil.rmtree(os.path.join(self.workdir, f"streams-{old:04d}"), ignore_errors=True)
+
+    def save_interrupted(self, streams) -> None:
+        """On an interruption: save the streams if they sit at the boundary of the finished layers and are
+        newer than the saved ones (mid-layer they are partly advanced and cannot be kept)."""
+        at = streams.at_layer
+        if at is None or at == 0 or at != self.finished() or at in self._saved_streams():
+            return
+        self.save_streams(at, streams)
+
+    def load_streams(self, streams, upto: int) -> int:
+        """Fill ``streams`` with the newest saved streams entering a layer ``≤ upto``; returns that layer
+        (0, and ``streams`` untouched, when none is saved: they are the captured layer-0 inputs)."""
+        saved = [k for k in self._saved_streams() if k <= upto]
+        if not saved:
+            return 0
+        k = saved[-1]
+        d = os.path.join(self.workdir, f"streams-{k:04d}")
+        for name in ("h_hat", "h"):
+            stream = getattr(streams, name)
+            if stream is None:
+                continue
+            for b in range(len(stream)):
+                stream.set(b, load_tensors(os.path.join(d, f"{name}.{b:05d}.safetensors"))["x"])
+        return k
+
+    def load_results(self, upto: int) -> dict[str, QuantResult]:
+        """Results of layers ``0..upto-1``."""
         results = {}
         for i in range(upto):
-            results |= tensors_to_results(load_file(self._layer_path(i)))
-        for name, r in results.items():
-            w = model.get_submodule(name).weight
-            w.data.copy_(dequantized(r, self.specs.get(name, self.spec)).to(w.dtype))
+            results |= tensors_to_results(load_tensors(self._layer_path(i)))
         return results
 
     def save_json(self, name: str, obj: dict) -> None:

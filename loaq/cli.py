@@ -122,11 +122,13 @@ def _table(rows: list[dict]) -> str:
 
 def cmd_quantize(a) -> int:
     from loaq.api import quantize
+    from loaq.streams import StreamOptions
 
     recipe = _recipe(a)
+    streams = StreamOptions(a.offload_streams, a.stream_dtype, a.stream_checkpoint_every, a.compute_dtype)
     run = quantize(recipe.model, recipe, out=a.out, export=a.export, export_dtype=a.export_dtype, device=a.device,
                    batch_size=a.batch_size, resume=a.resume, force=a.force,
-                   evaluation=_evaluation(a) if a.eval else None, progress=not a.quiet)
+                   evaluation=_evaluation(a) if a.eval else None, progress=not a.quiet, streams=streams)
     if run.rotation is not None and run.rotation.untied:
         print("note: lm_head untied from the embeddings (the final norm is fused into lm_head only)")
     t = run.timings
@@ -280,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--export", metavar="DIR", help="also write a compressed-tensors checkpoint here (as loaq-export)")
     q.add_argument("--export-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="dtype of the exported unquantized tensors (default bfloat16)")
+    q.add_argument("--offload-streams", default="device", choices=("device", "cpu", "disk"),
+                   help="where the calibration streams live: on --device (default), in CPU memory (moved batch by "
+                        "batch, pinned on CUDA) or in per-batch files in the run's work directory")
+    q.add_argument("--stream-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="storage dtype of the streams (math stays float32; bfloat16 halves their memory)")
+    q.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the layer forward passes (statistics and solver stay float32)")
+    q.add_argument("--stream-checkpoint-every", type=int, default=8, metavar="N",
+                   help="save the streams for --resume every N layers (0: only when interrupted; default 8)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity (and per-layer MSE) of a model or native checkpoint")

@@ -122,8 +122,11 @@ class QuantConfig:
             kw[name] = typ(**sub)
         return cls(**kw)
 
-    def digest(self, calib_hash: str) -> str:
-        blob = json.dumps({"config": self.to_dict(), "calib": calib_hash}, sort_keys=True)
+    def digest(self, calib_hash: str, run: dict | None = None) -> str:
+        """What ``--resume`` checks: this config, the calibration tokens and the ``run`` settings that
+        change codes without being part of the config (non-float32 stream/compute dtypes)."""
+        d = {"config": self.to_dict(), "calib": calib_hash} | ({"run": run} if run else {})
+        blob = json.dumps(d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -211,7 +211,7 @@ def column_groups(in_features: int, spec: GridSpec) -> torch.Tensor:
 
 def expand(params: torch.Tensor, spec: GridSpec, in_features: int) -> torch.Tensor:
     """Per-group parameters [out, n_groups] broadcast to every column [out, in]."""
-    return params[:, column_groups(in_features, spec)]
+    return params[:, column_groups(in_features, spec).to(params.device)]
 
 
 def rtn(W: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -237,12 +237,34 @@ def quantize_moe(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLayer, str
             _shrink(st, H_in_all.H, n_all, m_in)
         results |= solve_group(names, lins, st, cfg, ",".join(names))
     results |= _quantize_w_out(experts, fp_experts, router, sl, streams, xh, x, rh, r, cfg, eps, prefix, device, few)
-    with torch.no_grad():  # (c) advance both streams
+    _advance(streams, experts, fp_experts, xh, x, rh, r)
+    return results
+
+
+def _advance(streams, experts, fp_experts, xh, x, rh, r) -> None:
+    """(c) advance both streams past the MoE sub-layer with the experts as they now are."""
+    streams.at_layer = None
+    with torch.no_grad():
         for b, h_hat in enumerate(streams.h_hat):
             streams.h_hat[b] = h_hat + rh[b].call(experts, xh[b]).reshape(h_hat.shape)
-            if two:
+            if x is not None:
                 streams.h[b] = streams.h[b] + r[b].call(fp_experts, x[b]).reshape(h_hat.shape)
-    return results
+
+
+def advance_moe(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLayer, streams) -> None:
+    """Advance ``streams`` past MoE sub-layer ``sl`` of a finished ``layer`` (its stored codes written in),
+    with the same operations as :func:`quantize_moe` (``--resume`` replay)."""
+    two = streams.h is not None
+    norm = layer.get_submodule(sl.norm)
+    block = layer.get_submodule(sl.module)
+    experts, router = block.get_submodule(sl.experts), block.get_submodule(sl.router)
+    fp_experts = fp_layer.get_submodule(sl.module).get_submodule(sl.experts) if two else None
+    with torch.no_grad():
+        xh = [_flat(norm(h)) for h in streams.h_hat]
+        x = [_flat(norm(h)) for h in streams.h] if two else None
+        rh = [_Routes.of(router, t, len(experts)) for t in xh]
+        r = [_Routes.of(router, t, len(experts)) for t in x] if two else None
+    _advance(streams, experts, fp_experts, xh, x, rh, r)
 
 
 def _quantize_w_out(experts, fp_experts, router, sl, streams, xh, x, rh, r, cfg, eps, prefix, device, few) -> dict:

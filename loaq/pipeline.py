@@ -9,9 +9,13 @@
       residual target ``s h - ŝ ĥ``; solve and write back;
    c. advance the streams: ``h += X W_outᵀ`` (kept from b), ``ĥ += X̂ Qᵀ`` (``X̂`` kept from b, so the
       sub-layer is not run again).
-3. After each layer, hand its results and both streams to the checkpoint store, so ``--resume``
-   continues bit-identically.
-Single-stream methods (RTN, GPTQ) never build or carry the float stream.
+3. After each layer, hand its results to the checkpoint store (and the streams every
+   ``checkpoint_every`` layers); ``--resume`` reloads the finished layers, the last saved streams, and
+   replays the layers between them forward only (:func:`replay_layer`), so it continues bit-identically.
+Single-stream methods (RTN, GPTQ) never build or carry the float stream. Where the streams live
+(device, CPU, disk; float32 or bfloat16) is :mod:`loaq.streams`' business: the pipeline only calls
+``get(b)``/``set(b, x)``. The layer being quantized runs on ``device``; with a ``compute_dtype`` other
+than float32 its forward passes run on a cast copy while the solver reads the float32 weights.
 
 W4A4 (``cfg.act``): once its float copy is taken, each layer's linears get the activation fake
 quantizer (:mod:`loaq.actquant`) as input pre-hooks and keep it, so ``X̂``, ``ŝ`` and ``ĥ`` are what the
@@ -25,7 +29,6 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +36,13 @@ from torch import nn
 
 from loaq import actquant
 from loaq.arch import Arch, SubLayer, rms_factor
+from loaq.checkpoint import dequantized
 from loaq.config import QuantConfig
-from loaq.errors import check_interrupted
+from loaq.errors import LoaQError, check_interrupted
 from loaq.grids import rtn as rtn_quantize, dequantize, expand
 from loaq.solver import QuantResult, factorize
 from loaq.stats import Stats
+from loaq.streams import StreamOptions, Streams
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +51,22 @@ class _Stop(Exception):
     pass
 
 
-@dataclass
-class Streams:
-    """Per-batch residual streams entering the current layer: float ``h`` (or None) and quantized ``h_hat``."""
-
-    h: list[torch.Tensor] | None
-    h_hat: list[torch.Tensor]
-    kwargs: list[dict]
-    held: int = 0  # the last ``held`` batches advance with the others but stay out of H, C, B (a probe scores them)
-
-
-def capture_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor, batch_size: int, device) -> tuple[list, list]:
-    """Layer-0 hidden states and the keyword arguments the decoder passes its layers, per batch."""
+def capture_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor, batch_size: int, device,
+                   sink: Callable[[int, torch.Tensor, dict], None] | None = None) -> tuple[list, list]:
+    """Layer-0 hidden states and the keyword arguments the decoder passes its layers, per batch; with
+    ``sink`` each batch goes to ``sink(b, h, kwargs)`` instead (nothing accumulates on the device)."""
     layers = arch.decoder_layers(model)
     hs, kws = [], []
 
     def catch(_mod, args, kwargs):
         h = args[0] if args else kwargs.pop("hidden_states")
-        hs.append(h.detach())
-        kws.append({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")})
+        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+        if sink is None:
+            hs.append(h.detach())
+            kws.append(kw)
+        else:
+            sink(len(hs), h.detach(), kw)
+            hs.append(None)
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
@@ -77,7 +79,7 @@ def capture_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor, batch_size
                     pass
     finally:
         handle.remove()
-    return hs, kws
+    return (hs, kws) if sink is None else ([], [])
 
 
 def _catch_input(linear: nn.Linear, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,40 +98,49 @@ def _set_weight(linear: nn.Linear, Q: torch.Tensor) -> None:
 
 
 def solve_group(names: list[str], linears: list[nn.Linear], stats: Stats, cfg: QuantConfig,
-                label: str, B: torch.Tensor | None = None, specs: dict | None = None, probe=None,
-                held: Stats | None = None) -> dict[str, QuantResult]:
+                label: str, B: torch.Tensor | None = None, masters: list[nn.Linear] | None = None,
+                specs: dict | None = None, probe=None, held: Stats | None = None) -> dict[str, QuantResult]:
     """Quantize linears sharing one input (their rows stacked) with the method's registry rule (:mod:`loaq.methods`),
-    on ``specs[names[0]]`` (a per-linear allocation, shared by the group) or ``cfg.spec``; ``probe`` (the
-    allocation's sensitivity measurement) sees the group's problem, its solution and the held-out ``H``."""
+    on ``specs[names[0]]`` (a per-linear allocation, shared by the group) or ``cfg.spec``.
+
+    ``masters``: the float32 linears of the model when ``linears`` are a cast working copy; the solver
+    reads their weights and both get ``Q``. ``probe`` (the allocation's sensitivity measurement) sees the
+    group's problem, its solution and the held-out ``H``. Results come back on CPU."""
     m = cfg.method
     spec = (specs or {}).get(names[0], cfg.spec)
-    W = torch.cat([lin.weight.detach().float() for lin in linears])
+    masters = masters or linears
+    device = stats.H.device
+    W = torch.cat([lin.weight.detach().to(device).float() for lin in masters])
     factor = factorize(stats.H, cfg.solver.percdamp, label)
     res = m.rule.solve(W, factor, stats.C, B, m, spec, cfg.solver)
     if probe is not None:
         probe(names, W, factor, stats, B, res.Q, held)
     out, row = {}, 0
-    for name, lin in zip(names, linears):
+    for name, lin, master in zip(names, linears, masters):
         n = lin.out_features
         _set_weight(lin, res.Q[row : row + n])
-        out[name] = QuantResult(res.codes[row : row + n].clone(), res.scales[row : row + n].clone(),
-                                res.zeros[row : row + n].clone())
+        if master is not lin:
+            master.weight.data.copy_(res.Q[row : row + n].to(master.weight.device, master.weight.dtype))
+        out[name] = QuantResult(*(t[row : row + n].to("cpu", copy=True) for t in (res.codes, res.scales, res.zeros)))
         row += n
     return out
 
 
 def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLayer, streams: Streams,
-                       cfg: QuantConfig, eps: float, prefix: str, device, specs: dict | None = None,
+                       cfg: QuantConfig, eps: float, prefix: str, master: nn.Module, specs: dict | None = None,
                        probe=None) -> dict[str, QuantResult]:
     m = cfg.method
     two = streams.h is not None
-    n_fit = len(streams.h_hat) - streams.held
+    cdt = streams.opts.torch_compute_dtype
+    device = streams.device
+    n_fit = len(streams) - streams.held
 
     def stats_of(b: int, st: Stats, held: Stats | None):
         """``st.add`` for a calibration batch; a held-out one adds only its ``H`` input to ``held``."""
         return st.add if b < n_fit else (lambda x_hat, *_: held.add(x_hat))
     norm = layer.get_submodule(sl.norm)
     mod = layer.get_submodule(sl.module)
+    masters = lambda names: [master.get_submodule(sl.module).get_submodule(n) for n in names]  # noqa: E731
     results = {}
 
     # (a) W_in: inputs are Q_a(Norm(ĥ)) (Q_a = identity unless W4A4) and Norm(h)
@@ -137,77 +148,143 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
     st = Stats(w_in[0].in_features, cross=two, device=device)
     held = Stats(w_in[0].in_features, device=device) if streams.held else None
     with torch.no_grad():
-        for b, h_hat in enumerate(streams.h_hat):
-            x_hat = norm(h_hat)
+        for b in range(len(streams)):
+            x_hat = norm(streams.h_hat.get(b).to(cdt))
             if cfg.act.enabled:
                 x_hat = actquant.fake_quantize(x_hat, cfg.act.symmetric)
-            stats_of(b, st, held)(x_hat, norm(streams.h[b]) if two else None)
+            stats_of(b, st, held)(x_hat, norm(streams.h.get(b).to(cdt)) if two else None)
     results |= solve_group([f"{prefix}{sl.module}.{n}" for n in sl.w_in], w_in, st, cfg,
-                           f"{prefix}{sl.module}.{','.join(sl.w_in)}", specs=specs, probe=probe, held=held)
+                           f"{prefix}{sl.module}.{','.join(sl.w_in)}", masters=masters(sl.w_in), specs=specs,
+                           probe=probe, held=held)
     del st, held
 
-    # (b) W_out: inputs X̂ (quantized W_in on ĥ) and X (float sub-layer on h)
+    # (b) W_out: inputs X̂ (quantized W_in on ĥ) and X (float sub-layer on h); the float stream advances
+    # here (h += y: y needs nothing quantized), X̂ is kept to advance ĥ once W_out is solved
     w_out = mod.get_submodule(sl.w_out)
     fp_out = fp_layer.get_submodule(sl.module).get_submodule(sl.w_out) if two else None
     use_B = m.rule.output_stats and m.soa and m.beta != 0
     st = Stats(w_out.in_features, cross=two, n_res=w_out.out_features if use_B else 0, device=device)
     held = Stats(w_out.in_features, device=device) if streams.held else None
-    y_fp, X_hats = [], []
     with torch.no_grad():
-        for b, h_hat in enumerate(streams.h_hat):
+        for b in range(len(streams)):
+            h_hat, kw = streams.h_hat.get(b), streams.kwargs(b, cdt)
             # W_out still holds its float weights here, so y_hat = X̂Wᵀ + b (what ŝ needs)
-            X_hat, y_hat = _catch_input(w_out, lambda: sl.run(layer, h_hat, streams.kwargs[b]))
-            X_hats.append(X_hat)
+            X_hat, y_hat = _catch_input(w_out, lambda: sl.run(layer, h_hat.to(cdt), kw))
+            streams.x_hat.set(b, X_hat)
             add = stats_of(b, st, held)
             if not two:
                 add(X_hat)
                 continue
-            h = streams.h[b]
-            X, y = _catch_input(fp_out, lambda: sl.run(fp_layer, h, streams.kwargs[b]))
-            y_fp.append(y)
+            h = streams.h.get(b)
+            X, y = _catch_input(fp_out, lambda: sl.run(fp_layer, h.to(cdt), kw))
+            h_next = h + y
+            streams.at_layer = None
+            streams.h.set(b, h_next)
             if not m.rule.output_stats:
                 add(X_hat, X)
                 continue
-            bias = fp_out.bias if fp_out.bias is not None else 0
-            h_b, hh_b = h + bias, h_hat + bias
+            if use_B:
+                bias = fp_out.bias if fp_out.bias is not None else 0
+                h_b, hh_b = h + bias, h_hat + bias
             if m.rescale:
-                s = rms_factor(h + y, eps)  # y = XWᵀ + b
+                s = rms_factor(h_next, eps)  # y = XWᵀ + b
                 base = h_hat if m.shat == "text" else h
                 s_hat = rms_factor(base + y_hat, eps)
                 add(s_hat * X_hat, s * X, (s * h_b - s_hat * hh_b) if use_B else None)
             else:
                 add(X_hat, X, (h_b - hh_b) if use_B else None)
     name = f"{prefix}{sl.module}.{sl.w_out}"
-    results |= solve_group([name], [w_out], st, cfg, name, st.B, specs=specs, probe=probe, held=held)
+    results |= solve_group([name], [w_out], st, cfg, name, st.B, masters=masters([sl.w_out]), specs=specs,
+                           probe=probe, held=held)
     del st, held
-
-    # (c) advance both streams past this sub-layer; X̂ does not depend on W_out, so reuse it (it already
-    # went through W_out's input hooks: apply the weights only)
-    with torch.no_grad():
-        for b, h_hat in enumerate(streams.h_hat):
-            streams.h_hat[b] = h_hat + F.linear(X_hats[b], w_out.weight, w_out.bias)
-            if two:
-                streams.h[b] = streams.h[b] + y_fp[b]
+    _advance_quantized(streams, w_out, cdt)
     return results
 
 
+def _advance_quantized(streams: Streams, w_out: nn.Linear, cdt: torch.dtype) -> None:
+    """(c) ``ĥ += X̂ Qᵀ (+ b)`` with the kept ``X̂`` (it already went through ``W_out``'s input hooks:
+    apply the weights only; ``X̂`` does not depend on ``W_out``, so the sub-layer is not run again)."""
+    streams.at_layer = None
+    with torch.no_grad():
+        for b in range(len(streams)):
+            X_hat = streams.x_hat.get(b).to(cdt)
+            streams.h_hat.set(b, streams.h_hat.get(b) + F.linear(X_hat, w_out.weight, w_out.bias))
+
+
+def _working_layer(layer: nn.Module, device, dtype: torch.dtype) -> nn.Module:
+    """The module the forward passes run: ``layer`` itself moved to ``device`` (float32), else a copy cast
+    to ``dtype`` on ``device`` (``layer`` keeps the float32 weights the solver reads)."""
+    if dtype == torch.float32:
+        return layer.to(device)
+    return copy.deepcopy(layer).to(device, dtype)
+
+
+def _release(layer: nn.Module, work: nn.Module) -> None:
+    if work is layer:
+        layer.to("cpu")
+
+
 def quantize_layer(layer: nn.Module, arch: Arch, streams: Streams, cfg: QuantConfig, eps: float,
-                   prefix: str, device, specs: dict | None = None, probe=None) -> dict[str, QuantResult]:
+                   prefix: str, specs: dict | None = None, probe=None) -> dict[str, QuantResult]:
     """Quantize one decoder layer in place and advance ``streams`` past it (Algorithm 1 lines 3-21);
     ``specs``: per-linear grids (qualified names; others take ``cfg.spec``)."""
     if cfg.method.resets_fp_stream:
-        streams.h = [h.clone() for h in streams.h_hat]
-    fp_layer = copy.deepcopy(layer) if streams.h is not None else None
-    _attach_act(layer, arch, cfg)
+        streams.h.copy_from(streams.h_hat)
+    work = _working_layer(layer, streams.device, streams.opts.torch_compute_dtype)
+    fp_layer = copy.deepcopy(work) if streams.h is not None else None
+    _attach_act(work, arch, cfg)
+    if work is not layer:
+        _attach_act(layer, arch, cfg)
     results = {}
     for sl in arch.sublayers:
         if sl.experts:
             from loaq.moe import quantize_moe  # imports this module's solve_group
 
-            results |= quantize_moe(layer, fp_layer, sl, streams, cfg, eps, prefix, device)
+            if work is not layer:
+                raise LoaQError("--compute-dtype other than float32 is not supported for mixture-of-experts "
+                                "layers; drop --compute-dtype")
+            results |= quantize_moe(work, fp_layer, sl, streams, cfg, eps, prefix, streams.device)
         else:
-            results |= _quantize_sublayer(layer, fp_layer, sl, streams, cfg, eps, prefix, device, specs, probe)
+            results |= _quantize_sublayer(work, fp_layer, sl, streams, cfg, eps, prefix, layer, specs, probe)
+    _release(layer, work)
     return results
+
+
+def replay_layer(layer: nn.Module, arch: Arch, streams: Streams, cfg: QuantConfig, results: dict[str, QuantResult],
+                 prefix: str, specs: dict | None = None) -> None:
+    """Write a finished layer's stored codes into ``layer`` and advance ``streams`` past it, forward only,
+    with the same operations as :func:`quantize_layer` (``--resume`` from streams saved before this layer)."""
+    if cfg.method.resets_fp_stream:
+        streams.h.copy_from(streams.h_hat)
+    cdt = streams.opts.torch_compute_dtype
+    work = _working_layer(layer, streams.device, cdt)
+    fp_layer = copy.deepcopy(work) if streams.h is not None else None
+    for n in arch.layer_linears(layer):
+        Q = dequantized(results[prefix + n], (specs or {}).get(prefix + n, cfg.spec))
+        _set_weight(work.get_submodule(n), Q.to(streams.device))
+        if work is not layer:
+            _set_weight(layer.get_submodule(n), Q)
+    _attach_act(work, arch, cfg)
+    if work is not layer:
+        _attach_act(layer, arch, cfg)
+    with torch.no_grad():
+        for sl in arch.sublayers:
+            if sl.experts:
+                from loaq.moe import advance_moe
+
+                advance_moe(work, fp_layer, sl, streams)
+                continue
+            w_out = work.get_submodule(sl.module).get_submodule(sl.w_out)
+            for b in range(len(streams)):
+                kw = streams.kwargs(b, cdt)
+                h_hat = streams.h_hat.get(b)
+                X_hat, _ = _catch_input(w_out, lambda: sl.run(work, h_hat.to(cdt), kw))
+                streams.x_hat.set(b, X_hat)
+                if streams.h is not None:
+                    h = streams.h.get(b)
+                    streams.h.set(b, h + sl.run(fp_layer, h.to(cdt), kw))
+            _advance_quantized(streams, w_out, cdt)
+    _release(layer, work)
 
 
 def _attach_act(layer: nn.Module, arch: Arch, cfg: QuantConfig) -> None:
@@ -239,14 +316,60 @@ def _embeddings_to(model: nn.Module, arch: Arch, device) -> None:
             child.to(device)
 
 
+def _capture(model: nn.Module, arch: Arch, calib: torch.Tensor, batch_size: int, streams: Streams,
+             offset: int = 0) -> None:
+    """Fill ``streams`` (from batch ``offset`` on) with the layer-0 inputs (``h = ĥ``) and kwargs of every
+    calibration batch."""
+
+    def sink(b, h, kw):
+        b += offset
+        streams.h_hat.set(b, h)
+        if streams.h is not None:
+            streams.h.set(b, h)
+        streams.set_kwargs(b, kw)
+
+    _embeddings_to(model, arch, streams.device)
+    try:
+        capture_inputs(model, arch, calib, batch_size, streams.device, sink)
+    finally:
+        _embeddings_to(model, arch, "cpu")
+
+
+def _resume(model: nn.Module, arch: Arch, streams: Streams, cfg: QuantConfig, store,
+            specs: dict | None = None) -> tuple[int, dict]:
+    """(first layer to quantize, results so far) from ``store``: the finished layers' codes are written
+    back; the layers after the last saved streams are replayed to bring ``streams`` up to date."""
+    layers = arch.decoder_layers(model)
+    done = store.finished()
+    if not done:
+        return 0, {}
+    results = store.load_results(done)
+    saved = store.load_streams(streams, done)
+    for j in range(done):
+        prefix = f"{arch.layers}.{j}."
+        if j >= saved:
+            replay_layer(layers[j], arch, streams, cfg, results, prefix, specs)
+            continue
+        for n in arch.layer_linears(layers[j]):
+            spec = (specs or {}).get(prefix + n, cfg.spec)
+            _set_weight(layers[j].get_submodule(n), dequantized(results[prefix + n], spec))
+        _attach_act(layers[j], arch, cfg)
+    streams.at_layer = done
+    log.info("resuming at layer %d of %d (streams saved at layer %d, %d replayed)", done, len(layers), saved,
+             done - saved)
+    return done, results
+
+
 def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: QuantConfig, *, batch_size: int = 8,
                    device: str = "cpu", store=None, progress: bool = True,
-                   specs: dict | None = None) -> dict[str, QuantResult]:
+                   specs: dict | None = None, streams: StreamOptions = StreamOptions()) -> dict[str, QuantResult]:
     """Quantize every decoder linear of ``model`` in place; returns the results by qualified name.
     ``specs`` gives linears their own grids (a per-linear allocation, :mod:`loaq.allocation`).
 
-    ``store`` (a :class:`loaq.checkpoint.LayerStore`) receives each finished layer and both streams,
-    and on resume supplies the finished prefix so the run continues where it stopped.
+    ``store`` (a :class:`loaq.checkpoint.LayerStore`) receives each finished layer (and the streams every
+    ``streams.checkpoint_every`` layers, and when interrupted at a layer boundary), and on resume supplies
+    the finished prefix so the run continues where it stopped. ``streams``: where the calibration streams
+    live and in which dtype (:mod:`loaq.streams`); the model stays on CPU, one layer at a time on ``device``.
     """
     from tqdm.auto import tqdm
 
@@ -256,32 +379,32 @@ def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: Quant
         for i, layer in enumerate(layers):
             results |= rtn_layer(layer, arch, cfg, f"{arch.layers}.{i}.", specs)
         return results
-    _embeddings_to(model, arch, device)
-    hs, kws = capture_inputs(model, arch, calib, batch_size, device)
-    _embeddings_to(model, arch, "cpu")
-    two = cfg.method.two_stream
-    start = 0
-    saved = store.load_streams() if store is not None else None
-    if saved is not None:
-        start, h, h_hat = saved
-        results |= store.load_layers(model, start)
-        for layer in layers[:start]:
-            _attach_act(layer, arch, cfg)
-        streams = Streams(h, h_hat, kws)
-        log.info("resuming at layer %d of %d", start, len(layers))
-    else:
-        streams = Streams([x.clone() for x in hs] if two else None, hs, kws)
-    eps = model.config.rms_norm_eps
-    bar = tqdm(range(start, len(layers)), desc=f"{cfg.method.name} layers", initial=start, total=len(layers),
-               disable=not progress, unit="layer")
-    for i in bar:
-        t0 = time.time()
-        layers[i].to(device)
-        res = quantize_layer(layers[i], arch, streams, cfg, eps, f"{arch.layers}.{i}.", device, specs)
-        layers[i].to("cpu")
-        results |= res
-        check_interrupted()  # a Ctrl-C Python swallowed stops the run before this layer is kept
+    n_batches = len(calib.split(batch_size))
+    workdir = store.workdir if store is not None and streams.offload == "disk" else None
+    st = Streams(n_batches, cfg.method.two_stream, streams, device, workdir)
+    try:
+        _capture(model, arch, calib, batch_size, st)
+        start = 0
         if store is not None:
-            store.save_layer(i, res, streams)
-        log.debug("layer %d done in %.1fs", i, time.time() - t0)
+            start, done = _resume(model, arch, st, cfg, store, specs)
+            results |= done
+        eps = model.config.rms_norm_eps
+        bar = tqdm(range(start, len(layers)), desc=f"{cfg.method.name} layers", initial=start, total=len(layers),
+                   disable=not progress, unit="layer")
+        for i in bar:
+            t0 = time.time()
+            st.at_layer = i
+            res = quantize_layer(layers[i], arch, st, cfg, eps, f"{arch.layers}.{i}.", specs)
+            st.at_layer = i + 1
+            results |= res
+            check_interrupted()  # a Ctrl-C Python swallowed stops the run before this layer is kept
+            if store is not None:
+                store.save_layer(i, res, st)
+            log.debug("layer %d done in %.1fs", i, time.time() - t0)
+    except KeyboardInterrupt:
+        if store is not None:
+            store.save_interrupted(st)
+        raise
+    finally:
+        st.close()
     return results

@@ -8,7 +8,8 @@ callers (and tests) can read the plotted arrays back:
 - :func:`ppl_vs_bits`: perplexity against weight bits, one panel per setting (transform, grid initialization,
   activation bits), one colour per method (``benchmarks/quality.py``);
 - :func:`size_vs_ppl`: model size on disk against perplexity over exported variants, with the Pareto front;
-- :func:`serve_throughput`: serving tokens/s per variant.
+- :func:`serve_throughput`: serving tokens/s per variant;
+- :func:`peak_memory_vs_params`: peak RSS while quantizing against parameter count (``benchmarks/scale.py``).
 
 :func:`plot_files` (``loaq plot RESULTS...``) recognises each JSON by its keys and draws what it holds.
 """
@@ -192,6 +193,22 @@ def serve_throughput(rows: list[dict], out: str):
     return _save(fig, out)
 
 
+def peak_memory_vs_params(rows: list[dict], out: str):
+    """``rows``: ``{params, peak_rss_mb, method, path, device}`` (``benchmarks/scale.py``); peak memory against
+    parameter count, one line per (method, path, device), log-log. Unmeasured rows (None) are left out."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    rows = [r for r in rows if r.get("peak_rss_mb") is not None]
+    for key in dict.fromkeys((r["method"], r["path"], r["device"]) for r in rows):
+        pts = sorted((r["params"] / 1e6, r["peak_rss_mb"]) for r in rows if (r["method"], r["path"], r["device"]) == key)
+        ax.plot([p for p, _ in pts], [m for _, m in pts], marker="o", label=" ".join(key))
+    ax.set(xscale="log", yscale="log", xlabel="parameters (M)", ylabel="peak RSS above imports (MiB)",
+           title="Peak memory while quantizing")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
 def serve_rows(doc: dict) -> list[dict]:
     """``benchmarks/serve.py``'s ``serve.json`` (``results: {variant: {runs: {concurrency: {output_throughput}}}}``)
     as ``{label, variant, concurrency, tokens_per_s}`` rows, one per variant and concurrency."""
@@ -238,6 +255,10 @@ def plot_files(paths: list[str]) -> list[str]:
         if rows and all("disk_bytes" in r and "ppl" in r for r in rows):
             written.append(stem + ".size_ppl.png")
             size_vs_ppl(rows, written[-1])
+            found = True
+        if rows and all("peak_rss_mb" in r and "params" in r for r in rows):
+            written.append(stem + ".peak_rss.png")
+            peak_memory_vs_params(rows, written[-1])
             found = True
         if rows and all("tokens_per_s" in r for r in rows):
             written.append(stem + ".serve.png")

@@ -142,8 +142,9 @@ def _prepare(W: torch.Tensor, factor: Factor, spec: GridSpec, opts: SolverOption
     in_f = W.shape[1]
     W[:, factor.dead] = 0
     scales, zeros = fit_groups(W, spec, torch.diag(factor.H))
-    groups = column_groups(in_f, spec)
-    perm = torch.argsort(torch.diag(factor.H), descending=True, stable=True) if opts.act_order else torch.arange(in_f)
+    groups = column_groups(in_f, spec).to(W.device)
+    perm = (torch.argsort(torch.diag(factor.H), descending=True, stable=True) if opts.act_order
+            else torch.arange(in_f, device=W.device))
     U = torch.linalg.cholesky(factor.inverse()[perm][:, perm], upper=True)
     return _Prepared(W[:, perm], perm, U, scales, zeros, scales[:, groups[perm]], zeros[:, groups[perm]])
 
@@ -188,7 +189,7 @@ def qronos_solve(W: torch.Tensor, factor: Factor, C: torch.Tensor, spec: GridSpe
     prep = _prepare(W, factor, spec, opts)
     p = prep.perm
     Hd = factor.H[p][:, p]
-    H = Hd - factor.damp * torch.eye(Hd.shape[0], dtype=Hd.dtype)
+    H = Hd - factor.damp * torch.eye(Hd.shape[0], dtype=Hd.dtype, device=Hd.device)
     C = C.double().clone()
     C[factor.dead] = 0
     C[:, factor.dead] = 0

@@ -105,8 +105,9 @@ def hidden(parent):
 
 # point: (ready(stderr, out), still(stderr, out): not past the point yet, what the interruption leaves)
 def _layer0_file(out):
-    """Layer 0 is finished (resumable) once the streams after it are saved: its codes file comes first."""
-    return os.path.join(f"{out}.partial", "streams.pt")
+    """Layer 0 is finished (resumable) once its codes are saved (the streams only every N layers: resume
+    replays the layers after the last saved streams)."""
+    return os.path.join(f"{out}.partial", "layers", "0000.safetensors")
 
 
 QUANT_POINTS = {

@@ -60,13 +60,16 @@ def test_rescaling_changes_only_w_out_of_the_first_sublayer():
     assert not torch.equal(g["model.layers.0.self_attn.o_proj"].codes, r["model.layers.0.self_attn.o_proj"].codes)
 
 
-def test_resume_after_interruption_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("every", [1, 0])
+def test_resume_after_interruption_is_bit_identical(tmp_path, every):
+    """Streams saved after layer 0 (every=1) are reloaded; none saved (every=0): layer 0 is replayed
+    forward from the captured inputs with its stored codes. Both give the uninterrupted run's codes."""
     _, full = run("qwen3", Method("loaq", alpha=0.5, beta=0.5))
 
     class Killed(Exception):
         pass
 
-    store = LayerStore(str(tmp_path / "w"), "d", SPEC)
+    store = LayerStore(str(tmp_path / "w"), "d", SPEC, stream_every=every)
     real_save = store.save_layer
 
     def save_then_die(i, res, streams):
@@ -77,8 +80,8 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
     store.save_layer = save_then_die
     with pytest.raises(Killed):
         run("qwen3", Method("loaq", alpha=0.5, beta=0.5), store=store)
-    assert store.load_streams()[0] == 1
-    resumed_store = LayerStore(str(tmp_path / "w"), "d", SPEC)
+    assert store.finished() == 1 and store._saved_streams() == ([1] if every else [])
+    resumed_store = LayerStore(str(tmp_path / "w"), "d", SPEC, stream_every=every)
     _, resumed = run("qwen3", Method("loaq", alpha=0.5, beta=0.5), store=resumed_store)
     assert sorted(resumed) == sorted(full) and codes_equal(full, resumed)
     assert all(torch.equal(full[n].scales, resumed[n].scales) for n in full)
