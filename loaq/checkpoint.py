@@ -115,8 +115,8 @@ class LayerStore:
     whole or absent.
     """
 
-    def __init__(self, workdir: str, digest: str, spec: GridSpec, specs: dict[str, GridSpec] | None = None,
-                 stream_every: int = 8):
+    def __init__(self, workdir: str, digest: str, spec: GridSpec, stream_every: int = 8,
+                 specs: dict[str, GridSpec] | None = None):
         self.workdir, self.digest, self.spec, self.specs = workdir, digest, spec, specs or {}
         self.stream_every = stream_every
         meta = os.path.join(workdir, "run.json")

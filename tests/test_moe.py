@@ -12,7 +12,8 @@ from loaq.arch import QWEN3_MOE, arch_of, input_widths
 from loaq.config import Method, QuantConfig
 from loaq.errors import LoaQError
 from loaq.grids import GridSpec
-from loaq.pipeline import Streams, quantize_model
+from loaq.pipeline import quantize_model
+from loaq.streams import StreamOptions, Streams
 from tests.tiny import tiny_model, tokens
 
 E, K, D, I_E = 4, 2, 64, 32  # tests/tiny.py's MoE: experts, top k, hidden, expert width
@@ -96,6 +97,16 @@ def _record(monkeypatch):
     return seen
 
 
+def _streams(h, h_hat) -> Streams:
+    """One batch of streams on CPU (``h`` None: single stream)."""
+    st = Streams(1, h is not None, StreamOptions(), "cpu")
+    st.h_hat.set(0, h_hat.clone())
+    if h is not None:
+        st.h.set(0, h.clone())
+    st.set_kwargs(0, {})
+    return st
+
+
 def _sublayer_inputs(fp, seed=3, T=(2, 24), noise=0.3):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(*T, D, generator=g)
@@ -109,7 +120,7 @@ def test_expert_statistics_match_a_direct_computation(fp, monkeypatch):
     layer, sl, eps = copy.deepcopy(fp.model.layers[0]), QWEN3_MOE.sublayers[1], fp.config.rms_norm_eps
     fp_layer = copy.deepcopy(layer)
     h, h_hat = _sublayer_inputs(fp)
-    streams = Streams([h.clone()], [h_hat.clone()], [{}])
+    streams = _streams(h, h_hat)
     cfg = QuantConfig(spec=GridSpec(3), method=Method("loaq", alpha=0.25, beta=0.5))
     moe.quantize_moe(layer, fp_layer, sl, streams, cfg, eps, "", "cpu", few=moe.FewTokens("damp"))
 
@@ -159,7 +170,7 @@ def test_few_tokens_shrink_towards_the_layer(fp, monkeypatch):
     layer, sl, eps = copy.deepcopy(fp.model.layers[0]), QWEN3_MOE.sublayers[1], fp.config.rms_norm_eps
     _, h_hat = _sublayer_inputs(fp, T=(1, 12))
     cfg = QuantConfig(spec=GridSpec(3), method=Method("gptq"))
-    moe.quantize_moe(layer, None, sl, Streams(None, [h_hat.clone()], [{}]), cfg, eps, "", "cpu")
+    moe.quantize_moe(layer, None, sl, _streams(None, h_hat), cfg, eps, "", "cpu")
     xh = _rms(h_hat.reshape(-1, D), fp.model.layers[0].post_attention_layernorm.weight, eps).to(torch.float64)
     Rh = _route(xh.float(), fp.model.layers[0].mlp.gate.weight)
     for e in range(E):
