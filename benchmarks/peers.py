@@ -75,23 +75,31 @@ def main() -> int:
     rows = [dict(tool="fp32", method="fp32", bits=32, group=0, ppl=perplexity(model, evalw), quant_seconds=0.0,
                  peak_rss_mb=0.0)]
     print(rows[0], flush=True)
-    serve_dir = None
     for sname in a.settings.split(","):
         spec = SETTINGS[sname]
         out_dir, res = work / f"llmc-{sname}", work / f"llmc-{sname}.json"
-        subprocess.run([a.llmc_python, str(ROOT / "benchmarks" / "peers_llmc.py"), "--model", str(fp_dir),
+        subprocess.run([a.llmc_python, "-m", "benchmarks.peers_llmc", "--model", str(fp_dir),  # as a module: see
                         "--calib", str(calib_file), "--bits", str(spec.bits), "--group", str(spec.group_size),
-                        "--out", str(out_dir), "--result", str(res)], check=True)
+                        "--out", str(out_dir), "--result", str(res)], check=True, cwd=ROOT)  # peers_llmc's docstring
         r = json.load(open(res))
         meta.setdefault("llmcompressor", {k: r[k] for k in ("llmcompressor", "compressed_tensors", "transformers",
                                                              "torch")})
-        m = api.load(str(out_dir)).model
-        rows.append(dict(tool="llmcompressor", method="gptq", bits=spec.bits, group=spec.group_size,
-                         ppl=perplexity(m, evalw), quant_seconds=r["quant_seconds"], peak_rss_mb=r["peak_rss_mb"]))
-        print(rows[-1], flush=True)
-        del m
-        if spec.bits == 4:
-            serve_dir = out_dir
+        row = dict(tool="llmcompressor", method="gptq", bits=spec.bits, group=spec.group_size, ppl=None,
+                   quant_seconds=r["quant_seconds"], peak_rss_mb=r["peak_rss_mb"])
+        rows.append(row)
+        try:  # a failure here must not cost the loaq rows of a long run
+            row["ppl"] = perplexity(api.load(str(out_dir)).model, evalw)
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        print(row, flush=True)
+        write(rows, meta, a.out)
+        if spec.bits == 4 and not a.no_serve:  # while the checkpoint is fresh: a late failure keeps the rows
+            try:
+                meta["serving"] = serve_check(out_dir)
+            except Exception as exc:  # noqa: BLE001
+                meta["serving"] = {"model": str(out_dir), "error": f"{type(exc).__name__}: {exc}"}
+            print(meta["serving"], flush=True)
+            write(rows, meta, a.out)
         for mname in a.methods.split(","):
             cfg = QuantConfig(spec=spec, method=Method(mname))
             m = copy.deepcopy(model)
@@ -106,8 +114,6 @@ def main() -> int:
             print(rows[-1], flush=True)
             del m, run
             write(rows, meta, a.out)
-    if serve_dir is not None and not a.no_serve:
-        meta["serving"] = serve_check(serve_dir)
     write(rows, meta, a.out)
     print(open(a.out + ".md").read())
     return 0
@@ -150,12 +156,15 @@ def write(rows: list[dict], meta: dict, out: str) -> None:
     ref = {(r["bits"], r["group"]): r for r in rows if r["tool"] == "llmcompressor"}
     for r in rows:
         p = ref.get((r["bits"], r["group"]))
-        ppl_ratio = f"{r['ppl'] / p['ppl']:.4f}" if p else "-"
+        ok = p and p["ppl"] and r["ppl"]
+        ppl_ratio = f"{r['ppl'] / p['ppl']:.4f}" if ok else "-"
         time_ratio = f"{r['quant_seconds'] / p['quant_seconds']:.2f}" if p else "-"
-        lines.append(f"| {r['bits']} | {r['group'] or 'ch'} | {r['tool']} | {r['method']} | {r['ppl']:.3f} | "
-                     f"{ppl_ratio} | {r['quant_seconds']:.1f} | {time_ratio} | {r['peak_rss_mb']:.0f} |")
+        lines.append(f"| {r['bits']} | {r['group'] or 'ch'} | {r['tool']} | {r['method']} | "
+                     f"{'%.3f' % r['ppl'] if r['ppl'] else r.get('error', '-')} | {ppl_ratio} | {r['quant_seconds']:.1f} | {time_ratio} | {r['peak_rss_mb']:.0f} |")
     s = meta.get("serving")
-    if s:
+    if s and "error" in s:
+        lines += ["", f"Serving llm-compressor's W4 g64 output with `loaq serve` failed: {s['error']}"]
+    elif s:
         lines += ["", f"Serving llm-compressor's W4 g64 output with `loaq serve` (plugin installed): vLLM's log says "
                       f"`{'; '.join(s['kernel_log'])}`; greedy completion of \"The capital of France is\": "
                       f"{json.dumps(s['completion'])}."]

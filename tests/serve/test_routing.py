@@ -134,3 +134,16 @@ def test_an_import_error_leaves_stock_vllm_and_registers_only_the_guard():
     assert lines[3].startswith("REFUSED LoaQError this LoaQ export needs the LoaQ vLLM plugin (its group_0 is W3A16: "
                                "vLLM 0.32 allocates 3-bit codes"), lines
     assert "inactive here (ModuleNotFoundError: import of loaq.serve.scheme halted" in lines[3] and len(lines) == 4
+
+
+def test_loaq_serve_refuses_up_front_an_export_the_installed_vllm_cannot_serve():
+    from loaq.serve.server import check_vllm_for, installed_vllm
+
+    assert installed_vllm().startswith("0.32")
+    w3, w4 = qcfg({"group_0": (3, None)}), qcfg({"group_0": (4, None)})
+    check_vllm_for(w3, "0.32.0")
+    check_vllm_for(w4, "0.99.0")  # stock vLLM serves a LoaQ W4A16 export right
+    check_vllm_for(qcfg({"group_0": (3, None)}, marker=False), "0.99.0")  # not LoaQ's: vLLM's business
+    with pytest.raises(LoaQError, match=r"^this LoaQ export needs the LoaQ vLLM plugin \(its group_0 is W3A16: .*"
+                                        r"inactive here \(vLLM 0\.99\.0 is not 0\.32\.x\); install vLLM 0\.32\.x"):
+        check_vllm_for(w3, "0.99.0")
