@@ -22,7 +22,6 @@ W4A4 experts and activations other than SiLU are refused with one line; tensor p
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
