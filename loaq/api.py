@@ -309,6 +309,13 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
         from loaq.rotation import rotate_model
 
         rotation = rotate_model(m, arch, cfg.rotation.seed)
+    auto = {}
+    if cfg.method.auto:  # α/β chosen on held-out calibration windows; the run records the chosen numbers
+        from loaq.auto import choose
+
+        cfg, auto = choose(m, arch, calib, cfg, batch_size=batch_size, device=device)
+        timings["auto"] = auto["seconds"]
+        rec = Recipe(cfg, rec.calibration, rec.model, rec.calib_hash)
     store = LayerStore(work, cfg.digest(calib_hash), cfg.spec) if work else None
     t0 = time.time()
     try:
@@ -333,6 +340,8 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
         "quant_seconds": round(timings["quantize"], 2),
         "activations": cfg.act.meta(),
     }
+    if auto:
+        meta["auto"] = auto
     if evaluation is not None:
         meta["eval"] = {"ppl": perplexity(m, windows, batch_size), "fp_ppl": fp_ppl, "tokens": int(windows.numel()),
                         "seqlen": evaluation.seqlen}
