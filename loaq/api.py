@@ -313,7 +313,7 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
     if cfg.method.auto:  # α/β chosen on held-out calibration windows; the run records the chosen numbers
         from loaq.auto import choose
 
-        cfg, auto = choose(m, arch, calib, cfg, batch_size=batch_size, device=device)
+        cfg, auto = choose(m, arch, calib, cfg, batch_size=batch_size, device=device, progress=progress)
         timings["auto"] = auto["seconds"]
         rec = Recipe(cfg, rec.calibration, rec.model, rec.calib_hash)
     store = LayerStore(work, cfg.digest(calib_hash), cfg.spec) if work else None

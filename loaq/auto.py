@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 import time
 
 import torch
@@ -57,8 +58,9 @@ def _prefix(model: nn.Module, arch: Arch, k: int) -> nn.Module:
 
 def choose(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: QuantConfig, *, batch_size: int = 8,
            device: str = "cpu", alphas=ALPHAS, betas=BETAS, holdout: float = HOLDOUT,
-           layers: int | None = None) -> tuple[QuantConfig, dict]:
-    """(``cfg`` with its ``auto`` settings fixed, the record written to ``loaq.json["auto"]``)."""
+           layers: int | None = None, progress: bool = False) -> tuple[QuantConfig, dict]:
+    """(``cfg`` with its ``auto`` settings fixed, the record written to ``loaq.json["auto"]``); ``progress``
+    prints one line per candidate (stderr)."""
     from loaq.pipeline import quantize_model
 
     t0 = time.time()
@@ -81,6 +83,9 @@ def choose(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: QuantConfig, 
             quantize_model(q, arch, fit, c, batch_size=batch_size, device=device, progress=False)
             tried[(alpha, beta)] = layer_errors(ref, q, arch, held, batch_size)[-1]
             del q
+            if progress:
+                print(f"auto: alpha={alpha:g} beta={beta:g} held-out error after layer {k}: "
+                      f"{tried[(alpha, beta)]:.5f}", file=sys.stderr, flush=True)
         return tried[(alpha, beta)]
 
     beta0 = 0.0 if auto_b else m.beta
