@@ -34,7 +34,7 @@ from torch import nn
 from loaq import actquant
 from loaq.arch import Arch, SubLayer, rms_factor
 from loaq.config import QuantConfig
-from loaq.errors import check_interrupted
+from loaq.errors import LoaQError, check_interrupted
 from loaq.grids import rtn as rtn_quantize, dequantize, expand
 from loaq.solver import QuantResult, factorize
 from loaq.stats import Stats
@@ -222,6 +222,8 @@ def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: Quant
     """
     from tqdm.auto import tqdm
 
+    if cfg.method.auto:
+        raise LoaQError("alpha/beta 'auto' is chosen by loaq.api.quantize (loaq.auto.choose); pass numbers here")
     layers = arch.decoder_layers(model)
     results: dict[str, QuantResult] = {}
     if cfg.method.rule.solve is None:  # round to nearest: no calibration
