@@ -229,10 +229,12 @@ def report(doc: dict, path: str, k: int = 4) -> None:
         lines += [f"### {d}, {s}, rotate {rot}", "",
                   f"| run | α | β | ppl | ppl / fp | held err@{k} | held err@last | eval err@last | quant s |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        best = min(r["ppl"] for r in rs)
-        for r in sorted(rs, key=lambda r: r["ppl"]):
-            ppl = f"**{r['ppl']:.3f}**" if r["ppl"] == best else f"{r['ppl']:.3f}"
-            lines.append(f"| {r['label']} | {r['alpha']:g} | {r['beta']:g} | {ppl} | {r['ppl'] / fp[d]:.3f} | "
+        key = (lambda r: r["ppl"]) if all(r["ppl"] for r in rs) else (lambda r: r["err_eval"][-1])  # --prefix: no ppl
+        best = min(key(r) for r in rs)
+        for r in sorted(rs, key=key):
+            ppl = "-" if r["ppl"] is None else f"**{r['ppl']:.3f}**" if r["ppl"] == best else f"{r['ppl']:.3f}"
+            ratio = f"{r['ppl'] / fp[d]:.3f}" if r["ppl"] and d in fp else "-"
+            lines.append(f"| {r['label']} | {r['alpha']:g} | {r['beta']:g} | {ppl} | {ratio} | "
                          f"{r['err_held'][k - 1]:.4f} | {r['err_held'][-1]:.4f} | {r['err_eval'][-1]:.4f} | "
                          f"{r['seconds']:.0f} |")
         lines.append("")
