@@ -323,6 +323,13 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
         from loaq.rotation import rotate_model
 
         rotation = rotate_model(m, arch, cfg.rotation.seed, cfg.rotation.r4_blocks)
+    auto = {}
+    if cfg.method.auto:  # α/β chosen on held-out calibration windows; the run records the chosen numbers
+        from loaq.auto import choose
+
+        cfg, auto = choose(m, arch, calib, cfg, batch_size=batch_size, device=device, progress=progress)
+        timings["auto"] = auto["seconds"]
+        rec = Recipe(cfg, rec.calibration, rec.model, rec.calib_hash)
     store = LayerStore(work, cfg.digest(calib_hash, streams.digest_fields()), cfg.spec,
                        stream_every=streams.checkpoint_every) if work else None
     specs, alloc_meta = None, None
@@ -358,6 +365,8 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
     if specs is not None:
         meta["layer_specs"] = {n: dataclasses.asdict(s) for n, s in sorted(specs.items())}
         meta["allocation"] = alloc_meta | {"seconds": alloc_meta["seconds"] | {"total": round(timings["allocate"], 2)}}
+    if auto:
+        meta["auto"] = auto
     if evaluation is not None:
         meta["eval"] = {"ppl": perplexity(m, windows, batch_size), "fp_ppl": fp_ppl, "tokens": int(windows.numel()),
                         "seqlen": evaluation.seqlen}

@@ -26,6 +26,16 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (default: 512)")
 
 
+def _weight(s: str) -> float | str:
+    """A number, or ``auto`` (:mod:`loaq.auto`)."""
+    if s == "auto":
+        return s
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is neither a number nor 'auto'") from None
+
+
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     """Every flag defaults to None ("not given"), so a --recipe's value stands unless a flag overrides it."""
     from loaq.methods import METHODS
@@ -35,8 +45,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, help="default: 3")
     p.add_argument("--group-size", type=int, help="0 = per output channel (default)")
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, help="symmetric grid (default: asymmetric)")
-    p.add_argument("--alpha", type=float, help="α of LLOA/LoaQ (eq. 8) or GPTAQ's weighting")
-    p.add_argument("--beta", type=float, help="β of LoaQ's sub-layer term (eq. 10/12)")
+    p.add_argument("--alpha", type=_weight, help="α of LLOA/LoaQ (eq. 8) or GPTAQ's weighting; 'auto' (LLOA/LoaQ): "
+                                                 "chosen on held-out calibration windows")
+    p.add_argument("--beta", type=_weight, help="β of LoaQ's sub-layer term (eq. 10/12), or 'auto'")
     p.add_argument("--no-rescale", action="store_const", const=False, dest="rescale",
                    help="LoaQ without the RMSNorm rescaling (NOA off)")
     p.add_argument("--no-soa", action="store_const", const=False, dest="soa",

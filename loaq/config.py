@@ -22,6 +22,7 @@ from loaq.rotation import RotationSpec
 from loaq.solver import SolverOptions
 
 METHODS = tuple(methods.METHODS)
+AUTO = "auto"  # alpha/beta chosen per model and setting on held-out calibration windows (loaq.auto)
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,16 @@ class Method:
     - ``rescale`` (NOA) and ``soa``: switch LoaQ's normalized / sub-layer approximation off (Table 5);
     - ``shat``: ``"text"`` takes ``ŝ = R(ĥ + X̂W)`` (Section 3.3), ``"alg"`` takes ``R(h + X̂W)`` (Algorithm 1 line 11).
 
+    ``alpha``/``beta`` = ``"auto"`` (LLOA/LoaQ) are chosen by :func:`loaq.api.quantize` on held-out calibration
+    windows (:mod:`loaq.auto`), which then runs and records the method with the chosen numbers.
+
     A setting the method does not use is refused (``Method("gptq", beta=0.5)``), as are LoaQ settings that
     cancel each other (``shat="alg"`` without ``rescale``, ``beta`` without ``soa``).
     """
 
     name: str = "loaq"
-    alpha: float | None = None
-    beta: float | None = None
+    alpha: float | str | None = None
+    beta: float | str | None = None
     rescale: bool = True
     soa: bool = True
     shat: str = "text"
@@ -52,13 +56,27 @@ class Method:
                                    "soa": self.soa, "shat": self.shat})
         for k in ("alpha", "beta"):
             if getattr(self, k) is None:
-                object.__setattr__(self, k, float(r.settings.get(k, methods.NEUTRAL[k])))
+                d = r.settings.get(k, methods.NEUTRAL[k])
+                d = 0.0 if (k, d, self.soa) == ("beta", AUTO, False) else d  # no SOA term: nothing to choose
+                object.__setattr__(self, k, d if d == AUTO else float(d))
+            elif isinstance(getattr(self, k), str):
+                if getattr(self, k) != AUTO or self.name not in ("lloa", "loaq"):
+                    raise LoaQError(f"--{k} {getattr(self, k)!r} is not a number; pass a real weighting such as 0.25"
+                                    + (" or 'auto' (chosen on held-out calibration windows)" if self.name in
+                                       ("lloa", "loaq") else f" ({self.name} has no automatic choice)"))
             elif not math.isfinite(getattr(self, k)):
                 raise LoaQError(f"--{k} {getattr(self, k)} is not a finite number; pass a real weighting such as 0.25")
         if self.shat == "alg" and not self.rescale:
             raise LoaQError("--shat alg changes NOA's ŝ, which --no-rescale switches off; drop one of them")
+        if self.beta == AUTO and not self.soa:
+            raise LoaQError("--beta auto chooses the weight of the SOA term, which --no-soa switches off; drop one of them")
         if self.beta and not self.soa:
             raise LoaQError(f"--beta {self.beta:g} weights the SOA term, which --no-soa switches off; drop one of them")
+
+    @property
+    def auto(self) -> bool:
+        """α or β is still to be chosen (:mod:`loaq.auto`)."""
+        return AUTO in (self.alpha, self.beta)
 
     @property
     def rule(self) -> methods.MethodRule:

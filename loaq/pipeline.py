@@ -373,6 +373,8 @@ def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: Quant
     """
     from tqdm.auto import tqdm
 
+    if cfg.method.auto:
+        raise LoaQError("alpha/beta 'auto' is chosen by loaq.api.quantize (loaq.auto.choose); pass numbers here")
     layers = arch.decoder_layers(model)
     results: dict[str, QuantResult] = {}
     if cfg.method.rule.solve is None:  # round to nearest: no calibration

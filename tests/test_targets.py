@@ -79,3 +79,24 @@ def test_wout_closed_form_is_least_squares_of_soa_noa_objective():
     # eq. 12: argmin_Q || ŝĥ + ŝX̂Qᵀ - (s h + s X Wᵀ) ||
     ref = torch.linalg.lstsq(Xhp, s * h + Xp @ W.T - s_hat * h_hat).solution.T
     assert torch.allclose(Wt, ref, rtol=1e-4, atol=1e-4), (Wt - ref).abs().max()
+
+
+def test_damped_target_is_ridge_least_squares_towards_w():
+    """With the solver's damping λ the target is ``argmin ||X̂W̃ᵀ − X_α Wᵀ||² + λ||W̃ − W||²``,
+    ``X_α = X̂ + α(X − X̂)`` (normal equations ``(H + λI)W̃ᵀ = X̂ᵀX_α Wᵀ + λWᵀ``): at α = 1 the ridge fit that
+    Qronos' step 2 solves for the not-yet-quantized weights (issue #18). Checked against an augmented lstsq."""
+    X, X_hat, W = streams(T=512, noise=0.6)
+    st = Stats(X.shape[1], cross=True, batch_dtype=torch.float64)
+    st.add(X_hat, X)
+    f = factorize(st.H, 0.05)
+    lam = f.damp
+    assert lam > 0.01 * torch.diag(st.H).mean()
+    for alpha in (0.25, 1.0):
+        Wt = output_target(W, f, st.C, alpha).double()
+        X_a = X_hat + alpha * (X - X_hat)
+        A = torch.cat([X_hat, lam ** 0.5 * torch.eye(X.shape[1], dtype=torch.float64)])
+        b = torch.cat([X_a @ W.T, lam ** 0.5 * W.T])
+        ref = torch.linalg.lstsq(A, b).solution.T
+        undamped = output_target(W, factorize(st.H, 0.0), st.C, alpha).double()
+        assert (undamped - ref).abs().max() > 1e-3  # the damping matters here, so the check can fail
+        assert torch.allclose(Wt, ref, rtol=1e-5, atol=1e-5), (Wt - ref).abs().max()
