@@ -229,7 +229,11 @@ def check_model(model: str | nn.Module | None, cfg: QuantConfig):
     else:
         src = resolve(model)
         config = load_config(src)
-    arch_of(config)
+    arch = arch_of(config)
+    if cfg.rotation.kind != "none":
+        from loaq.rotation import check_rotatable
+
+        check_rotatable(arch)
     check_group_size(cfg.spec, input_widths(config))
     return src, config
 

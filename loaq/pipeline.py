@@ -1,6 +1,6 @@
 """The two-stream layer-wise pipeline (LoaQ Algorithm 1).
 
-1. Catch the decoder's layer-0 inputs (and attention kwargs) for every calibration batch: ``h = ĥ``.
+1. Catch the decoder's layer-0 inputs (and every layer's attention kwargs) for every calibration batch: ``h = ĥ``.
 2. For each decoder layer, only it on the compute device, for each sub-layer (attention, then MLP):
    a. ``W_in`` (q,k,v / gate,up): accumulate ``H`` (and ``C``) from ``x̂ = Norm(ĥ)`` (and ``x = Norm(h)``),
       solve the group once (its members share ``H``), write the quantized weights into the layer;
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loaq import actquant
+from loaq import actquant, sandwich
 from loaq.arch import Arch, SubLayer, rms_factor
 from loaq.config import QuantConfig
 from loaq.errors import check_interrupted
@@ -52,21 +52,33 @@ class Streams:
 
     h: list[torch.Tensor] | None
     h_hat: list[torch.Tensor]
-    kwargs: list[dict]
+    kwargs: list[dict]  # the current layer's, per batch
+
+
+def _pass_through(_hidden_states, *_args, **_kwargs):
+    return _hidden_states
 
 
 def capture_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor, batch_size: int, device) -> tuple[list, list]:
-    """Layer-0 hidden states and the keyword arguments the decoder passes its layers, per batch."""
+    """Layer-0 hidden states per batch, and the keyword arguments the decoder passes each layer per batch
+    (``kwargs[i][b]``): families that mix layer types (Gemma 3's sliding-window and global attention) give
+    layers different masks and rotary tables. The layers' own forwards are skipped (each passes its input
+    through) and the model stops at the last layer's call, so this costs the embeddings only."""
     layers = arch.decoder_layers(model)
-    hs, kws = [], []
+    hs, kws = [], [[] for _ in layers]
 
-    def catch(_mod, args, kwargs):
-        h = args[0] if args else kwargs.pop("hidden_states")
-        hs.append(h.detach())
-        kws.append({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")})
-        raise _Stop
+    def catcher(i):
+        def catch(_mod, args, kwargs):
+            if i == 0:
+                hs.append((args[0] if args else kwargs["hidden_states"]).detach())
+            kws[i].append({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")})
+            if i == len(layers) - 1:
+                raise _Stop
+        return catch
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(catcher(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for layer in layers[:-1]:
+        layer.forward = _pass_through  # an instance attribute over the class method, removed below
     try:
         with torch.no_grad():
             for batch in calib.split(batch_size):
@@ -75,7 +87,9 @@ def capture_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor, batch_size
                 except _Stop:
                     pass
     finally:
-        handle.remove()
+        for layer, handle in zip(layers, handles):
+            handle.remove()
+            layer.__dict__.pop("forward", None)
     return hs, kws
 
 
@@ -112,7 +126,7 @@ def solve_group(names: list[str], linears: list[nn.Linear], stats: Stats, cfg: Q
 
 
 def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLayer, streams: Streams,
-                       cfg: QuantConfig, eps: float, prefix: str, device) -> dict[str, QuantResult]:
+                       cfg: QuantConfig, eps: float, prefix: str, device, norm_offset: float = 0.0) -> dict[str, QuantResult]:
     m = cfg.method
     two = streams.h is not None
     norm = layer.get_submodule(sl.norm)
@@ -153,6 +167,10 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
                 st.add(X_hat, X)
                 continue
             bias = fp_out.bias if fp_out.bias is not None else 0
+            if sl.post_norm is not None:  # sandwich norm: the target of loaq.sandwich
+                st.add(*sandwich.w_out_terms(X_hat, X, h_hat, h, y_hat, y, bias, layer.get_submodule(sl.post_norm),
+                                             norm_offset, eps, m.rescale, m.shat != "text"))
+                continue
             h_b, hh_b = h + bias, h_hat + bias
             if m.rescale:
                 s = rms_factor(h + y, eps)  # y = XWᵀ + b
@@ -169,9 +187,9 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
     # went through W_out's input hooks: apply the weights only)
     with torch.no_grad():
         for b, h_hat in enumerate(streams.h_hat):
-            streams.h_hat[b] = h_hat + F.linear(X_hats[b], w_out.weight, w_out.bias)
+            streams.h_hat[b] = h_hat + sl.finish(layer, F.linear(X_hats[b], w_out.weight, w_out.bias))
             if two:
-                streams.h[b] = streams.h[b] + y_fp[b]
+                streams.h[b] = streams.h[b] + sl.finish(layer, y_fp[b])
     return results
 
 
@@ -184,7 +202,7 @@ def quantize_layer(layer: nn.Module, arch: Arch, streams: Streams, cfg: QuantCon
     _attach_act(layer, arch, cfg)
     results = {}
     for sl in arch.sublayers:
-        results |= _quantize_sublayer(layer, fp_layer, sl, streams, cfg, eps, prefix, device)
+        results |= _quantize_sublayer(layer, fp_layer, sl, streams, cfg, eps, prefix, device, arch.norm_offset)
     return results
 
 
@@ -239,16 +257,17 @@ def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: Quant
         results |= store.load_layers(model, start)
         for layer in layers[:start]:
             _attach_act(layer, arch, cfg)
-        streams = Streams(h, h_hat, kws)
+        streams = Streams(h, h_hat, kws[start] if start < len(layers) else [])
         log.info("resuming at layer %d of %d", start, len(layers))
     else:
-        streams = Streams([x.clone() for x in hs] if two else None, hs, kws)
+        streams = Streams([x.clone() for x in hs] if two else None, hs, kws[0])
     eps = model.config.rms_norm_eps
     bar = tqdm(range(start, len(layers)), desc=f"{cfg.method.name} layers", initial=start, total=len(layers),
                disable=not progress, unit="layer")
     for i in bar:
         t0 = time.time()
         layers[i].to(device)
+        streams.kwargs = kws[i]
         res = quantize_layer(layers[i], arch, streams, cfg, eps, f"{arch.layers}.{i}.", device)
         layers[i].to("cpu")
         results |= res
