@@ -1,0 +1,205 @@
+"""Every supported family end to end on a random-weight model: quantize, export, check, load, serve.
+
+    flock /tmp/loaq-vllm.lock nice -n 5 python -m benchmarks.families [--families phi3,gemma3] [--no-serve]
+
+No Gemma 3 or Phi-3 checkpoint is available offline (``../shared/DATA.md``), so each family is a small random
+model built from its config (``tests/tiny.py``, sized for vLLM's CPU attention: head_dim 32) with the tests'
+BPE tokenizer and a chat template. For every method (RTN, GPTQ, GPTAQ, Qronos, LLOA, LoaQ; W4 per channel),
+± Hadamard where the family allows it, and W4A4 (LoaQ, ± Hadamard), through :func:`loaq.api.quantize`
+(native checkpoint + float32 export):
+
+- ``--check``: :func:`loaq.export.check.check_export` on the export;
+- export vs native: max |logit difference| of ``loaq.load(export)`` and of
+  ``AutoModelForCausalLM.from_pretrained(export)`` (weight-only, unrotated: what transformers can apply)
+  against ``load_native`` in float32 (0 means bit-identical logits);
+- served vs native (one vLLM start per family, ``--dtype float32``): one chat completion, then the greedy
+  16-token continuations of four token prompts; "greedy equal" counts prompts whose continuation equals the
+  native model's own greedy continuation, and "max |Δ logprob|" compares every served token's logprob with the
+  native model's (teacher-forced on the served tokens).
+
+Writes ``benchmarks/results/families.{md,json}`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from loaq.actquant import ActSpec
+from loaq.arch import arch_of
+from loaq.bench import command, machine, utc_date
+from loaq.config import METHODS, Calibration, Method, QuantConfig
+from loaq.grids import GridSpec
+from loaq.rotation import RotationSpec
+
+FAMILIES = {  # tests/tiny.py kind: config overrides for a model vLLM's CPU attention takes (head_dim 32)
+    "phi3": dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2),
+    "gemma3": dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   query_pre_attn_scalar=32),
+}
+PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 64, 12, 150, 31], [9, 9, 80, 250], [100, 101, 102, 103, 104, 105, 106]]
+
+
+def variants(rotatable: bool) -> list[tuple[str, QuantConfig]]:
+    """(label, config) of every method at W4 per channel, ± Hadamard, and LoaQ W4A4 ± Hadamard."""
+    rots = ("none", "hadamard") if rotatable else ("none",)
+    out = []
+    for rot in rots:
+        for m in METHODS:
+            out.append((f"{m} W4" + (" + Hadamard" if rot != "none" else ""),
+                        QuantConfig(spec=GridSpec(4, 0, False), method=Method(m), rotation=RotationSpec(rot))))
+        out.append(("loaq W4A4" + (" + Hadamard" if rot != "none" else ""),
+                    QuantConfig(spec=GridSpec(4, 0, False), method=Method("loaq"), act=ActSpec(4, False),
+                                rotation=RotationSpec(rot))))
+    return out
+
+
+def make_model(kind: str, path: str) -> str:
+    from tests.serve.checkpoints import CHAT_TEMPLATE
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    model = tiny_model(kind, vocab=320, max_position_embeddings=512, **FAMILIES[kind])
+    model.config.eos_token_id = 1  # the tiny tokenizer's <eos>
+    model.save_pretrained(path)
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return path
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def measure(src: str, label: str, cfg: QuantConfig, calib: str, work: str) -> dict:
+    """One variant: quantize + export, --check, export-vs-native logits."""
+    from transformers import AutoModelForCausalLM
+
+    from loaq.api import load, quantize
+    from loaq.checkpoint import load_native
+    from loaq.export.check import check_export
+
+    native, export = os.path.join(work, "native"), os.path.join(work, "export")
+    t0 = time.time()
+    quantize(src, cfg, Calibration(source=calib, nsamples=16, seqlen=64), out=native, export=export,
+             export_dtype="float32", force=True, progress=False)
+    secs = time.time() - t0
+    x = torch.tensor([p + p[:1] * (8 - len(p)) for p in PROMPTS])[:, :8]
+    with torch.no_grad():
+        ref = load_native(native)[0](x).logits
+        d_load = max_diff(load(export).model(x).logits, ref)
+        plain = cfg.rotation.kind == "none" and not cfg.act.enabled
+        d_hf = max_diff(AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)(x).logits, ref) if plain else None
+    return {"variant": label, "seconds": round(secs, 1), "check": check_export(export).split(":")[0],
+            "loaq_load_max_abs": d_load, "transformers_max_abs": d_hf}
+
+
+def serve(export: str, native: str) -> dict:
+    """One vLLM server on ``export``: a chat completion and the greedy agreement with the native model."""
+    import openai
+
+    from loaq.checkpoint import load_native
+    from loaq.serve.server import Server
+
+    ref = load_native(native)[0]
+    t0 = time.time()
+    with Server(export, name="tiny", max_model_len=512, max_num_seqs=8, extra=["--dtype", "float32"]) as srv:
+        srv.start(timeout=900)
+        start = time.time() - t0
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=120, max_retries=0)
+        chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Quantize the dog."}],
+                                         max_tokens=12, temperature=0)
+        equal, worst = 0, 0.0
+        for p in PROMPTS:
+            r = c.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0, logprobs=1)
+            lp = r.choices[0].logprobs
+            served = [int(t.split(":")[1]) if t.startswith("token_id:") else None for t in lp.tokens]
+            if None in served:  # token strings, not ids: map them back through the tokenizer
+                served = c.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0,
+                                              extra_body={"return_token_ids": True}).choices[0].token_ids
+            with torch.no_grad():
+                greedy = ref.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False,
+                                      pad_token_id=0)[0, len(p):].tolist()
+                logits = ref(torch.tensor([p + served])).logits[0, len(p) - 1:-1].log_softmax(-1)
+            mine = logits.gather(1, torch.tensor(served)[:, None])[:, 0]
+            worst = max(worst, max(abs(a - b) for a, b in zip(lp.token_logprobs, mine.tolist())))
+            equal += greedy[:len(served)] == served
+    return {"start_s": round(start, 1), "chat": chat.choices[0].message.content, "greedy_equal": f"{equal}/{len(PROMPTS)}",
+            "max_abs_logprob": worst}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--no-serve", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/families")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tests.tiny import TEXT
+
+    doc = {"command": command(), "machine": machine(), "date": utc_date(), "families": {}}
+    with tempfile.TemporaryDirectory() as work:
+        calib = os.path.join(work, "calib.txt")
+        open(calib, "w").write(TEXT * 4)
+        for kind in a.families.split(","):
+            src = make_model(kind, os.path.join(work, kind))
+            arch = arch_of(_config(src))
+            rows = []
+            for label, cfg in variants(arch.no_rotation is None):
+                d = os.path.join(work, kind + "-" + label.replace(" ", "_").replace("+", ""))
+                rows.append(measure(src, label, cfg, calib, d))
+                print(kind, rows[-1], flush=True)
+            fam = {"architecture": _config(src).architectures[0], "rotation": arch.no_rotation or "exact",
+                   "rows": rows}
+            if not a.no_serve:
+                d = os.path.join(work, kind + "-loaq_W4" + ("__Hadamard" if arch.no_rotation is None else ""))
+                fam["served"] = {"variant": "loaq W4" + (" + Hadamard" if arch.no_rotation is None else ""),
+                                 **serve(os.path.join(d, "export"), os.path.join(d, "native"))}
+                print(kind, fam["served"], flush=True)
+            doc["families"][kind] = fam
+    write(doc, a.out)
+    return 0
+
+
+def _config(path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def write(doc: dict, out: str) -> None:
+    lines = ["# Families end to end (random-weight models: quantize → export → check → load → serve)", "",
+             f"- command: `{doc['command']}` — {doc['date']}, {doc['machine']}",
+             "- models: tests/tiny.py configs at hidden 128, intermediate 192, 2 layers, 4 heads (head_dim 32), "
+             "vocab 320, random weights; calibration 16 × 64 tokens of tests/tiny.py's text; W4 per channel asym",
+             "- export vs native: max |Δ logit| against `load_native` in float32 (0 = bit-identical); transformers "
+             "cannot apply the online R4 or activation quantization, so only weight-only unrotated rows have it", ""]
+    for kind, fam in doc["families"].items():
+        lines += [f"## {fam['architecture']}", "", f"Rotation: {fam['rotation']}.", "",
+                  "| variant | quantize + export (s) | `--check` | loaq.load vs native | transformers vs native |",
+                  "|---|---|---|---|---|"]
+        for r in fam["rows"]:
+            hf = "n/a" if r["transformers_max_abs"] is None else f"{r['transformers_max_abs']:.3g}"
+            lines.append(f"| {r['variant']} | {r['seconds']} | {r['check']} | {r['loaq_load_max_abs']:.3g} | {hf} |")
+        s = fam.get("served")
+        if s:
+            lines += ["", f"Served ({s['variant']}, vLLM float32, server start {s['start_s']} s): chat completion "
+                      f"answered {json.dumps(s['chat'])}; greedy 16-token continuations equal to the native model's "
+                      f"on {s['greedy_equal']} prompts; max |Δ logprob| of the served tokens {s['max_abs_logprob']:.2e}."]
+        lines.append("")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".md", "w") as fh:
+        fh.write("\n".join(lines))
+    with open(out + ".json", "w") as fh:
+        json.dump(doc, fh, indent=2)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
