@@ -1,6 +1,9 @@
 """Every supported family end to end on a random-weight model: quantize, export, check, load, serve.
 
-    flock /tmp/loaq-vllm.lock nice -n 5 python -m benchmarks.families [--families phi3,gemma3] [--no-serve]
+    nice -n 5 python -m benchmarks.families [--families phi3,gemma3] [--no-serve]
+
+(each vLLM server starts under an exclusive ``flock`` of ``/tmp/loaq-vllm.lock``, ``--lock``: one vLLM at a time
+on a shared machine, as ``flock /tmp/loaq-vllm.lock`` would, held only while the server runs).
 
 No Gemma 3 or Phi-3 checkpoint is available offline (``../shared/DATA.md``), so each family is a small random
 model built from its config (``tests/tiny.py``, sized for vLLM's CPU attention: head_dim 32) with the tests'
@@ -23,6 +26,8 @@ Writes ``benchmarks/results/families.{md,json}`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -100,44 +105,57 @@ def measure(src: str, label: str, cfg: QuantConfig, calib: str, work: str) -> di
             "loaq_load_max_abs": d_load, "transformers_max_abs": d_hf}
 
 
-def serve(export: str, native: str) -> dict:
-    """One vLLM server on ``export``: a chat completion and the greedy agreement with the native model."""
+@contextlib.contextmanager
+def exclusive(path: str):
+    """Hold an exclusive ``flock`` of ``path`` (created if missing) for the block."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def serve(export: str, native: str, lock: str = "/tmp/loaq-vllm.lock") -> dict:
+    """One vLLM server on ``export`` (started under ``lock``): a chat completion, and the served greedy
+    continuations against the native model's."""
     import openai
 
     from loaq.checkpoint import load_native
     from loaq.serve.server import Server
 
     ref = load_native(native)[0]
-    t0 = time.time()
-    with Server(export, name="tiny", max_model_len=512, max_num_seqs=8, extra=["--dtype", "float32"]) as srv:
+    with exclusive(lock), Server(export, name="tiny", max_model_len=512, max_num_seqs=8,
+                                 extra=["--dtype", "float32"]) as srv:
+        t0 = time.time()
         srv.start(timeout=900)
         start = time.time() - t0
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=120, max_retries=0)
         chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Quantize the dog."}],
                                          max_tokens=12, temperature=0)
-        equal, worst = 0, 0.0
-        for p in PROMPTS:
-            r = c.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0, logprobs=1)
-            lp = r.choices[0].logprobs
-            served = [int(t.split(":")[1]) if t.startswith("token_id:") else None for t in lp.tokens]
-            if None in served:  # token strings, not ids: map them back through the tokenizer
-                served = c.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0,
-                                              extra_body={"return_token_ids": True}).choices[0].token_ids
-            with torch.no_grad():
-                greedy = ref.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False,
-                                      pad_token_id=0)[0, len(p):].tolist()
-                logits = ref(torch.tensor([p + served])).logits[0, len(p) - 1:-1].log_softmax(-1)
-            mine = logits.gather(1, torch.tensor(served)[:, None])[:, 0]
-            worst = max(worst, max(abs(a - b) for a, b in zip(lp.token_logprobs, mine.tolist())))
-            equal += greedy[:len(served)] == served
-    return {"start_s": round(start, 1), "chat": chat.choices[0].message.content, "greedy_equal": f"{equal}/{len(PROMPTS)}",
-            "max_abs_logprob": worst}
+        outs = [c.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0, logprobs=1,
+                                     extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True}).choices[0]
+                for p in PROMPTS]
+    equal, worst = 0, 0.0
+    for p, out in zip(PROMPTS, outs):
+        served = [int(t.split(":")[1]) for t in out.logprobs.tokens]
+        with torch.no_grad():
+            logp = ref(torch.tensor([p + served])).logits[0, len(p) - 1:-1].log_softmax(-1)
+            mine = logp.gather(1, torch.tensor(served)[:, None])[:, 0]
+            greedy = list(p)
+            for _ in range(16):
+                greedy.append(int(ref(torch.tensor([greedy])).logits[0, -1].argmax()))
+        worst = max(worst, max(abs(a - b) for a, b in zip(out.logprobs.token_logprobs, mine.tolist())))
+        equal += greedy[len(p):] == served
+    return {"start_s": round(start, 1), "chat": chat.choices[0].message.content,
+            "greedy_equal": f"{equal}/{len(PROMPTS)}", "max_abs_logprob": worst}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--no-serve", action="store_true")
+    p.add_argument("--lock", default="/tmp/loaq-vllm.lock", help="file locked while a vLLM server runs")
     p.add_argument("--out", default="benchmarks/results/families")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -160,7 +178,7 @@ def main(argv=None) -> int:
             if not a.no_serve:
                 d = os.path.join(work, kind + "-loaq_W4" + ("__Hadamard" if arch.no_rotation is None else ""))
                 fam["served"] = {"variant": "loaq W4" + (" + Hadamard" if arch.no_rotation is None else ""),
-                                 **serve(os.path.join(d, "export"), os.path.join(d, "native"))}
+                                 **serve(os.path.join(d, "export"), os.path.join(d, "native"), a.lock)}
                 print(kind, fam["served"], flush=True)
             doc["families"][kind] = fam
     write(doc, a.out)
