@@ -6,9 +6,10 @@
       solve the group once (its members share ``H``), write the quantized weights into the layer;
    b. ``W_out`` (o / down): run the partly quantized sub-layer on ``ĥ`` and the float one on ``h``,
       catching ``X̂``, ``X``; LoaQ rescales tokens by ``s = R(h + XW)``, ``ŝ = R(ĥ + X̂W)`` and adds the
-      residual target ``s h - ŝ ĥ``; solve and write back;
+      residual target ``s h - ŝ ĥ``; solve and write back (a sub-layer with a post-norm, Gemma 3's
+      sandwich: the terms of :mod:`loaq.sandwich`);
    c. advance the streams: ``h += X W_outᵀ`` (kept from b), ``ĥ += X̂ Qᵀ`` (``X̂`` kept from b, so the
-      sub-layer is not run again).
+      sub-layer is not run again), each through the post-norm where there is one.
 3. After each layer, hand its results and both streams to the checkpoint store, so ``--resume``
    continues bit-identically.
 Single-stream methods (RTN, GPTQ) never build or carry the float stream.
