@@ -20,7 +20,9 @@ BPE tokenizer and a chat template. For every method (RTN, GPTQ, GPTAQ, Qronos, L
   native model's own greedy continuation, and "max |Δ logprob|" compares every served token's logprob with the
   native model's (teacher-forced on the served tokens).
 
-Writes ``benchmarks/results/families.{md,json}`` (or ``--out``).
+Then the Gemma 3 target ablation (:func:`sandwich_ablation`): GPTQ, LoaQ with :mod:`loaq.sandwich`'s target,
+and LoaQ with the pre-norm target misapplied, on held-out tokens. Writes
+``benchmarks/results/families.{md,json}`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -151,16 +153,65 @@ def serve(export: str, native: str, lock: str = "/tmp/loaq-vllm.lock") -> dict:
             "greedy_equal": f"{equal}/{len(PROMPTS)}", "max_abs_logprob": worst}
 
 
+def prenorm_terms(X_hat, X, h_hat, h, y_hat, y, bias, post_norm, offset, eps, rescale, shat_from_h):
+    """The pre-norm family's W_out terms applied as if the post-norm were not there (the ablation's wrong target:
+    ``s = R(h + y)``, ``X' = sX``, ``R = s h − ŝ ĥ``)."""
+    from loaq.arch import rms_factor
+
+    s = rms_factor(h + y, eps) if rescale else 1.0
+    s_hat = rms_factor((h if shat_from_h else h_hat) + y_hat, eps) if rescale else 1.0
+    return s_hat * X_hat, s * X, s * (h + bias) - s_hat * (h_hat + bias)
+
+
+def sandwich_ablation(seeds=(0, 1, 2)) -> list[dict]:
+    """Gemma 3 (4 layers, W3 per channel, held-out tokens): final-layer normalized hidden-state MSE and logit
+    error of GPTQ, LoaQ with the sandwich target (loaq.sandwich) and LoaQ with the pre-norm target misapplied."""
+    from unittest import mock
+
+    from loaq import sandwich
+    from loaq.metrics import hidden_mse, layer_outputs
+    from loaq.pipeline import quantize_model
+    from tests.tiny import tiny_model, tokens
+
+    rows = []
+    for seed in seeds:
+        ref = tiny_model("gemma3", seed=seed, num_hidden_layers=4)
+        arch = arch_of(ref.config)
+        calib, held = tokens(16, 64, seed=seed + 10), tokens(8, 64, seed=seed + 20)
+        with torch.no_grad():
+            base, fp = layer_outputs(ref, arch, held), ref(held).logits
+        for label, method, terms in (("gptq", Method("gptq"), None), ("loaq, sandwich target", Method("loaq", beta=0.5), None),
+                                     ("loaq, pre-norm target misapplied", Method("loaq", beta=0.5), prenorm_terms)):
+            m = tiny_model("gemma3", seed=seed, num_hidden_layers=4)
+            cfg = QuantConfig(spec=GridSpec(3, 0, False), method=method)
+            with mock.patch.object(sandwich, "w_out_terms", terms or sandwich.w_out_terms):
+                quantize_model(m, arch, calib, cfg, batch_size=8, progress=False)
+            with torch.no_grad():
+                err = ((m(held).logits - fp).norm() / fp.norm()).item()
+            rows.append({"seed": seed, "target": label,
+                         "mse_normed_last": hidden_mse(base, layer_outputs(m, arch, held), 1e-6)["mse_normed"][-1],
+                         "logit_rel_err": err})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--no-serve", action="store_true")
     p.add_argument("--lock", default="/tmp/loaq-vllm.lock", help="file locked while a vLLM server runs")
     p.add_argument("--out", default="benchmarks/results/families")
+    p.add_argument("--ablation-only", action="store_true",
+                   help="only (re)measure the Gemma 3 target ablation, kept beside the families of an earlier run")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tests.tiny import TEXT
 
+    if a.ablation_only:
+        doc = json.load(open(a.out + ".json"))
+        doc["ablation"] = {"command": command(), "date": utc_date(), "rows": sandwich_ablation()}
+        write(doc, a.out)
+        return 0
     doc = {"command": command(), "machine": machine(), "date": utc_date(), "families": {}}
     with tempfile.TemporaryDirectory() as work:
         calib = os.path.join(work, "calib.txt")
@@ -181,6 +232,7 @@ def main(argv=None) -> int:
                                  **serve(os.path.join(d, "export"), os.path.join(d, "native"), a.lock)}
                 print(kind, fam["served"], flush=True)
             doc["families"][kind] = fam
+    doc["ablation"] = {"command": command(), "date": utc_date(), "rows": sandwich_ablation()}
     write(doc, a.out)
     return 0
 
@@ -210,6 +262,22 @@ def write(doc: dict, out: str) -> None:
             lines += ["", f"Served ({s['variant']}, vLLM float32, server start {s['start_s']} s): chat completion "
                       f"answered {json.dumps(s['chat'])}; greedy 16-token continuations equal to the native model's "
                       f"on {s['greedy_equal']} prompts; max |Δ logprob| of the served tokens {s['max_abs_logprob']:.2e}."]
+        lines.append("")
+    ab = doc.get("ablation")
+    if ab:
+        lines += ["## The Gemma 3 W_out target (loaq.sandwich) against the pre-norm one misapplied", "",
+                  f"`{ab['command']}` — {ab['date']}. Random Gemma 3 of tests/tiny.py with 4 layers (hidden 64, "
+                  "alternating sliding/global), W3 per channel asym, 16 × 64 calibration tokens, 8 × 64 held-out "
+                  "tokens; LoaQ at α = 0.25, β = 0.5. \"Misapplied\" runs the pre-norm family's terms "
+                  "(s = R(h + y), R = s h − ŝ ĥ) as if the post-norm were not there. Final-layer normalized "
+                  "hidden-state MSE / logit relative error:", "",
+                  "| seed | GPTQ | LoaQ, sandwich target | LoaQ, pre-norm target misapplied |", "|---|---|---|---|"]
+        by = {}
+        for r in ab["rows"]:
+            by.setdefault(r["seed"], {})[r["target"]] = f"{r['mse_normed_last']:.4f} / {r['logit_rel_err']:.4f}"
+        for seed, t in by.items():
+            lines.append(f"| {seed} | {t['gptq']} | {t['loaq, sandwich target']} | "
+                         f"{t['loaq, pre-norm target misapplied']} |")
         lines.append("")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out + ".md", "w") as fh:
