@@ -127,8 +127,11 @@ def serve(export: str, native: str, lock: str = "/tmp/loaq-vllm.lock") -> dict:
     from loaq.serve.server import Server
 
     ref = load_native(native)[0]
+    # a 256 MiB KV cache is plenty for the tiny model and starts where a shared machine has little memory free
+    # (an empty VLLM_CPU_KVCACHE_SPACE lets vLLM's --kv-cache-memory-bytes decide instead of the GiB default)
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = ""
     with exclusive(lock), Server(export, name="tiny", max_model_len=512, max_num_seqs=8,
-                                 extra=["--dtype", "float32"]) as srv:
+                                 extra=["--dtype", "float32", "--kv-cache-memory-bytes", str(256 << 20)]) as srv:
         t0 = time.time()
         srv.start(timeout=900)
         start = time.time() - t0
@@ -195,46 +198,81 @@ def sandwich_ablation(seeds=(0, 1, 2)) -> list[dict]:
     return rows
 
 
+def served_variant(kind: str) -> str:
+    """The variant served for ``kind``: LoaQ W4, with Hadamard where the family allows it (R4 in the plugin)."""
+    from loaq.arch import SUPPORTED
+    from tests.tiny import ARCHITECTURES
+
+    return "loaq W4" + (" + Hadamard" if SUPPORTED[ARCHITECTURES[kind]].no_rotation is None else "")
+
+
+def _dir(work: str, kind: str, label: str) -> str:
+    return os.path.join(work, kind + "-" + label.replace(" ", "_").replace("+", ""))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--no-serve", action="store_true")
+    p.add_argument("--serve-only", action="store_true",
+                   help="only serve the exports an earlier run left in --work, adding to its results")
+    p.add_argument("--work", help="keep the models and exports here (default: a temporary directory)")
     p.add_argument("--lock", default="/tmp/loaq-vllm.lock", help="file locked while a vLLM server runs")
     p.add_argument("--out", default="benchmarks/results/families")
     p.add_argument("--ablation-only", action="store_true",
                    help="only (re)measure the Gemma 3 target ablation, kept beside the families of an earlier run")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tests.tiny import TEXT
-
-    if a.ablation_only:
+    kinds = a.families.split(",")
+    if a.ablation_only or a.serve_only:
         doc = json.load(open(a.out + ".json"))
-        doc["ablation"] = {"command": command(), "date": utc_date(), "rows": sandwich_ablation()}
+        if a.ablation_only:
+            doc["ablation"] = {"command": command(), "date": utc_date(), "rows": sandwich_ablation()}
+        for kind in kinds if a.serve_only else ():
+            doc["families"][kind]["served"] = serve_family(kind, a.work, a.lock)
+            write(doc, a.out)
         write(doc, a.out)
         return 0
     doc = {"command": command(), "machine": machine(), "date": utc_date(), "families": {}}
-    with tempfile.TemporaryDirectory() as work:
-        calib = os.path.join(work, "calib.txt")
-        open(calib, "w").write(TEXT * 4)
-        for kind in a.families.split(","):
-            src = make_model(kind, os.path.join(work, kind))
-            arch = arch_of(_config(src))
-            rows = []
-            for label, cfg in variants(arch.no_rotation is None):
-                d = os.path.join(work, kind + "-" + label.replace(" ", "_").replace("+", ""))
-                rows.append(measure(src, label, cfg, calib, d))
-                print(kind, rows[-1], flush=True)
-            fam = {"architecture": _config(src).architectures[0], "rotation": arch.no_rotation or "exact",
-                   "rows": rows}
-            if not a.no_serve:
-                d = os.path.join(work, kind + "-loaq_W4" + ("__Hadamard" if arch.no_rotation is None else ""))
-                fam["served"] = {"variant": "loaq W4" + (" + Hadamard" if arch.no_rotation is None else ""),
-                                 **serve(os.path.join(d, "export"), os.path.join(d, "native"), a.lock)}
-                print(kind, fam["served"], flush=True)
-            doc["families"][kind] = fam
+    with contextlib.ExitStack() as stack:
+        work = a.work or stack.enter_context(tempfile.TemporaryDirectory())
+        os.makedirs(work, exist_ok=True)
+        for kind in kinds:
+            doc["families"][kind] = quantize_family(kind, work)
+            write(doc, a.out)
+        for kind in kinds if not a.no_serve else ():
+            doc["families"][kind]["served"] = serve_family(kind, work, a.lock)
+            write(doc, a.out)
     doc["ablation"] = {"command": command(), "date": utc_date(), "rows": sandwich_ablation()}
     write(doc, a.out)
     return 0
+
+
+def quantize_family(kind: str, work: str) -> dict:
+    """Every variant of ``kind`` (:func:`variants`) measured, the models and exports left under ``work``."""
+    from tests.tiny import TEXT
+
+    calib = os.path.join(work, "calib.txt")
+    open(calib, "w").write(TEXT * 4)
+    src = make_model(kind, os.path.join(work, kind))
+    arch = arch_of(_config(src))
+    rows = []
+    for label, cfg in variants(arch.no_rotation is None):
+        rows.append(measure(src, label, cfg, calib, _dir(work, kind, label)))
+        print(kind, rows[-1], flush=True)
+    return {"architecture": _config(src).architectures[0], "rotation": arch.no_rotation or "exact", "rows": rows}
+
+
+def serve_family(kind: str, work: str, lock: str) -> dict:
+    """:func:`serve` on ``kind``'s :func:`served_variant`; a server that fails is recorded with its error line."""
+    label = served_variant(kind)
+    d = _dir(work, kind, label)
+    try:
+        out = {"variant": label, **serve(os.path.join(d, "export"), os.path.join(d, "native"), lock)}
+    except Exception as e:  # noqa: BLE001 - one family's failure is a result, the others still run
+        out = {"variant": label, "error": str(e).splitlines()[0]}
+    print(kind, out, flush=True)
+    return out
 
 
 def _config(path: str):
@@ -258,7 +296,9 @@ def write(doc: dict, out: str) -> None:
             hf = "n/a" if r["transformers_max_abs"] is None else f"{r['transformers_max_abs']:.3g}"
             lines.append(f"| {r['variant']} | {r['seconds']} | {r['check']} | {r['loaq_load_max_abs']:.3g} | {hf} |")
         s = fam.get("served")
-        if s:
+        if s and "error" in s:
+            lines += ["", f"Served ({s['variant']}): **failed**: {s['error']}"]
+        elif s:
             lines += ["", f"Served ({s['variant']}, vLLM float32, server start {s['start_s']} s): chat completion "
                       f"answered {json.dumps(s['chat'])}; greedy 16-token continuations equal to the native model's "
                       f"on {s['greedy_equal']} prompts; max |Δ logprob| of the served tokens {s['max_abs_logprob']:.2e}."]
