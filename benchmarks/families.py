@@ -127,11 +127,11 @@ def serve(export: str, native: str, lock: str = "/tmp/loaq-vllm.lock") -> dict:
     from loaq.serve.server import Server
 
     ref = load_native(native)[0]
-    # a 256 MiB KV cache is plenty for the tiny model and starts where a shared machine has little memory free
-    # (an empty VLLM_CPU_KVCACHE_SPACE lets vLLM's --kv-cache-memory-bytes decide instead of the GiB default)
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = ""
     with exclusive(lock), Server(export, name="tiny", max_model_len=512, max_num_seqs=8,
                                  extra=["--dtype", "float32", "--kv-cache-memory-bytes", str(256 << 20)]) as srv:
+        # a 256 MiB KV cache is plenty for the tiny model and starts where a shared machine has little memory
+        # free; vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE (whole GiB) override it, so that goes
+        srv.env.pop("VLLM_CPU_KVCACHE_SPACE", None)
         t0 = time.time()
         srv.start(timeout=900)
         start = time.time() - t0
