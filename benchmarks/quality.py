@@ -56,6 +56,8 @@ DEFAULT_METHODS = (*METHODS, "loaq-alg")
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="any model loaq.api.load takes, of any supported family (loaq.arch; "
+                                    "default: SmolLM2-135M-Instruct)")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--settings", default=",".join(SETTINGS))
@@ -82,7 +84,7 @@ def main() -> None:
         s = json.load(open(a.search))
         alpha, beta = s["alpha"], s["beta"]
     model, tok, calib, evalw = _inputs(a)
-    rows = [] if a.no_fp else [dict(model="SmolLM2-135M", method="fp32", bits=32, group=0, symmetric=False, alpha=None,
+    rows = [] if a.no_fp else [dict(model=model_label(a), method="fp32", bits=32, group=0, symmetric=False, alpha=None,
                                     beta=None, ppl=perplexity(model, evalw), quant_seconds=0.0, peak_mem_mb=0.0,
                                     zero_shot=zero_shot(model))]
     print(rows[:1], flush=True)
@@ -95,7 +97,7 @@ def main() -> None:
             method = Method(base, alpha if base in ("lloa", "loaq") else None, beta if base == "loaq" else None, **knobs)
             cfg = QuantConfig(spec=spec, method=method)
             m, secs, mem = _quantize(model, tok, cfg, calib, a)
-            row = dict(model="SmolLM2-135M", method=mname, bits=spec.bits, group=spec.group_size,
+            row = dict(model=model_label(a), method=mname, bits=spec.bits, group=spec.group_size,
                        symmetric=spec.symmetric, ppl=perplexity(m, evalw), **_alpha_beta(cfg),
                        quant_seconds=round(secs, 2), peak_mem_mb=round(mem.delta, 1), zero_shot=zero_shot(m))
             rows.append(row)
@@ -106,10 +108,15 @@ def main() -> None:
 
 
 def _inputs(a):
-    """(fp model, tokenizer, calibration windows, ppl16k windows): the default model and corpus, seed 0."""
-    fp = api.load(None)
+    """(fp model, tokenizer, calibration windows, ppl16k windows): --model (default SmolLM2) and the default
+    corpus, seed 0."""
+    fp = api.load(a.model)
     calib = api.calibration_windows(fp.tokenizer, Calibration(nsamples=a.nsamples, seqlen=a.seqlen, seed=0))
     return fp.model, fp.tokenizer, calib, api.eval_windows(fp.tokenizer, api.Evaluation())
+
+
+def model_label(a) -> str:
+    return os.path.basename(a.model.rstrip("/")) if a.model else "SmolLM2-135M"
 
 
 def _quantize(model, tok, cfg: QuantConfig, calib, a):
@@ -163,7 +170,7 @@ def write(rows: list[dict], a, quiet: bool = False) -> None:
                    "eval": "ppl16k: first 16,384 eval-split tokens, 32 windows of 512",
                    "zero_shot": {"tasks": tasks_of(rows), "limit": a.zero_shot_limit, "harness": "lm-eval " + _lm_eval_version()}
                    if any(r.get("zero_shot") for r in rows) else None, "rows": rows}, fh, indent=2)
-    lines = [f"# Quality on SmolLM2-135M ({a.nsamples}x{a.seqlen} calibration tokens, ppl16k)", "",
+    lines = [f"# Quality on {model_label(a)} ({a.nsamples}x{a.seqlen} calibration tokens, ppl16k)", "",
              f"Command: `{cmd}`  ", f"Machine: {where}  ", f"Date: {date}", "",
              "| bits | group | method | alpha | beta | ppl | 0-shot avg acc | quant s | peak MB | time / gptq |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -188,6 +188,7 @@ def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devic
         eps = m.config.rms_norm_eps
         layers = arch.decoder_layers(m)
         for i in tqdm(range(len(layers)), desc="sensitivity", disable=not progress, unit="layer"):
+            streams.kw_layer = i
             quantize_layer(layers[i], arch, streams, wide, eps, f"{arch.layers}.{i}.", probe=probe)
     finally:
         streams.close()

@@ -233,9 +233,14 @@ def check_model(model: str | nn.Module | None, cfg: QuantConfig):
     else:
         src = resolve(model)
         config = load_config(src)
+    arch = arch_of(config)
     from loaq.moe import check_moe
 
-    check_moe(arch_of(config), config, cfg)
+    check_moe(arch, config, cfg)
+    if cfg.rotation.kind != "none":
+        from loaq.rotation import check_rotatable
+
+        check_rotatable(arch)
     check_group_size(cfg.spec, input_widths(config))
     return src, config
 

@@ -1,14 +1,15 @@
 """The two-stream layer-wise pipeline (LoaQ Algorithm 1).
 
-1. Catch the decoder's layer-0 inputs (and attention kwargs) for every calibration batch: ``h = ĥ``.
+1. Catch the decoder's layer-0 inputs (and every layer's attention kwargs) for every calibration batch: ``h = ĥ``.
 2. For each decoder layer, only it on the compute device, for each sub-layer (attention, then MLP):
    a. ``W_in`` (q,k,v / gate,up): accumulate ``H`` (and ``C``) from ``x̂ = Norm(ĥ)`` (and ``x = Norm(h)``),
       solve the group once (its members share ``H``), write the quantized weights into the layer;
    b. ``W_out`` (o / down): run the partly quantized sub-layer on ``ĥ`` and the float one on ``h``,
       catching ``X̂``, ``X``; LoaQ rescales tokens by ``s = R(h + XW)``, ``ŝ = R(ĥ + X̂W)`` and adds the
-      residual target ``s h - ŝ ĥ``; solve and write back;
+      residual target ``s h - ŝ ĥ``; solve and write back (a sub-layer with a post-norm, Gemma 3's
+      sandwich: the terms of :mod:`loaq.sandwich`);
    c. advance the streams: ``h += X W_outᵀ`` (kept from b), ``ĥ += X̂ Qᵀ`` (``X̂`` kept from b, so the
-      sub-layer is not run again).
+      sub-layer is not run again), each through the post-norm where there is one.
 3. After each layer, hand its results to the checkpoint store (and the streams every
    ``checkpoint_every`` layers); ``--resume`` reloads the finished layers, the last saved streams, and
    replays the layers between them forward only (:func:`replay_layer`), so it continues bit-identically.
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loaq import actquant
+from loaq import actquant, sandwich
 from loaq.arch import Arch, SubLayer, rms_factor
 from loaq.checkpoint import dequantized
 from loaq.config import QuantConfig
@@ -51,25 +52,32 @@ class _Stop(Exception):
     pass
 
 
+def _pass_through(_hidden_states, *_args, **_kwargs):
+    return _hidden_states
+
+
 def capture_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor, batch_size: int, device,
-                   sink: Callable[[int, torch.Tensor, dict], None] | None = None) -> tuple[list, list]:
-    """Layer-0 hidden states and the keyword arguments the decoder passes its layers, per batch; with
-    ``sink`` each batch goes to ``sink(b, h, kwargs)`` instead (nothing accumulates on the device)."""
+                   sink: Callable[[int, torch.Tensor, list[dict]], None] | None = None) -> tuple[list, list]:
+    """Layer-0 hidden states per batch, and the keyword arguments the decoder passes each layer per batch
+    (``kwargs[i][b]``): families that mix layer types (Gemma 3's sliding-window and global attention) give
+    layers different masks and rotary tables. The layers' own forwards are skipped (each passes its input
+    through) and the model stops at the last layer's call, so this costs the embeddings only. With ``sink``
+    each batch goes to ``sink(b, h, [kwargs of layer i])`` instead (nothing accumulates on the device)."""
     layers = arch.decoder_layers(model)
-    hs, kws = [], []
+    hs, kws = [], [[] for _ in layers]
 
-    def catch(_mod, args, kwargs):
-        h = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
-        if sink is None:
-            hs.append(h.detach())
-            kws.append(kw)
-        else:
-            sink(len(hs), h.detach(), kw)
-            hs.append(None)
-        raise _Stop
+    def catcher(i):
+        def catch(_mod, args, kwargs):
+            if i == 0:
+                hs.append((args[0] if args else kwargs["hidden_states"]).detach())
+            kws[i].append({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")})
+            if i == len(layers) - 1:
+                raise _Stop
+        return catch
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    handles = [layer.register_forward_pre_hook(catcher(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for layer in layers[:-1]:
+        layer.forward = _pass_through  # an instance attribute over the class method, removed below
     try:
         with torch.no_grad():
             for batch in calib.split(batch_size):
@@ -77,8 +85,16 @@ def capture_inputs(model: nn.Module, arch: Arch, calib: torch.Tensor, batch_size
                     model(batch.to(device), use_cache=False)
                 except _Stop:
                     pass
+                if sink is not None:
+                    b = len(hs) - 1
+                    sink(b, hs[b], [kw[b] for kw in kws])
+                    hs[b] = None
+                    for kw in kws:
+                        kw[b] = None
     finally:
-        handle.remove()
+        for layer, handle in zip(layers, handles):
+            handle.remove()
+            layer.__dict__.pop("forward", None)
     return (hs, kws) if sink is None else ([], [])
 
 
@@ -128,7 +144,7 @@ def solve_group(names: list[str], linears: list[nn.Linear], stats: Stats, cfg: Q
 
 def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLayer, streams: Streams,
                        cfg: QuantConfig, eps: float, prefix: str, master: nn.Module, specs: dict | None = None,
-                       probe=None) -> dict[str, QuantResult]:
+                       probe=None, norm_offset: float = 0.0) -> dict[str, QuantResult]:
     m = cfg.method
     two = streams.h is not None
     cdt = streams.opts.torch_compute_dtype
@@ -177,14 +193,18 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
                 continue
             h = streams.h.get(b)
             X, y = _catch_input(fp_out, lambda: sl.run(fp_layer, h.to(cdt), kw))
-            h_next = h + y
+            h_next = h + sl.finish(fp_layer, y)
             streams.at_layer = None
             streams.h.set(b, h_next)
             if not m.rule.output_stats:
                 add(X_hat, X)
                 continue
+            bias = fp_out.bias if fp_out.bias is not None else 0
+            if sl.post_norm is not None:  # sandwich norm: the target of loaq.sandwich
+                add(*sandwich.w_out_terms(X_hat, X, h_hat, h, y_hat, y, bias, layer.get_submodule(sl.post_norm),
+                                          norm_offset, eps, m.rescale, m.shat != "text"))
+                continue
             if use_B:
-                bias = fp_out.bias if fp_out.bias is not None else 0
                 h_b, hh_b = h + bias, h_hat + bias
             if m.rescale:
                 s = rms_factor(h_next, eps)  # y = XWᵀ + b
@@ -197,18 +217,19 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
     results |= solve_group([name], [w_out], st, cfg, name, st.B, masters=masters([sl.w_out]), specs=specs,
                            probe=probe, held=held)
     del st, held
-    _advance_quantized(streams, w_out, cdt)
+    _advance_quantized(streams, w_out, cdt, sl, layer)
     return results
 
 
-def _advance_quantized(streams: Streams, w_out: nn.Linear, cdt: torch.dtype) -> None:
+def _advance_quantized(streams: Streams, w_out: nn.Linear, cdt: torch.dtype, sl: SubLayer, layer: nn.Module) -> None:
     """(c) ``ĥ += X̂ Qᵀ (+ b)`` with the kept ``X̂`` (it already went through ``W_out``'s input hooks:
-    apply the weights only; ``X̂`` does not depend on ``W_out``, so the sub-layer is not run again)."""
+    apply the weights only; ``X̂`` does not depend on ``W_out``, so the sub-layer is not run again), through
+    the sub-layer's post-norm where it has one."""
     streams.at_layer = None
     with torch.no_grad():
         for b in range(len(streams)):
             X_hat = streams.x_hat.get(b).to(cdt)
-            streams.h_hat.set(b, streams.h_hat.get(b) + F.linear(X_hat, w_out.weight, w_out.bias))
+            streams.h_hat.set(b, streams.h_hat.get(b) + sl.finish(layer, F.linear(X_hat, w_out.weight, w_out.bias)))
 
 
 def _working_layer(layer: nn.Module, device, dtype: torch.dtype) -> nn.Module:
@@ -245,7 +266,8 @@ def quantize_layer(layer: nn.Module, arch: Arch, streams: Streams, cfg: QuantCon
                                 "layers; drop --compute-dtype")
             results |= quantize_moe(work, fp_layer, sl, streams, cfg, eps, prefix, streams.device)
         else:
-            results |= _quantize_sublayer(work, fp_layer, sl, streams, cfg, eps, prefix, layer, specs, probe)
+            results |= _quantize_sublayer(work, fp_layer, sl, streams, cfg, eps, prefix, layer, specs, probe,
+                                          arch.norm_offset)
     _release(layer, work)
     return results
 
@@ -282,8 +304,8 @@ def replay_layer(layer: nn.Module, arch: Arch, streams: Streams, cfg: QuantConfi
                 streams.x_hat.set(b, X_hat)
                 if streams.h is not None:
                     h = streams.h.get(b)
-                    streams.h.set(b, h + sl.run(fp_layer, h.to(cdt), kw))
-            _advance_quantized(streams, w_out, cdt)
+                    streams.h.set(b, h + sl.finish(fp_layer, sl.run(fp_layer, h.to(cdt), kw)))
+            _advance_quantized(streams, w_out, cdt, sl, work)
     _release(layer, work)
 
 
@@ -348,6 +370,7 @@ def _resume(model: nn.Module, arch: Arch, streams: Streams, cfg: QuantConfig, st
     for j in range(done):
         prefix = f"{arch.layers}.{j}."
         if j >= saved:
+            streams.kw_layer = j
             replay_layer(layers[j], arch, streams, cfg, results, prefix, specs)
             continue
         for n in arch.layer_linears(layers[j]):
@@ -395,7 +418,7 @@ def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: Quant
                    disable=not progress, unit="layer")
         for i in bar:
             t0 = time.time()
-            st.at_layer = i
+            st.at_layer = st.kw_layer = i
             res = quantize_layer(layers[i], arch, st, cfg, eps, f"{arch.layers}.{i}.", specs)
             st.at_layer = i + 1
             results |= res

@@ -5,12 +5,17 @@ Applied to the float model before calibration; every step is one small function 
 1. untie ``lm_head`` from the token embeddings when they are tied (the final norm is fused into
    ``lm_head`` only), and say so (``config.tie_word_embeddings = False``, ``untied_embeddings``);
 2. fuse each RMSNorm's scale into the linears that read it (``W ← W diag(g)``, final norm into
-   ``lm_head``); norm weights become 1, so ``Norm(x R) = Norm(x) R`` for orthogonal ``R`` (RMSNorm has
-   no mean to centre, embeddings need nothing else);
+   ``lm_head``; Gemma-style ``1 + g`` norms fuse ``1 + g`` and keep ``g = 0``); norm scales become 1, so
+   ``Norm(x R) = Norm(x) R`` for orthogonal ``R`` (RMSNorm has no mean to centre, embeddings need nothing
+   else). A norm on a sub-layer's *output* (Gemma 3's post-norms) cannot be made to commute with R1: its input
+   ``y R1`` has the right RMS, but its per-channel scale ``Γ`` would have to become ``R1ᵀ Γ R1``, which is no
+   longer diagonal, and fusing ``Γ`` into ``W_out`` changes the RMS it divides by. Such families are refused
+   (:func:`check_rotatable`);
 3. R1 on the residual stream, ``R1 = diag(±1 from seed) · Mᵀ`` with ``M`` the Hadamard map of
    :mod:`loaq.hadamard`: embeddings ``E ← E R1``, every ``W_in`` and ``lm_head`` ``W ← W R1``, every
    ``W_out`` ``W ← R1ᵀ W`` (bias ``b ← b R1``);
-4. R2 per attention head, ``Mᵀ`` of order ``head_dim``: ``v_proj`` output side, ``o_proj`` input side;
+4. R2 per attention head, ``Mᵀ`` of order ``head_dim``: ``v_proj`` output side (a fused ``qkv_proj``'s
+   v rows), ``o_proj`` input side;
 5. R4, the online Hadamard before ``down_proj``: ``down_proj`` gets ``W ← W Mᵀ`` and a forward
    pre-hook applies ``x ← hadamard_transform_ref(x, had_k) = x Mᵀ`` at run time (:mod:`loaq.kernels.hadamard_ref`).
 
@@ -96,12 +101,13 @@ def untie_embeddings(model: nn.Module, arch: Arch) -> bool:
     return tied
 
 
-def fuse_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
-    """Move the RMSNorm scale ``g`` into the linears reading it: ``W ← W diag(g)``, ``g ← 1``."""
-    g = norm.weight.data.double()
+def fuse_norm(norm: nn.Module, readers: list[nn.Linear], offset: float = 0.0) -> None:
+    """Move the RMSNorm scale ``offset + g`` into the linears reading it: ``W ← W diag(offset + g)``, and
+    make the scale 1 (``g ← 1 - offset``: Gemma's ``1 + g`` norms get ``g = 0``)."""
+    g = offset + norm.weight.data.double()
     for lin in readers:
         _update(lin.weight, lambda W: W * g[None, :])
-    norm.weight.data.fill_(1.0)
+    norm.weight.data.fill_(1.0 - offset)
 
 
 def rotate_embedding(embed: nn.Embedding, R) -> None:
@@ -114,11 +120,12 @@ def rotate_input(lin: nn.Linear, R) -> None:
     _update(lin.weight, R)
 
 
-def rotate_output(lin: nn.Linear, R) -> None:
-    """The linear writes ``y R`` instead of ``y``: ``W ← Rᵀ W = (Wᵀ R)ᵀ``, ``b ← b R``."""
-    _update(lin.weight, lambda W: R(W.T).T)
+def rotate_output(lin: nn.Linear, R, rows: slice = slice(None)) -> None:
+    """The linear writes ``y R`` instead of ``y`` on its output ``rows`` (all by default; a fused q|k|v
+    linear's v rows for R2): ``W ← Rᵀ W = (Wᵀ R)ᵀ``, ``b ← b R``."""
+    _update(lin.weight.data[rows], lambda W: R(W.T).T)
     if lin.bias is not None:
-        _update(lin.bias, R)
+        _update(lin.bias.data[rows], R)
 
 
 def per_head(R, head_dim: int):
@@ -150,6 +157,12 @@ def load_had_k(native_dir: str) -> torch.Tensor | None:
     return load_tensors(p).get("r4.had_k") if os.path.isfile(p) else None
 
 
+def check_rotatable(arch: Arch) -> None:
+    """Refuse, in one line, a family whose layout the rotation cannot keep exact (:attr:`Arch.no_rotation`)."""
+    if arch.no_rotation:
+        raise LoaQError(f"--rotate hadamard: {arch.no_rotation}")
+
+
 def _random_signs(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
@@ -160,14 +173,18 @@ def rotate_model(model: nn.Module, arch: Arch, seed: int = 0, r4_blocks: int = 1
     """Rotate ``model`` in place (steps 1-5 of the module docstring); its function is unchanged. ``r4_blocks``
     > 1 makes R4 block-diagonal (:func:`loaq.hadamard.block_diagonal`): each tensor-parallel rank of
     ``down_proj`` then rotates its own slice of the input."""
+    check_rotatable(arch)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     untied = untie_embeddings(model, arch)
     layers = arch.decoder_layers(model)
     for layer in layers:
         for sl in arch.sublayers:
-            fuse_norm(layer.get_submodule(sl.norm), [layer.get_submodule(f"{sl.module}.{n}") for n in sl.w_in])
-    fuse_norm(model.get_submodule(arch.final_norm), [model.get_submodule(arch.lm_head)])
+            fuse_norm(layer.get_submodule(sl.norm), [layer.get_submodule(f"{sl.module}.{n}") for n in sl.w_in],
+                      arch.norm_offset)
+    fuse_norm(model.get_submodule(arch.final_norm), [model.get_submodule(arch.lm_head)], arch.norm_offset)
+    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    value_rows = slice(-kv * head_dim, None) if arch.fused_value else slice(None)
 
     r4 = hadamard.block_diagonal(cfg.intermediate_size, r4_blocks, seed)  # first: refuses a bad r4_blocks
     r1, r2 = (hadamard.factor(n, seed) for n in (cfg.hidden_size, head_dim))
@@ -188,7 +205,7 @@ def rotate_model(model: nn.Module, arch: Arch, seed: int = 0, r4_blocks: int = 1
             for n in sl.w_in:
                 rotate_input(layer.get_submodule(f"{sl.module}.{n}"), R1)
             rotate_output(layer.get_submodule(f"{sl.module}.{sl.w_out}"), R1)
-        rotate_output(layer.get_submodule(arch.value), per_head(R2, head_dim))
+        rotate_output(layer.get_submodule(arch.value), per_head(R2, head_dim), value_rows)
         rotate_input(layer.get_submodule(arch.attn_out), per_head(R2, head_dim))
         rotate_input(layer.get_submodule(arch.online), R4)
     rotate_input(model.get_submodule(arch.lm_head), R1)

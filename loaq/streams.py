@@ -180,20 +180,25 @@ class Streams:
         self.h = Stream("h", n_batches, opts, device, scratch) if two else None
         self.h_hat = Stream("h_hat", n_batches, opts, device, scratch)
         self.x_hat = Stream("x_hat", n_batches, opts, device, scratch)
-        self._kwargs: list[dict] = [{}] * n_batches
+        self._kwargs: list[list[dict] | dict] = [{}] * n_batches
+        self.kw_layer = 0  # the decoder layer whose kwargs :meth:`kwargs` returns (they differ by layer type)
         self.at_layer: int | None = 0
         self.held = 0  # the last ``held`` batches advance with the others but stay out of H, C, B (a probe scores them)
 
     def __len__(self) -> int:
         return len(self.h_hat)
 
-    def set_kwargs(self, b: int, kw: dict) -> None:
+    def set_kwargs(self, b: int, kw: list[dict] | dict) -> None:
+        """Batch ``b``'s layer kwargs: one dict per decoder layer (:func:`loaq.pipeline.capture_inputs`), or one for all."""
         self._kwargs[b] = kw if self.opts.offload == "device" else \
             _to(kw, "cpu") if self.device.type != "cuda" else _pin_all(kw)
 
     def kwargs(self, b: int, dtype: torch.dtype = torch.float32) -> dict:
-        """Batch ``b``'s layer kwargs on the compute device, floating tensors in ``dtype`` (the forward's)."""
-        return _to(self._kwargs[b], self.device, dtype, non_blocking=self.device.type == "cuda")
+        """Batch ``b``'s kwargs of layer :attr:`kw_layer` on the compute device, floating tensors in ``dtype``
+        (the forward's)."""
+        kw = self._kwargs[b]
+        kw = kw[self.kw_layer] if isinstance(kw, list) else kw
+        return _to(kw, self.device, dtype, non_blocking=self.device.type == "cuda")
 
     def close(self) -> None:
         """Remove the disk scratch files."""

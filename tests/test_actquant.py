@@ -20,7 +20,7 @@ from loaq.rotation import RotationSpec, rotate_model
 from loaq.solver import factorize, gptq_solve
 from loaq.stats import Stats
 from tests.test_pipeline import _load_without_tokenizer
-from tests.tiny import CONFIGS, tiny_model, tokens
+from tests.tiny import tiny_model, tokens
 
 W4 = GridSpec(4, 0, False)
 
@@ -121,7 +121,7 @@ def test_native_checkpoint_simulates_w4a4_and_online_r4(tmp_path):
         assert not torch.allclose(w16_logits, w4a4, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])  # Phi-3, Gemma 3: benchmarks/families.py
 def test_every_method_with_rotation_neuqi_and_w4a4(kind):
     """All six methods on every architecture with Hadamard + NeUQI + W4A4: the quantized model stays
     close to the float one (0.4-0.65 here; without the online R4 it is above 1.1)."""

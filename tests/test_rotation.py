@@ -21,7 +21,7 @@ def rotated_logits(model, X, seed=0):
         return model(X).logits, r(X).logits, r, rot
 
 
-@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("kind", [k for k in CONFIGS if k != "gemma3"])  # Gemma 3 refuses: tests/test_families.py
 def test_rotated_tiny_model_gives_the_same_logits(kind):
     ref, out, r, rot = rotated_logits(tiny_model(kind), tokens())
     assert rel_err(ref, out) <= 1e-4

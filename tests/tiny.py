@@ -1,7 +1,8 @@
 """Tiny random models of every supported architecture, built from a config (no hub)."""
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                          Qwen3Config, Qwen3MoeConfig)
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -10,6 +11,13 @@ CONFIGS = {  # keyword arguments override COMMON's fields
     "mistral": lambda **kw: MistralConfig(**COMMON | kw, sliding_window=None),
     "qwen2": lambda **kw: Qwen2Config(**COMMON | kw),
     "qwen3": lambda **kw: Qwen3Config(**COMMON | kw, head_dim=16),
+    "phi3": lambda **kw: Phi3Config(**COMMON | dict(pad_token_id=None, bos_token_id=None, eos_token_id=None) | kw),
+    # sliding window 8 < the test windows, layer types sliding/global alternating: the per-layer masks and
+    # rotary tables (local base 10⁴ vs global 10⁶) differ, so catching layer 0's kwargs only would be wrong
+    "gemma3": lambda **kw: Gemma3TextConfig(**COMMON | dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                                            layer_types=None, sliding_window_pattern=2,
+                                                            tie_word_embeddings=True, pad_token_id=None,
+                                                            bos_token_id=None, eos_token_id=None) | kw),
 }
 MOE_CONFIGS = {  # mixtures of experts (tests/test_moe.py; refused by rotation and W4A4, so not in CONFIGS)
     # 4 experts, top 2, expert width 32 (tiny calibration sets leave some experts with few tokens)
@@ -17,7 +25,8 @@ MOE_CONFIGS = {  # mixtures of experts (tests/test_moe.py; refused by rotation a
                                                              norm_topk_prob=True, head_dim=16) | kw),
 }
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM",
+                 "gemma3": "Gemma3ForCausalLM"}
 
 
 def tiny_model(kind: str = "llama", seed: int = 0, vocab: int = 96, **config):
@@ -29,8 +38,8 @@ def tiny_model(kind: str = "llama", seed: int = 0, vocab: int = 96, **config):
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa").eval()
     with torch.no_grad():  # HF initializes norms to 1 and small weights: give the streams some structure
         for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
+            if "norm" in n:  # Gemma's norms scale by 1 + g: the same range
+                p.uniform_(0.5, 1.5) if kind != "gemma3" else p.uniform_(-0.5, 0.5)
             elif p.ndim >= 2:  # linears, and the fused experts of a MoE
                 p.normal_(0, 0.08)
             else:

@@ -17,6 +17,9 @@ layout's shapes and repacks it once after loading into the 10-per-word layout it
 whose packing is unknown is refused with one line. Under tensor parallelism each rank's weight loaders cut
 its slice of the checkpoint tensors (:mod:`loaq.serve.shard`: output rows for column-parallel layers, input
 words and groups for row-parallel ones) and a row-parallel layer's online R4 is its rank's diagonal block.
+A linear that the checkpoint stores fused (Phi-3's ``qkv_proj`` and ``gate_up_proj``: one tensor set for all
+of vLLM's shards, loaded with ``shard_id`` None) has its ``weight_shape`` and its zero points (packed along the
+whole fused N) split into the per-shard layout on load (tensor parallel size 1 only).
 """
 
 from __future__ import annotations
@@ -62,14 +65,18 @@ def loaq_kind(weights: QuantizationArgs | None, inputs: QuantizationArgs | None,
     return None
 
 
-def _rows_loader(rows: list[int], what: str, select: Callable | None = None) -> Callable:
+def _rows_loader(rows: list[int], what: str, select: Callable | None = None, fused: Callable | None = None) -> Callable:
     """Weight loader for a parameter whose fused shards are stacked along dim 0 (``rows[i]`` rows each);
-    ``select(tensor, i)`` cuts this rank's slice of fused shard ``i`` from the checkpoint tensor (:mod:`loaq.serve.shard`)."""
+    ``select(tensor, i)`` cuts this rank's slice of fused shard ``i`` from the checkpoint tensor (:mod:`loaq.serve.shard`).
+    ``fused`` converts a checkpoint tensor that holds every shard at once (``shard_id`` None on a layer of
+    several shards: Phi-3's ``qkv_proj``, ``gate_up_proj``) into that per-shard layout."""
     offsets = [0, *itertools.accumulate(rows)]
 
     def load(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         if shard_id is None:
             i, dst = 0, param.data
+            if fused is not None and len(rows) > 1:
+                loaded = fused(loaded)
         else:
             i = _QKV[shard_id] if isinstance(shard_id, str) else int(shard_id)
             dst = param.data.narrow(0, offsets[i], rows[i])
@@ -165,19 +172,22 @@ class LoaQLinearScheme(CompressedTensorsScheme):
                 t = shard.packed_slice(t, bits, full[i], starts[i], parts[i], lay, dim=0)
             return shard.group_slice(t, gs, k0, k) if row else t
 
-        def add(name: str, shape: tuple[int, ...], dtype: torch.dtype, rows: list[int], select=None) -> None:
+        def add(name: str, shape: tuple[int, ...], dtype: torch.dtype, rows: list[int], select=None,
+                fused=None) -> None:
             p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
-            set_weight_attrs(p, {"weight_loader": _rows_loader(rows, f"{self.layer_name}.{name}", select)})
+            set_weight_attrs(p, {"weight_loader": _rows_loader(rows, f"{self.layer_name}.{name}", select, fused)})
             layer.register_parameter(name, p)
 
         sharded = row or col
         add("weight_packed", (n, layouts.packed_length(k, self.bits, self.layout)), torch.int32, parts,
             packed if sharded else None)
         add("weight_scale", (n, g), torch.float32, parts, scales if sharded else None)  # float32: bit-exact
-        add("weight_shape", (len(parts), 2), torch.int64, [1] * len(parts))  # the checkpoint's full shapes
+        add("weight_shape", (len(parts), 2), torch.int64, [1] * len(parts),  # the checkpoint's full shapes
+            fused=self._split_shape)
         if not self.symmetric:
             zrows = [layouts.packed_length(p, self.bits, self.layout) for p in parts]  # packed per shard
-            add("weight_zero_point", (sum(zrows), g), torch.int32, zrows, zeros if sharded else None)
+            add("weight_zero_point", (sum(zrows), g), torch.int32, zrows, zeros if sharded else None,
+                self._split_zero_points)
         c = MPLinearLayerConfig(full_weight_shape=(input_size, output_size), partition_weight_shape=(k, n),
                                 weight_type=WEIGHT_TYPES[(self.bits, self.symmetric)], act_type=params_dtype,
                                 group_size=-1 if self.group_size is None else self.group_size,
@@ -191,6 +201,18 @@ class LoaQLinearScheme(CompressedTensorsScheme):
         self.kernel.hadamard = self.hadamard
         self.kernel.had_k = shard.local_had_k(self.layer_name, self.had_k, tp, rank) if row and self.hadamard \
             else self.had_k
+
+    def _split_shape(self, shape: torch.Tensor) -> torch.Tensor:
+        """A fused linear's ``weight_shape`` [N, K] as one (rows, K) row per shard."""
+        if shape.numel() != 2 or int(shape.reshape(-1)[0]) != sum(self.parts):
+            raise ValueError(f"{self.layer_name}: weight_shape {shape.tolist()} does not hold the fused shards "
+                             f"{self.parts}; was it written by loaq-export?")
+        return torch.tensor([[p, int(shape.reshape(-1)[1])] for p in self.parts], dtype=torch.int64)
+
+    def _split_zero_points(self, z: torch.Tensor) -> torch.Tensor:
+        """A fused linear's zero points, packed along its whole N, repacked shard by shard (the parameter's layout)."""
+        codes = layouts.unpack(z, self.bits, sum(self.parts), self.layout, 0)
+        return torch.cat([layouts.pack(c, self.bits, self.layout, 0) for c in codes.split(self.parts)])
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         k = layer.input_size_per_partition
