@@ -25,6 +25,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -213,30 +214,57 @@ def _embeddings_to(model: nn.Module, arch: Arch, device) -> None:
             child.to(device)
 
 
+class _Resident:
+    """The weights of a loaded model: every part is already there."""
+
+    @contextmanager
+    def layer(self, i: int):
+        yield None
+
+    @contextmanager
+    def rest(self):
+        yield None
+
+
 def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: QuantConfig, *, batch_size: int = 8,
-                   device: str = "cpu", store=None, progress: bool = True) -> dict[str, QuantResult]:
+                   device: str = "cpu", store=None, progress: bool = True, weights=None) -> dict[str, QuantResult]:
     """Quantize every decoder linear of ``model`` in place; returns the results by qualified name.
 
-    ``store`` (a :class:`loaq.checkpoint.LayerStore`) receives each finished layer and both streams,
-    and on resume supplies the finished prefix so the run continues where it stopped.
+    ``store`` (a :class:`loaq.checkpoint.LayerStore`) receives each finished layer (its shard: codes and
+    the layer's other tensors) and both streams, and on resume supplies the finished prefix so the run
+    continues where it stopped. ``weights`` (a :class:`loaq.lazy.LazyWeights`) loads each layer only while
+    it is quantized (``model`` is then a skeleton); with a ``store`` the results are then left on disk
+    (not returned), so memory does not grow with depth.
     """
     from tqdm.auto import tqdm
 
+    from loaq.checkpoint import layer_tensors
+
     layers = arch.decoder_layers(model)
     results: dict[str, QuantResult] = {}
+    keep = weights is None or store is None
+    weights = weights or _Resident()
     if cfg.method.rule.solve is None:  # round to nearest: no calibration
         for i, layer in enumerate(layers):
-            results |= rtn_layer(layer, arch, cfg, f"{arch.layers}.{i}.")
+            prefix = f"{arch.layers}.{i}."
+            with weights.layer(i):
+                res = rtn_layer(layer, arch, cfg, prefix)
+                if store is not None:
+                    store.save_results(i, res, layer_tensors(layer, prefix, res))
+            if keep:
+                results |= res
         return results
-    _embeddings_to(model, arch, device)
-    hs, kws = capture_inputs(model, arch, calib, batch_size, device)
-    _embeddings_to(model, arch, "cpu")
+    with weights.rest():
+        _embeddings_to(model, arch, device)
+        hs, kws = capture_inputs(model, arch, calib, batch_size, device)
+        _embeddings_to(model, arch, "cpu")
     two = cfg.method.two_stream
     start = 0
     saved = store.load_streams() if store is not None else None
     if saved is not None:
         start, h, h_hat = saved
-        results |= store.load_layers(model, start)
+        if keep:
+            results |= store.load_layers(model, start)
         for layer in layers[:start]:
             _attach_act(layer, arch, cfg)
         streams = Streams(h, h_hat, kws)
@@ -248,12 +276,15 @@ def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: Quant
                disable=not progress, unit="layer")
     for i in bar:
         t0 = time.time()
-        layers[i].to(device)
-        res = quantize_layer(layers[i], arch, streams, cfg, eps, f"{arch.layers}.{i}.", device)
-        layers[i].to("cpu")
-        results |= res
-        check_interrupted()  # a Ctrl-C Python swallowed stops the run before this layer is kept
-        if store is not None:
-            store.save_layer(i, res, streams)
+        prefix = f"{arch.layers}.{i}."
+        with weights.layer(i):
+            layers[i].to(device)
+            res = quantize_layer(layers[i], arch, streams, cfg, eps, prefix, device)
+            layers[i].to("cpu")
+            check_interrupted()  # a Ctrl-C Python swallowed stops the run before this layer is kept
+            if store is not None:
+                store.save_layer(i, res, streams, layer_tensors(layers[i], prefix, res))
+        if keep:
+            results |= res
         log.debug("layer %d done in %.1fs", i, time.time() - t0)
     return results

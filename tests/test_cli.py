@@ -65,8 +65,8 @@ def test_resume_flag_finishes_an_interrupted_run(model_dir, calib, tmp_path, mon
 
     real = ck.LayerStore.save_layer
 
-    def die_after_first(self, i, res, streams):
-        real(self, i, res, streams)
+    def die_after_first(self, i, res, streams, *extra):
+        real(self, i, res, streams, *extra)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ck.LayerStore, "save_layer", die_after_first)

@@ -69,8 +69,8 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
     store = LayerStore(str(tmp_path / "w"), "d", SPEC)
     real_save = store.save_layer
 
-    def save_then_die(i, res, streams):
-        real_save(i, res, streams)
+    def save_then_die(i, res, streams, *extra):
+        real_save(i, res, streams, *extra)
         if i == 0:
             raise Killed
 
