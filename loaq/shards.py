@@ -14,6 +14,7 @@ Layout ``loaq-native/1`` (``quantized.safetensors`` + ``model.safetensors``) is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -63,9 +64,12 @@ class NativeTensors:
         if os.path.isfile(index):
             try:
                 weight_map = json.load(open(index))["weight_map"]
-            except (ValueError, OSError, KeyError, TypeError) as exc:
-                raise LoaQError(f"{index} is not a valid shard index ({exc}); the checkpoint is damaged, "
-                                "re-run `loaq quantize`") from None
+                if not all(isinstance(k, str) and isinstance(f, str) and f == os.path.basename(f) and f.endswith(
+                        ".safetensors") for k, f in weight_map.items()):
+                    raise ValueError("weight_map is not tensor name → shard file name")
+            except (ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
+                raise LoaQError(f"{index} is not a valid shard index ({str(exc).splitlines()[0]}); the checkpoint is "
+                                "damaged, re-run `loaq quantize`") from None
             self.weight_map = {k: os.path.join(WEIGHTS, f) for k, f in weight_map.items()}
         else:
             self.weight_map = {}
@@ -106,8 +110,68 @@ class NativeTensors:
                                 "re-run `loaq quantize` or copy the checkpoint again") from None
         return out
 
+    def header(self, names: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of ``names`` from the shard headers, no data read."""
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.weight_map[n], []).append(n)
+        out = {}
+        for f, keys in by_file.items():
+            p = os.path.join(self.path, f)
+            try:
+                with _open(p) as fh:
+                    for k in keys:
+                        sl = fh.get_slice(k)
+                        out[k] = (tuple(sl.get_shape()), DTYPES[sl.get_dtype()])
+            except LoaQError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the index names a tensor its shard does not hold
+                raise LoaQError(f"{p} is truncated or corrupted ({str(exc).splitlines()[0]}); "
+                                "re-run `loaq quantize` or copy the checkpoint again") from None
+        return out
+
     def files(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
+
+
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class SafetensorsStream:
+    """A safetensors file written one tensor at a time: the header from ``plan`` (name → (shape, dtype), in
+    file order) first, then each tensor's bytes as :meth:`write` gets them, in that order. Readers see an
+    ordinary safetensors file; only one tensor is in memory at a time."""
+
+    def __init__(self, path: str, plan: dict[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict | None = None):
+        import struct
+
+        self.order, self.plan, offset, header = list(plan), plan, 0, {}
+        if metadata:
+            header["__metadata__"] = metadata
+        for name, (shape, dtype) in plan.items():
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.fh = open(path, "wb")
+        self.fh.write(struct.pack("<Q", len(raw)) + raw)
+        self.done = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.done >= len(self.order) or name != self.order[self.done] or \
+                (tuple(tensor.shape), tensor.dtype) != self.plan[name]:
+            raise ValueError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} is not the next one planned")
+        self.fh.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        self.done += 1
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.done != len(self.order):
+            raise ValueError(f"only {self.done} of {len(self.order)} planned tensors were written")
 
 
 def write_index(weights_dir: str, fmt: str) -> dict[str, str]:
@@ -142,3 +206,15 @@ class NativeResults(Mapping):
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def quantized_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every ``codes``/``scales``/``zeros`` tensor of the native checkpoint in ``path`` (either layout)."""
+    t = NativeTensors(path)
+    return t.read([k for k in t.weight_map if is_quantized_part(k)])
+
+
+def other_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the native checkpoint in ``path`` besides the quantized linears' (norms, embeddings, ...)."""
+    t = NativeTensors(path)
+    return t.read([k for k in t.weight_map if not is_quantized_part(k)])
