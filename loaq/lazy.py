@@ -148,9 +148,11 @@ class LazyWeights:
         if rotation_seed is not None:
             from loaq.rotation import Rotator
 
+            from loaq.rotation import attach_online
+
             self.rotator = Rotator(model.config, rotation_seed)
             model.config.tie_word_embeddings = False
-        self._rotated_online: set[int] = set()
+            attach_online(model, arch, self.rotator.r4.had_k)  # first on every layer, as rotate_model does
         expected = set(model.state_dict()) - ({f"{arch.lm_head}.weight"} if self.tied else set())
         missing = sorted(expected - self.reader.names())
         if missing:
@@ -170,8 +172,7 @@ class LazyWeights:
         prefix = f"{self.arch.layers}.{i}."
         self._assign(layer, prefix, self.reader.read([prefix + k for k in layer.state_dict()]))
         if self.rotator:
-            self.rotator.layer(layer, self.arch, online=i not in self._rotated_online)  # R4 hook once, first
-            self._rotated_online.add(i)
+            self.rotator.layer(layer, self.arch, online=False)  # the online R4 hooks are attached already
         try:
             yield layer
         finally:
