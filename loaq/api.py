@@ -268,11 +268,10 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
     import loaq
     from loaq.checkpoint import LayerStore
     from loaq.metrics import perplexity
+    from loaq.lazy import check_load
     from loaq.pipeline import quantize_model
 
     t_start = time.time()
-    from loaq.lazy import check_load
-
     rec = as_recipe(config, calibration)
     cfg = rec.config
     check_batch_size(batch_size)
