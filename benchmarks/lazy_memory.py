@@ -1,7 +1,7 @@
 """Peak CPU memory of lazy vs eager loading (issue #14 item 1) and of the shard-streamed export (item 3).
 
 Each measurement runs in its own process: RSS after the imports (``VmRSS``), then the job, then the peak
-(``ru_maxrss``); the table reports peak − post-import RSS. SmolLM2-135M (the offline GGUF) is quantized with
+(``VmHWM``); the table reports peak − post-import RSS. SmolLM2-135M (the offline GGUF) is quantized with
 RTN and GPTQ (W4 per channel, a small calibration) eagerly and lazily; the lazy GPTQ checkpoint is then
 exported by this tree (shard-streamed) and, when ``--old-tree`` names a checkout of the previous code, by it
 too (it reads the ``loaq-native/1`` layout, made here from the same tensors) — the two exports are compared
@@ -24,17 +24,17 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PRELUDE = """
-import os, resource, sys, time, json
+import os, sys, time, json
 import torch, transformers, safetensors.torch, loaq, loaq.api, loaq.pipeline, loaq.checkpoint  # noqa: F401
 from transformers.models.llama import modeling_llama  # noqa: F401
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-def rss():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
+def rss(key="VmRSS"):  # VmHWM: the peak since exec (ru_maxrss would count the parent's size at fork)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":")) / 1024
 base = rss()
 t0 = time.time()
 """
 REPORT = """
-print(json.dumps({"peak_above_import_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base,
+print(json.dumps({"peak_above_import_mb": rss("VmHWM") - base,
                   "seconds": time.time() - t0}))
 """
 QUANTIZE = """

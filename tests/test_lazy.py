@@ -50,9 +50,9 @@ CONFIGS = {
 def test_lazy_equals_eager_codes_checkpoint_and_ppl(sharded_dir, tmp_path, name):
     model, calib = sharded_dir
     cfg = CONFIGS[name]
+    evaluation = Evaluation(calib, tokens=256, seqlen=32) if name == "loaq-w4a4-hadamard" else None  # the hardest
     runs = {load: loaq.quantize(model, cfg, Calibration(calib, nsamples=4, seqlen=32), out=str(tmp_path / load),
-                                batch_size=2, progress=False, load=load,
-                                evaluation=Evaluation(calib, tokens=256, seqlen=32))
+                                batch_size=2, progress=False, load=load, evaluation=evaluation)
             for load in ("eager", "lazy")}
     eager, lazy = runs["eager"], runs["lazy"]
     assert len(lazy.results) == len(eager.results) == 21
@@ -64,7 +64,8 @@ def test_lazy_equals_eager_codes_checkpoint_and_ppl(sharded_dir, tmp_path, name)
     assert files == sorted(os.listdir(tmp_path / "lazy" / "weights")) and len(files) == 3 + 2
     for f in files:
         assert open(tmp_path / "eager" / "weights" / f, "rb").read() == open(tmp_path / "lazy" / "weights" / f, "rb").read(), f
-    assert lazy.ppl == eager.ppl and lazy.fp_ppl == eager.fp_ppl and lazy.ppl != lazy.fp_ppl
+    if evaluation:
+        assert lazy.ppl == eager.ppl and lazy.fp_ppl == eager.fp_ppl and lazy.ppl != lazy.fp_ppl
     a, b = (json.load(open(tmp_path / d / "loaq.json")) for d in ("eager", "lazy"))
     a.pop("quant_seconds"), b.pop("quant_seconds")
     assert a == b
@@ -155,18 +156,18 @@ def test_gguf_layers_read_lazily_as_transformers_loads_them(tmp_path):
 
 
 PEAK = """
-import os, resource, sys
+import os, sys
 import loaq, loaq.api, loaq.lazy, loaq.pipeline, torch, transformers  # noqa: F401
 from loaq.config import Calibration, Method, QuantConfig
 from loaq.grids import GridSpec
 torch.set_num_threads(1)
-def rss():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
-base = rss()
+def status(key):  # VmHWM, unlike ru_maxrss, starts anew at exec: the pytest parent's size does not count
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":")) / 1024
+base = status("VmRSS")
 loaq.quantize(sys.argv[1], QuantConfig(spec=GridSpec(4, 0), method=Method("rtn")),
               Calibration(sys.argv[2], nsamples=2, seqlen=32), out=sys.argv[3], batch_size=2, progress=False,
               load=sys.argv[4])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+print(status("VmHWM") - base)
 """
 
 
