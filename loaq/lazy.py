@@ -123,16 +123,32 @@ class GGUFReader:
         return set(self.tensors)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        import gguf
-        import numpy as np
+        import mmap
 
         out = {}
         for n in names:
             t = self.tensors[n]
-            w = self.processor.process(weights=gguf.dequantize(t.data, t.tensor_type), name=t.name,
+            w = self.processor.process(weights=_dequantize(t.data, t.tensor_type), name=t.name,
                                        tensor_key_mapping={}, parsed_parameters={"tensors": {}}).weights
-            out[n] = torch.from_numpy(np.copy(w)).float()
+            out[n] = torch.from_numpy(w).float()
+        # the file's pages read so far leave this process's resident set (they stay in the page cache)
+        self.reader.data._mmap.madvise(mmap.MADV_DONTNEED)
         return out
+
+
+def _dequantize(data, qtype, rows: int = 4096):
+    """``gguf.dequantize`` a few thousand rows at a time into one new array (its temporaries stay small)."""
+    import gguf
+    import numpy as np
+
+    if data.ndim < 2 or data.shape[0] <= rows:
+        return np.array(gguf.dequantize(data, qtype))  # a copy: F32/F16 come back as views of the file
+    first = gguf.dequantize(data[:rows], qtype)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=first.dtype)
+    out[:rows] = first
+    for i in range(rows, data.shape[0], rows):
+        out[i:i + rows] = gguf.dequantize(data[i:i + rows], qtype)
+    return out
 
 
 class LazyWeights:
@@ -202,7 +218,7 @@ class LazyWeights:
     def rest_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors outside the layers as the checkpoint stores them (tied ``lm_head`` once)."""
         with self.rest() as model:
-            return {k: v.detach().clone() for k, v in model.state_dict().items()
+            return {k: v.detach() for k, v in model.state_dict().items()  # kept alive past the release below
                     if not k.startswith(self.arch.layers + ".")
                     and not (self.tied and not self.rotator and k == f"{self.arch.lm_head}.weight")}
 
