@@ -51,12 +51,21 @@ export(sys.argv[1], sys.argv[2], dtype=torch.bfloat16)
 """
 
 
-def run(code: str, args: list[str], pythonpath: str) -> dict:
+def start(code: str, args: list[str], pythonpath: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=pythonpath, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    out = subprocess.run([sys.executable, "-c", PRELUDE + code + REPORT, *args], capture_output=True, text=True, env=env)
-    if out.returncode:
-        raise SystemExit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, "-c", PRELUDE + code + REPORT, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def result(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(err[-3000:])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run(code: str, args: list[str], pythonpath: str) -> dict:
+    return result(start(code, args, pythonpath))
 
 
 def v1_layout(native: str, dst: str) -> None:
@@ -103,28 +112,31 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="loaq-lazymem-") as tmp:
-        for method in ("rtn", "gptq"):
-            for load in ("eager", "lazy"):
-                out = os.path.join(tmp, f"{method}-{load}")
-                r = run(QUANTIZE, [method, load, str(a.nsamples), str(a.seqlen), out], ROOT)
-                rows.append({"job": "quantize", "method": method, "load": load, **r})
-                print(rows[-1], flush=True)
+        jobs = {(method, load): start(QUANTIZE, [method, load, str(a.nsamples), str(a.seqlen),
+                                                 os.path.join(tmp, f"{method}-{load}")], ROOT)
+                for method in ("rtn", "gptq") for load in ("eager", "lazy")}  # side by side: peaks are per process
+        for (method, load), proc in jobs.items():
+            rows.append({"job": "quantize", "method": method, "load": load, **result(proc)})
+            print(rows[-1], flush=True)
         native = os.path.join(tmp, "gptq-lazy")
-        r = run(EXPORT, [native, os.path.join(tmp, "x-new")], ROOT)
-        rows.append({"job": "export", "code": "streamed (this tree)", **r})
-        print(rows[-1], flush=True)
-        comparison = None
+        new = start(EXPORT, [native, os.path.join(tmp, "x-new")], ROOT)
+        comparison = old = None
         if a.old_tree:
             v1_layout(native, os.path.join(tmp, "native-v1"))
-            r = run(EXPORT, [os.path.join(tmp, "native-v1"), os.path.join(tmp, "x-old")], a.old_tree)
-            rows.append({"job": "export", "code": f"whole state dict ({a.old_tree})", **r})
+            old = start(EXPORT, [os.path.join(tmp, "native-v1"), os.path.join(tmp, "x-old")], a.old_tree)
+        rows.append({"job": "export", "code": "streamed (this tree)", **result(new)})
+        print(rows[-1], flush=True)
+        if old is not None:
+            rows.append({"job": "export", "code": f"whole state dict ({a.old_tree})", **result(old)})
             print(rows[-1], flush=True)
             comparison = compare_exports(os.path.join(tmp, "x-old"), os.path.join(tmp, "x-new"))
             print(comparison, flush=True)
     result = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
               "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs (shared)",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": "SmolLM2-135M-Instruct (GGUF Q4_1)",
-              "calibration": f"{a.nsamples} x {a.seqlen} tokens", "rows": rows, "export_comparison": comparison}
+              "calibration": f"{a.nsamples} x {a.seqlen} tokens",
+              "note": "the jobs of each step run side by side (seconds are not comparable, peaks are per process)",
+              "rows": rows, "export_comparison": comparison}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump(result, fh, indent=2)
