@@ -131,7 +131,7 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
             comparison = compare_exports(os.path.join(tmp, "x-old"), os.path.join(tmp, "x-new"))
             print(comparison, flush=True)
-    result = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    report = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
               "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs (shared)",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": "SmolLM2-135M-Instruct (GGUF Q4_1)",
               "calibration": f"{a.nsamples} x {a.seqlen} tokens",
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
               "rows": rows, "export_comparison": comparison}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as fh:
-        json.dump(result, fh, indent=2)
+        json.dump(report, fh, indent=2)
     return 0
 
 

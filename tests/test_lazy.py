@@ -222,9 +222,10 @@ def test_shard_streamed_export_equals_the_in_memory_export(tmp_path):
     for dtype in (torch.bfloat16, torch.float32):
         want = export_tensors(read_native(str(old)), dtype)
         configs = []
-        for native, size, files in (("n2", "2GB", 1), ("n2", "50KB", 5), ("n1", "2GB", 1), ("n1", "50KB", 5)):
+        for native, size in (("n2", "2GB"), ("n2", "50KB"), ("n1", "2GB"), ("n1", "50KB")):
             out = tmp_path / f"x-{native}-{size}-{dtype}"
-            assert len(export(str(tmp_path / native), str(out), dtype=dtype, max_shard_size=size)) == files
+            files = len(export(str(tmp_path / native), str(out), dtype=dtype, max_shard_size=size))
+            assert (files == 1) if size == "2GB" else (files > 1)
             got = {}
             for f in sorted(os.listdir(out)):
                 if f.endswith(".safetensors"):
