@@ -50,10 +50,14 @@ class Evaluation:
 
 @dataclass
 class QuantizeResult:
-    """What :func:`quantize` did: the quantized model (in memory, simulating the deployed one), its
-    per-linear codes, the metadata written to ``loaq.json``, the paths written and the seconds per step."""
+    """What :func:`quantize` did: the quantized model (simulating the deployed one), its per-linear codes,
+    the metadata written to ``loaq.json``, the paths written and the seconds per step.
 
-    model: nn.Module
+    After a lazy load (``load="lazy"``) nothing whole was ever in memory: ``results`` reads each linear's
+    codes from ``out`` when asked (in memory without ``out``), and ``model`` is built on first access
+    (the native checkpoint loaded, or the source model with the codes written in)."""
+
+    _model: nn.Module | None
     tokenizer: object
     results: dict
     meta: dict
@@ -62,6 +66,13 @@ class QuantizeResult:
     export: str | None = None
     rotation: object = None
     timings: dict = field(default_factory=dict)
+    _build: object = None  # () -> model, for a lazy run
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None and self._build is not None:
+            self._model = self._build()
+        return self._model
 
     @property
     def ppl(self) -> float | None:
@@ -250,7 +261,7 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
              export: str | None = None, export_dtype: str = "bfloat16", device: str = "cpu", batch_size: int = 8,
              resume: bool = False, force: bool = False, evaluation: Evaluation | None = None,
              progress: bool = True, sensitivity: dict | None = None,
-             streams: StreamOptions = StreamOptions()) -> QuantizeResult:
+             streams: StreamOptions = StreamOptions(), load: str = "lazy") -> QuantizeResult:
     """Quantize ``model`` and (with ``out``) write its native checkpoint, (with ``export``) its
     compressed-tensors export.
 
@@ -260,21 +271,28 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
       ``None`` (defaults: LoaQ W3 per channel);
     - ``calibration``: :class:`Calibration` (overrides the recipe's), or ready ``[n, L]`` token windows;
     - ``resume`` continues an interrupted run from its per-layer checkpoints in ``out + ".partial"``;
-    - ``evaluation`` also measures fp and quantized perplexity (recorded in ``loaq.json``);
+    - ``evaluation`` also measures fp and quantized perplexity (recorded in ``loaq.json``); after a lazy
+      load both are measured one layer at a time (:func:`loaq.lazy.streamed_perplexity`, the same numbers);
     - ``sensitivity``: with ``config.allocation`` (``--target-bits``), an earlier run's ``meta["allocation"]``
       (same model, calibration and method) whose measured per-linear errors are reused for this budget;
     - ``streams`` (:class:`loaq.streams.StreamOptions`): where the calibration streams live (``offload``
-      device/cpu/disk), their storage and compute dtypes, how often ``resume`` state saves them.
+      device/cpu/disk), their storage and compute dtypes, how often ``resume`` state saves them;
+    - ``load``: ``"lazy"`` (default) reads each decoder layer of a model path only while it is quantized
+      (:mod:`loaq.lazy`: memory does not grow with depth); ``"eager"`` loads the whole float32 model first.
+      A loaded module is always eager, and so are runs that need the whole model before the pipeline
+      (``alpha``/``beta`` ``auto``, ``--target-bits``) and mixture-of-experts models (logged).
     """
     import loaq
     from loaq.checkpoint import LayerStore
     from loaq.metrics import perplexity
+    from loaq.lazy import check_load
     from loaq.pipeline import quantize_model
 
     t_start = time.time()
     rec = as_recipe(config, calibration)
     cfg = rec.config
     check_batch_size(batch_size)
+    check_load(load)
     from loaq.export.writer import DTYPES
 
     if export_dtype not in DTYPES:
@@ -294,6 +312,8 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
 
         data.check_source(rec.calibration.source)  # a bad path fails before the weights load
     timings = {}
+    weights = None
+    load = _eager_when_needed(load, cfg, model_config)
     if src is None:
         from loaq.arch import arch_of
 
@@ -301,6 +321,17 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
 
         m, tok, arch, label = model, tokenizer, arch_of(model.config), getattr(model, "name_or_path", "")
         unfuse(m, arch)
+    elif load == "lazy":
+        from loaq.arch import arch_of
+        from loaq.lazy import LazyWeights, skeleton
+        from loaq.models import load_tokenizer, skeleton_config
+
+        t0 = time.time()
+        m = skeleton(skeleton_config(src))
+        arch, tok, label = arch_of(m.config), load_tokenizer(src), src.label
+        weights = LazyWeights(src, m, arch, cfg.rotation.seed if cfg.rotation.kind == "hadamard" else None,
+                              cfg.rotation.r4_blocks)
+        timings["load"] = time.time() - t0
     else:
         from loaq.models import load_model
 
@@ -322,9 +353,19 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
                                             "the codes will not reproduce it", rec.calib_hash, calib_hash)
     if evaluation is not None:
         windows = eval_windows(tok, evaluation)
-        fp_ppl = perplexity(m, windows, batch_size)
+        if weights is None:
+            fp_ppl = perplexity(m, windows, batch_size)
+        else:  # the unrotated float model, as the eager path measures it
+            from loaq.lazy import LazyWeights, skeleton, streamed_perplexity
+            from loaq.models import skeleton_config
+
+            fp = skeleton(skeleton_config(src))
+            fp_ppl = streamed_perplexity(LazyWeights(src, fp, arch), windows, batch_size)
+            del fp
     rotation = None
-    if cfg.rotation.kind == "hadamard":
+    if weights is not None:
+        rotation = weights.rotation()
+    elif cfg.rotation.kind == "hadamard":
         from loaq.rotation import rotate_model
 
         rotation = rotate_model(m, arch, cfg.rotation.seed, cfg.rotation.r4_blocks)
@@ -345,7 +386,7 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
             timings["allocate"] = time.time() - t0
             t0 = time.time()
         results = quantize_model(m, arch, calib, cfg, batch_size=batch_size, device=device, store=store,
-                                 progress=progress, specs=specs, streams=streams)
+                                 progress=progress, specs=specs, streams=streams, weights=weights)
     except BaseException:
         if store is not None and not store.finished():  # no layer finished: nothing to resume from
             shutil.rmtree(work, ignore_errors=True)
@@ -373,13 +414,44 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
     if auto:
         meta["auto"] = auto
     if evaluation is not None:
-        meta["eval"] = {"ppl": perplexity(m, windows, batch_size), "fp_ppl": fp_ppl, "tokens": int(windows.numel()),
-                        "seqlen": evaluation.seqlen}
+        if weights is None:
+            q_ppl = perplexity(m, windows, batch_size)
+        else:
+            from loaq.lazy import streamed_perplexity
+
+            q_ppl = streamed_perplexity(weights, windows, batch_size, _quantized_layers(store, results, cfg, arch))
+        meta["eval"] = {"ppl": q_ppl, "fp_ppl": fp_ppl, "tokens": int(windows.numel()), "seqlen": evaluation.seqlen}
     if out:
-        _write_outputs(out, export, export_dtype, force, m, tok, results, meta, rotation, timings)
+        _write_outputs(out, export, export_dtype, force, m, tok, results, meta, rotation, timings, store,
+                       weights.rest_tensors() if weights is not None else None)
         shutil.rmtree(work, ignore_errors=True)
     timings["total"] = time.time() - t_start
-    return QuantizeResult(m, tok, results, meta, rec, out, export, rotation, timings)
+    build = None
+    if weights is not None:
+        m = None
+        if out:
+            from loaq.shards import NativeResults
+
+            results = NativeResults(out)
+            build = lambda: _native_model(out)  # noqa: E731
+        else:
+            build = lambda: _eager_quantized(src, arch, results, cfg)  # noqa: E731
+    return QuantizeResult(m, tok, results, meta, rec, out, export, rotation, timings, build)
+
+
+def _eager_when_needed(load: str, cfg: QuantConfig, config) -> str:
+    """``"eager"`` for runs that need the whole float model before the pipeline (α/β ``auto``, ``--target-bits``)
+    and for mixture-of-experts models (transformers fuses their experts in memory; :mod:`loaq.moe` splits them)."""
+    from loaq.arch import arch_of
+
+    why = ("alpha/beta auto" if cfg.method.auto else "--target-bits" if cfg.allocation.enabled else
+           "a mixture-of-experts model" if arch_of(config).num_experts(config) else None)
+    if load == "lazy" and why:
+        import logging
+
+        logging.getLogger(__name__).info("loading the whole model (--load eager) for %s", why)
+        return "eager"
+    return load
 
 
 def _allocate(m, arch, calib, cfg, store, batch_size, device, progress, sensitivity):
@@ -398,14 +470,52 @@ def _allocate(m, arch, calib, cfg, store, batch_size, device, progress, sensitiv
     return specs, meta
 
 
-def _write_outputs(out, export, export_dtype, force, model, tok, results, meta, rotation, timings) -> None:
+def _native_model(out: str) -> nn.Module:
+    from loaq.checkpoint import load_native
+
+    return load_native(out)[0]
+
+
+def _quantized_layers(store, results, cfg: QuantConfig, arch):
+    """``(i, layer) -> None``: write layer ``i``'s quantized weights (from ``store`` or ``results``) into ``layer``."""
+    from loaq.checkpoint import dequantized
+
+    def put(i: int, layer: nn.Module) -> None:
+        prefix = f"{arch.layers}.{i}."
+        mine = store.layer_results(i) if store is not None else {n: r for n, r in results.items() if n.startswith(prefix)}
+        for name, r in mine.items():
+            layer.get_submodule(name.removeprefix(prefix)).weight.data.copy_(dequantized(r, cfg.spec))
+
+    return put
+
+
+def _eager_quantized(src, arch, results: dict, cfg: QuantConfig) -> nn.Module:
+    """The whole quantized model of a lazy run without ``out``: the source loaded (and rotated) with the codes in."""
+    from loaq import actquant
+    from loaq.checkpoint import dequantized
+    from loaq.models import load_model
+
+    model = load_model(src)[0]
+    if cfg.rotation.kind == "hadamard":
+        from loaq.rotation import rotate_model
+
+        rotate_model(model, arch, cfg.rotation.seed, cfg.rotation.r4_blocks)
+    for name, r in results.items():
+        model.get_submodule(name).weight.data.copy_(dequantized(r, cfg.spec))
+    for layer in arch.decoder_layers(model):
+        actquant.attach([layer.get_submodule(n) for n in arch.layer_linears(layer)], cfg.act)
+    return model
+
+
+def _write_outputs(out, export, export_dtype, force, model, tok, results, meta, rotation, timings, store=None,
+                   rest=None) -> None:
     """The native checkpoint, then the export; if either fails, no ``out`` is left (the finished per-layer
     store stays, so ``resume`` writes both again without quantizing)."""
     from loaq.checkpoint import save_native
 
     try:
         t0 = time.time()
-        save_native(out, model, tok, results, meta, force=True, rotation=rotation)
+        save_native(out, model, tok, results, meta, force=True, rotation=rotation, store=store, rest=rest)
         timings["save"] = time.time() - t0
         if export:
             from loaq.export.writer import DTYPES, export as write_export

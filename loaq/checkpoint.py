@@ -4,10 +4,13 @@ A native checkpoint directory holds everything an exporter needs, nothing to rec
 
 - ``loaq.json``: format version, method (α, β, switches), grid, solver, calibration (source, size,
   seed, token hash), versions, source model, and the list of quantized linears;
-- ``quantized.safetensors``: per linear ``<name>.codes`` (uint8, unsigned 0..2^b-1, [out, in]),
-  ``<name>.scales`` (float32, [out, n_groups]) and ``<name>.zeros`` (int32, unsigned, [out, n_groups];
-  float32 only for NeUQI's continuous zero points, which compressed-tensors cannot hold);
-- ``model.safetensors``: every other tensor of the model (embeddings, norms, lm_head, biases);
+- ``weights/``: one safetensors shard per decoder layer (``layer-00000.safetensors``: per linear
+  ``<name>.codes`` (uint8, unsigned 0..2^b-1, [out, in]), ``<name>.scales`` (float32, [out, n_groups]) and
+  ``<name>.zeros`` (int32, unsigned, [out, n_groups]; float32 only for NeUQI's continuous zero points, which
+  compressed-tensors cannot hold), plus the layer's norms and biases), ``rest.safetensors`` (embeddings,
+  final norm, lm_head) and ``index.json`` (tensor → shard), see :mod:`loaq.shards`; a layer's shard is
+  written when it finishes. Format ``loaq-native/1`` (``quantized.safetensors`` + ``model.safetensors``)
+  is still read;
 - ``config.json``, ``generation_config.json`` and the tokenizer files;
 - W4A4 and rotation: ``loaq.json`` ``"activations"`` (``{"bits": 4, "symmetric": …}``)
   and ``"rotation"`` (:meth:`loaq.rotation.Rotation.meta`), plus ``rotation.safetensors`` with
@@ -35,7 +38,7 @@ from loaq.errors import LoaQError
 from loaq.grids import GridSpec, dequantize, expand
 from loaq.solver import QuantResult
 
-FORMAT = "loaq-native/1"
+FORMAT = "loaq-native/2"  # weights in per-layer shards (loaq.shards); loaq-native/1 is still read
 OWNER = ".loaq-owner"  # inside a temporary output: {"pid", "host"} of the writing process
 
 
@@ -56,7 +59,10 @@ def results_to_tensors(results: dict[str, QuantResult]) -> dict[str, torch.Tenso
 
 
 def tensors_to_results(t: dict[str, torch.Tensor], where: str = "quantized tensors") -> dict[str, QuantResult]:
-    names = sorted({k.rsplit(".", 1)[0] for k in t})
+    """The quantized linears among ``t`` (their ``codes``/``scales``/``zeros``; other tensors are ignored)."""
+    from loaq.shards import is_quantized_part
+
+    names = sorted({k.rsplit(".", 1)[0] for k in t if is_quantized_part(k)})
     for n in names:
         for part in ("codes", "scales", "zeros"):
             if f"{n}.{part}" not in t:
@@ -136,10 +142,21 @@ class LayerStore:
                 json.dump({"digest": self.digest}, fh)
             os.replace(f"{meta}.tmp", meta)
 
-    def save_layer(self, i: int, results: dict[str, QuantResult], streams) -> None:
-        """Keep layer ``i``'s codes; every ``stream_every`` layers also the streams entering layer ``i + 1``."""
+    def layer_path(self, i: int) -> str:
+        """Layer ``i``'s shard (its results and other tensors; moved into the checkpoint by :func:`save_native`)."""
+        return self._layer_path(i)
+
+    def save_results(self, i: int, results: dict[str, QuantResult], extra: dict | None = None) -> None:
+        """Layer ``i``'s shard: its quantized linears and ``extra`` (the layer's other tensors, :func:`layer_tensors`)."""
         self._create()
-        _atomic_save(results_to_tensors(results), self._layer_path(i))
+        _atomic_save(results_to_tensors(results) | (extra or {}), self._layer_path(i))
+
+    def layer_results(self, i: int) -> dict[str, QuantResult]:
+        return tensors_to_results(load_tensors(self._layer_path(i)))
+
+    def save_layer(self, i: int, results: dict[str, QuantResult], streams, extra: dict | None = None) -> None:
+        """Keep layer ``i``'s shard; every ``stream_every`` layers also the streams entering layer ``i + 1``."""
+        self.save_results(i, results, extra)
         if self.stream_every and (i + 1) % self.stream_every == 0:
             self.save_streams(i + 1, streams)
 
@@ -201,7 +218,7 @@ class LayerStore:
         """Results of layers ``0..upto-1``."""
         results = {}
         for i in range(upto):
-            results |= tensors_to_results(load_tensors(self._layer_path(i)))
+            results |= self.layer_results(i)
         return results
 
     def save_json(self, name: str, obj: dict) -> None:
@@ -297,24 +314,62 @@ def atomic_dir(out_dir: str, force: bool, prefix: str = ".loaq-"):
         raise
 
 
-def save_native(out_dir: str, model, tokenizer, results: dict[str, QuantResult], meta: dict, force: bool,
-                rotation=None) -> None:
-    """Write a native checkpoint to a temporary sibling and rename it to ``out_dir``; ``rotation`` (a
-    :class:`loaq.rotation.Rotation`) adds its ``"rotation"`` metadata and ``rotation.safetensors``."""
-    from loaq.rotation import R4_FILE
+def layer_tensors(layer, prefix: str, results: dict[str, QuantResult]) -> dict[str, torch.Tensor]:
+    """The tensors of decoder layer ``layer`` (names under ``prefix``) a checkpoint keeps besides its quantized
+    linears' codes: norms, biases."""
+    return {prefix + k: v.detach().cpu() for k, v in layer.state_dict().items()
+            if not (k.endswith(".weight") and prefix + k.removesuffix(".weight") in results)}
 
+
+def rest_tensors(model, arch) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder layers (embeddings, final norm, lm_head), tied ones once."""
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if k.startswith(arch.layers + ".") or v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v.detach().cpu()
+    return out
+
+
+def save_native(out_dir: str, model, tokenizer, results: dict[str, QuantResult], meta: dict, force: bool,
+                rotation=None, *, store=None, rest: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a native checkpoint to a temporary sibling and rename it to ``out_dir``; ``rotation`` (a
+    :class:`loaq.rotation.Rotation`) adds its ``"rotation"`` metadata and ``rotation.safetensors``.
+
+    Weights go to per-layer shards (:mod:`loaq.shards`): a layer's shard is moved from ``store`` (a
+    :class:`LayerStore`) where it wrote one, else built from ``results`` and ``model``'s layer; ``rest`` (the
+    tensors outside the layers, :func:`rest_tensors`) defaults to ``model``'s. A lazily loaded ``model`` (a
+    skeleton) needs both ``store`` and ``rest``. Every tensor the model has must end up in a shard."""
+    from loaq.arch import arch_of
+    from loaq.rotation import R4_FILE
+    from loaq.shards import REST, WEIGHTS, is_quantized_part, layer_file, write_index
+
+    arch = arch_of(model.config)
     with atomic_dir(out_dir, force) as tmp:
-        quantized = {f"{n}.weight" for n in results}
-        base, seen = {}, {}
-        for k, v in model.state_dict().items():
-            if k in quantized:
-                continue
-            if v.data_ptr() in seen:  # tied weights: keep one copy
-                continue
-            seen[v.data_ptr()] = k
-            base[k] = v.detach().cpu()
-        save_file({k: v.contiguous() for k, v in base.items()}, os.path.join(tmp, "model.safetensors"))
-        save_file(results_to_tensors(results), os.path.join(tmp, "quantized.safetensors"))
+        wdir = os.path.join(tmp, WEIGHTS)
+        os.mkdir(wdir)
+        for i, layer in enumerate(arch.decoder_layers(model)):
+            dst, prefix = os.path.join(wdir, layer_file(i)), f"{arch.layers}.{i}."
+            src = store.layer_path(i) if store is not None else None
+            if src and os.path.isfile(src):
+                try:
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copyfile(src, dst)
+            else:
+                mine = {n: r for n, r in results.items() if n.startswith(prefix)}
+                _atomic_save(results_to_tensors(mine) | layer_tensors(layer, prefix, mine), dst)
+        _atomic_save(rest if rest is not None else rest_tensors(model, arch), os.path.join(wdir, REST))
+        weight_map = write_index(wdir, FORMAT)
+        quantized = sorted({k.rsplit(".", 1)[0] for k in weight_map if is_quantized_part(k)})
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        want = {k for k in model.state_dict() if k.removesuffix(".weight") not in quantized
+                and not (tied and k == f"{arch.lm_head}.weight")}
+        missing = sorted(want - set(weight_map))
+        if missing:
+            raise LoaQError(f"the checkpoint would lack {', '.join(missing[:3])}; the per-layer store of this run is "
+                            "from another version, re-run without --resume")
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -323,7 +378,7 @@ def save_native(out_dir: str, model, tokenizer, results: dict[str, QuantResult],
         if rotation is not None:
             save_file(rotation.tensors(), os.path.join(tmp, R4_FILE))
         meta = {"format": FORMAT, "activations": None, **meta, "rotation": rotation.meta() if rotation else None,
-                "quantized": sorted(results)}
+                "quantized": quantized}
         with open(os.path.join(tmp, "loaq.json"), "w") as fh:
             json.dump(meta, fh, indent=2)
 
@@ -362,14 +417,17 @@ def load_native(path: str, dtype: torch.dtype = torch.float32):
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     from loaq.moe import unfuse
+    from loaq.shards import NativeTensors, is_quantized_part
 
     unfuse(model, arch_of(config))
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_tensors(os.path.join(path, "model.safetensors")).items()}
-    quantized = os.path.join(path, "quantized.safetensors")
-    results = tensors_to_results(load_tensors(quantized), quantized)
-    specs = layer_specs(meta, sorted(results))
-    for name, r in results.items():
-        sd[f"{name}.weight"] = dequantized(r, specs[name]).to(dtype)
+    stored, sd = NativeTensors(path), {}
+    for names in stored.groups():  # one shard (layer) at a time
+        t = stored.read(names)
+        sd |= {k: v.to(dtype) if v.is_floating_point() else v for k, v in t.items() if not is_quantized_part(k)}
+        results = tensors_to_results(t, path)
+        specs = layer_specs(meta, sorted(results))
+        for name, r in results.items():
+            sd[f"{name}.weight"] = dequantized(r, specs[name]).to(dtype)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     model.tie_weights()
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]

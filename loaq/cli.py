@@ -139,7 +139,7 @@ def cmd_quantize(a) -> int:
     streams = StreamOptions(a.offload_streams, a.stream_dtype, a.stream_checkpoint_every, a.compute_dtype)
     run = quantize(recipe.model, recipe, out=a.out, export=a.export, export_dtype=a.export_dtype, device=a.device,
                    batch_size=a.batch_size, resume=a.resume, force=a.force,
-                   evaluation=_evaluation(a) if a.eval else None, progress=not a.quiet, streams=streams)
+                   evaluation=_evaluation(a) if a.eval else None, progress=not a.quiet, streams=streams, load=a.load)
     if run.rotation is not None and run.rotation.untied:
         print("note: lm_head untied from the embeddings (the final norm is fused into lm_head only)")
     t = run.timings
@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory of the native checkpoint")
     q.add_argument("--force", action="store_true", help="overwrite an existing output")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its per-layer checkpoints")
+    q.add_argument("--load", choices=("lazy", "eager"), default="lazy",
+                   help="lazy: read each decoder layer only while it is quantized (memory flat in depth; default); "
+                        "eager: load the whole float32 model first")
     q.add_argument("--eval", action="store_true", help="print fp and quantized perplexity")
     q.add_argument("--export", metavar="DIR", help="also write a compressed-tensors checkpoint here (as loaq-export)")
     q.add_argument("--export-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),

@@ -191,7 +191,7 @@ def load_config(src: Source):
 def load_model(path: str | Source | None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, arch, source) for ``path`` (anything :func:`resolve` takes, or a resolved
     :class:`Source`); the architecture is checked before weights load."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     src = path if isinstance(path, Source) else resolve(path)
     arch = arch_of(load_config(src))
@@ -209,6 +209,27 @@ def load_model(path: str | Source | None, dtype: torch.dtype = torch.float32):
         model.config.architectures = [type(model).__name__]
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config
-    with parsing():
-        tok = AutoTokenizer.from_pretrained(src.directory, local_files_only=True, **src.kwargs())
-    return model, tok, arch, src
+    return model, load_tokenizer(src), arch, src
+
+
+def load_tokenizer(src: Source):
+    from transformers import AutoTokenizer
+
+    with (_parsing(_parsed_file(src)) if src.gguf_file else nullcontext()):
+        return AutoTokenizer.from_pretrained(src.directory, local_files_only=True, **src.kwargs())
+
+
+def skeleton_config(src: Source):
+    """The config :func:`load_model`'s model carries, read without weights (for :mod:`loaq.lazy`)."""
+    config = load_config(src)
+    if src.gguf_file:
+        config.architectures = [arch_name(config)]
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+    return config
+
+
+def arch_name(config) -> str:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping[type(config)].__name__

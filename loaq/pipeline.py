@@ -30,6 +30,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -340,8 +341,8 @@ def _embeddings_to(model: nn.Module, arch: Arch, device) -> None:
 
 def _capture(model: nn.Module, arch: Arch, calib: torch.Tensor, batch_size: int, streams: Streams,
              offset: int = 0) -> None:
-    """Fill ``streams`` (from batch ``offset`` on) with the layer-0 inputs (``h = ĥ``) and kwargs of every
-    calibration batch."""
+    """Fill ``streams`` (from batch ``offset`` on) with the layer-0 inputs (``h = ĥ``) and every layer's kwargs
+    of each calibration batch."""
 
     def sink(b, h, kw):
         b += offset
@@ -357,25 +358,44 @@ def _capture(model: nn.Module, arch: Arch, calib: torch.Tensor, batch_size: int,
         _embeddings_to(model, arch, "cpu")
 
 
-def _resume(model: nn.Module, arch: Arch, streams: Streams, cfg: QuantConfig, store,
-            specs: dict | None = None) -> tuple[int, dict]:
+class _Resident:
+    """The weights of a loaded model: every part is already there."""
+
+    @contextmanager
+    def layer(self, i: int):
+        yield None
+
+    @contextmanager
+    def rest(self):
+        yield None
+
+
+def _resume(model: nn.Module, arch: Arch, streams: Streams, cfg: QuantConfig, store, specs: dict | None,
+            weights, keep: bool) -> tuple[int, dict]:
     """(first layer to quantize, results so far) from ``store``: the finished layers' codes are written
-    back; the layers after the last saved streams are replayed to bring ``streams`` up to date."""
+    back (``keep``: and returned); the layers after the last saved streams are replayed to bring ``streams``
+    up to date, each loaded by ``weights`` for the replay."""
     layers = arch.decoder_layers(model)
     done = store.finished()
     if not done:
         return 0, {}
-    results = store.load_results(done)
     saved = store.load_streams(streams, done)
+    results = {}
     for j in range(done):
         prefix = f"{arch.layers}.{j}."
+        if j < saved and not keep:  # a lazy skeleton: nothing to write back, nothing to return
+            continue
+        mine = store.layer_results(j)
+        if keep:
+            results |= mine
         if j >= saved:
             streams.kw_layer = j
-            replay_layer(layers[j], arch, streams, cfg, results, prefix, specs)
+            with weights.layer(j):
+                replay_layer(layers[j], arch, streams, cfg, mine, prefix, specs)
             continue
         for n in arch.layer_linears(layers[j]):
             spec = (specs or {}).get(prefix + n, cfg.spec)
-            _set_weight(layers[j].get_submodule(n), dequantized(results[prefix + n], spec))
+            _set_weight(layers[j].get_submodule(n), dequantized(mine[prefix + n], spec))
         _attach_act(layers[j], arch, cfg)
     streams.at_layer = done
     log.info("resuming at layer %d of %d (streams saved at layer %d, %d replayed)", done, len(layers), saved,
@@ -384,47 +404,64 @@ def _resume(model: nn.Module, arch: Arch, streams: Streams, cfg: QuantConfig, st
 
 
 def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: QuantConfig, *, batch_size: int = 8,
-                   device: str = "cpu", store=None, progress: bool = True,
-                   specs: dict | None = None, streams: StreamOptions = StreamOptions()) -> dict[str, QuantResult]:
+                   device: str = "cpu", store=None, progress: bool = True, specs: dict | None = None,
+                   streams: StreamOptions = StreamOptions(), weights=None) -> dict[str, QuantResult]:
     """Quantize every decoder linear of ``model`` in place; returns the results by qualified name.
     ``specs`` gives linears their own grids (a per-linear allocation, :mod:`loaq.allocation`).
 
-    ``store`` (a :class:`loaq.checkpoint.LayerStore`) receives each finished layer (and the streams every
-    ``streams.checkpoint_every`` layers, and when interrupted at a layer boundary), and on resume supplies
-    the finished prefix so the run continues where it stopped. ``streams``: where the calibration streams
-    live and in which dtype (:mod:`loaq.streams`); the model stays on CPU, one layer at a time on ``device``.
+    ``store`` (a :class:`loaq.checkpoint.LayerStore`) receives each finished layer (its shard: codes and the
+    layer's other tensors; the streams every ``streams.checkpoint_every`` layers, and when interrupted at a
+    layer boundary), and on resume supplies the finished prefix so the run continues where it stopped.
+    ``streams``: where the calibration streams live and in which dtype (:mod:`loaq.streams`); the model stays
+    on CPU, one layer at a time on ``device``. ``weights`` (a :class:`loaq.lazy.LazyWeights`) loads each layer
+    only while it is quantized (``model`` is then a skeleton); with a ``store`` the results are then left on
+    disk (not returned), so memory does not grow with depth.
     """
     from tqdm.auto import tqdm
+
+    from loaq.checkpoint import layer_tensors
 
     if cfg.method.auto:
         raise LoaQError("alpha/beta 'auto' is chosen by loaq.api.quantize (loaq.auto.choose); pass numbers here")
     layers = arch.decoder_layers(model)
     results: dict[str, QuantResult] = {}
+    keep = weights is None or store is None
+    weights = weights or _Resident()
     if cfg.method.rule.solve is None:  # round to nearest: no calibration
         for i, layer in enumerate(layers):
-            results |= rtn_layer(layer, arch, cfg, f"{arch.layers}.{i}.", specs)
+            prefix = f"{arch.layers}.{i}."
+            with weights.layer(i):
+                res = rtn_layer(layer, arch, cfg, prefix, specs)
+                if store is not None:
+                    store.save_results(i, res, layer_tensors(layer, prefix, res))
+            if keep:
+                results |= res
         return results
     n_batches = len(calib.split(batch_size))
     workdir = store.workdir if store is not None and streams.offload == "disk" else None
     st = Streams(n_batches, cfg.method.two_stream, streams, device, workdir)
     try:
-        _capture(model, arch, calib, batch_size, st)
+        with weights.rest():
+            _capture(model, arch, calib, batch_size, st)
         start = 0
         if store is not None:
-            start, done = _resume(model, arch, st, cfg, store, specs)
+            start, done = _resume(model, arch, st, cfg, store, specs, weights, keep)
             results |= done
         eps = model.config.rms_norm_eps
         bar = tqdm(range(start, len(layers)), desc=f"{cfg.method.name} layers", initial=start, total=len(layers),
                    disable=not progress, unit="layer")
         for i in bar:
             t0 = time.time()
+            prefix = f"{arch.layers}.{i}."
             st.at_layer = st.kw_layer = i
-            res = quantize_layer(layers[i], arch, st, cfg, eps, f"{arch.layers}.{i}.", specs)
-            st.at_layer = i + 1
-            results |= res
-            check_interrupted()  # a Ctrl-C Python swallowed stops the run before this layer is kept
-            if store is not None:
-                store.save_layer(i, res, st)
+            with weights.layer(i):
+                res = quantize_layer(layers[i], arch, st, cfg, eps, prefix, specs)
+                st.at_layer = i + 1
+                check_interrupted()  # a Ctrl-C Python swallowed stops the run before this layer is kept
+                if store is not None:
+                    store.save_layer(i, res, st, layer_tensors(layers[i], prefix, res))
+            if keep:
+                results |= res
             log.debug("layer %d done in %.1fs", i, time.time() - t0)
     except KeyboardInterrupt:
         if store is not None:

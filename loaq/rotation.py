@@ -168,46 +168,70 @@ def _random_signs(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
 
 
+class Rotator:
+    """The factors R1, R2, R4 of one model (``config``, ``seed``), applied one piece at a time: the whole model
+    (:func:`rotate_model`) or each decoder layer as it loads (:mod:`loaq.lazy`); every tensor sees the same
+    float64 steps in the same order either way, so both give bit-identical weights."""
+
+    def __init__(self, config, seed: int = 0, r4_blocks: int = 1):
+        self.seed = seed
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.r4 = hadamard.block_diagonal(config.intermediate_size, r4_blocks, seed)  # first: refuses a bad r4_blocks
+        self.r1, self.r2 = (hadamard.factor(n, seed) for n in (config.hidden_size, self.head_dim))
+        self.signs = _random_signs(config.hidden_size, seed)
+        kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.kv_rows = kv * self.head_dim  # a fused q|k|v's value rows are its last ``kv_rows`` (Phi-3)
+
+    def R1(self, x):  # x diag(s) Mᵀ
+        return hadamard.multiply(x * self.signs, self.r1)
+
+    def R2(self, x):
+        return hadamard.multiply(x, self.r2)
+
+    def R4(self, x):
+        return hadamard.multiply(x, self.r4)
+
+    @torch.no_grad()
+    def layer(self, layer: nn.Module, arch: Arch, online: bool = True) -> None:
+        """Steps 2-5 on one decoder layer: fuse its norms, rotate its linears, attach the online R4."""
+        for sl in arch.sublayers:
+            fuse_norm(layer.get_submodule(sl.norm), [layer.get_submodule(f"{sl.module}.{n}") for n in sl.w_in],
+                      arch.norm_offset)
+        for sl in arch.sublayers:
+            for n in sl.w_in:
+                rotate_input(layer.get_submodule(f"{sl.module}.{n}"), self.R1)
+            rotate_output(layer.get_submodule(f"{sl.module}.{sl.w_out}"), self.R1)
+        value_rows = slice(-self.kv_rows, None) if arch.fused_value else slice(None)
+        rotate_output(layer.get_submodule(arch.value), per_head(self.R2, self.head_dim), value_rows)
+        rotate_input(layer.get_submodule(arch.attn_out), per_head(self.R2, self.head_dim))
+        rotate_input(layer.get_submodule(arch.online), self.R4)
+        if online:
+            layer.get_submodule(arch.online).register_forward_pre_hook(OnlineHadamard(self.r4.had_k))
+
+    @torch.no_grad()
+    def head(self, lm_head: nn.Linear, final_norm: nn.Module, norm_offset: float = 0.0) -> None:
+        """The final norm fused into ``lm_head`` (untied first: :func:`untie_embeddings`), then ``W ← W R1``."""
+        fuse_norm(final_norm, [lm_head], norm_offset)
+        rotate_input(lm_head, self.R1)
+
+    @torch.no_grad()
+    def embed(self, embed: nn.Embedding) -> None:
+        rotate_embedding(embed, self.R1)
+
+    def rotation(self, untied: bool) -> Rotation:
+        return Rotation(self.seed, self.r1, self.r2, self.r4, untied)
+
+
 @torch.no_grad()
 def rotate_model(model: nn.Module, arch: Arch, seed: int = 0, r4_blocks: int = 1) -> Rotation:
     """Rotate ``model`` in place (steps 1-5 of the module docstring); its function is unchanged. ``r4_blocks``
     > 1 makes R4 block-diagonal (:func:`loaq.hadamard.block_diagonal`): each tensor-parallel rank of
     ``down_proj`` then rotates its own slice of the input."""
     check_rotatable(arch)
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rot = Rotator(model.config, seed, r4_blocks)  # first: refuses a bad r4_blocks
     untied = untie_embeddings(model, arch)
-    layers = arch.decoder_layers(model)
-    for layer in layers:
-        for sl in arch.sublayers:
-            fuse_norm(layer.get_submodule(sl.norm), [layer.get_submodule(f"{sl.module}.{n}") for n in sl.w_in],
-                      arch.norm_offset)
-    fuse_norm(model.get_submodule(arch.final_norm), [model.get_submodule(arch.lm_head)], arch.norm_offset)
-    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    value_rows = slice(-kv * head_dim, None) if arch.fused_value else slice(None)
-
-    r4 = hadamard.block_diagonal(cfg.intermediate_size, r4_blocks, seed)  # first: refuses a bad r4_blocks
-    r1, r2 = (hadamard.factor(n, seed) for n in (cfg.hidden_size, head_dim))
-    signs = _random_signs(cfg.hidden_size, seed)
-
-    def R1(x):  # x diag(s) Mᵀ
-        return hadamard.multiply(x * signs, r1)
-
-    def R2(x):
-        return hadamard.multiply(x, r2)
-
-    def R4(x):
-        return hadamard.multiply(x, r4)
-
-    rotate_embedding(model.get_submodule(arch.embed), R1)
-    for layer in layers:
-        for sl in arch.sublayers:
-            for n in sl.w_in:
-                rotate_input(layer.get_submodule(f"{sl.module}.{n}"), R1)
-            rotate_output(layer.get_submodule(f"{sl.module}.{sl.w_out}"), R1)
-        rotate_output(layer.get_submodule(arch.value), per_head(R2, head_dim), value_rows)
-        rotate_input(layer.get_submodule(arch.attn_out), per_head(R2, head_dim))
-        rotate_input(layer.get_submodule(arch.online), R4)
-    rotate_input(model.get_submodule(arch.lm_head), R1)
-    attach_online(model, arch, r4.had_k)
-    return Rotation(seed, r1, r2, r4, untied)
+    for layer in arch.decoder_layers(model):
+        rot.layer(layer, arch)
+    rot.head(model.get_submodule(arch.lm_head), model.get_submodule(arch.final_norm), arch.norm_offset)
+    rot.embed(model.get_submodule(arch.embed))
+    return rot.rotation(untied)

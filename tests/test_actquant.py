@@ -146,8 +146,8 @@ def test_resume_with_rotation_neuqi_and_w4a4_is_bit_identical(tmp_path):
     store = LayerStore(str(tmp_path / "w"), cfg.digest("x"), cfg.spec)
     real = store.save_layer
 
-    def save_then_die(i, res, streams):
-        real(i, res, streams)
+    def save_then_die(i, res, streams, *extra):
+        real(i, res, streams, *extra)
         if i == 0:
             raise Killed
 

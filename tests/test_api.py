@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from loaq.shards import quantized_tensors
 
 import loaq
 from loaq.cli import main
@@ -25,7 +25,7 @@ CAL = dict(nsamples=4, seqlen=32)
 
 
 def codes(path) -> dict:
-    return load_file(os.path.join(path, "quantized.safetensors"))
+    return quantized_tensors(str(path))
 
 
 def assert_same_codes(a: dict, b: dict) -> None:

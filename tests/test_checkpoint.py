@@ -44,8 +44,9 @@ def test_native_checkpoint_is_readable_by_others(tmp_path):
     finally:
         os.umask(old)
     got = modes(tmp_path / "n")
-    assert got.pop(".") == 0o755 and set(got.values()) == {0o644} and OWNER not in got
-    assert {"loaq.json", "model.safetensors", "quantized.safetensors", "config.json"} <= set(got)
+    assert got.pop(".") == got.pop("weights") == 0o755 and set(got.values()) == {0o644} and OWNER not in got
+    assert {"loaq.json", "weights/index.json", "weights/rest.safetensors", "weights/layer-00000.safetensors",
+            "config.json"} <= set(got)
 
 
 def fake_temp(parent, name, pid, host=None):

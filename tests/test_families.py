@@ -11,7 +11,8 @@ from loaq.arch import GEMMA3, PHI3, arch_of
 from loaq.config import Calibration, Method, QuantConfig
 from loaq.errors import LoaQError
 from loaq.grids import GridSpec
-from loaq.pipeline import Streams, capture_inputs, quantize_layer
+from loaq.pipeline import capture_inputs, quantize_layer
+from loaq.streams import StreamOptions, Streams
 from loaq.rotation import RotationSpec, fuse_norm, rotate_model
 from tests.tiny import tiny_model, tiny_model_dir, tokens
 
@@ -77,14 +78,18 @@ def test_gemma3_float_stream_follows_the_model_through_the_post_norms():
     x = tokens(4, 32)
     outs, _ = _layer_outputs(m, x)
     hs, kws = capture_inputs(m, GEMMA3, x, 2, "cpu")
-    streams = Streams([h.clone() for h in hs], [h.clone() for h in hs], kws[0])
+    streams = Streams(len(hs), True, StreamOptions(), "cpu")
+    for b, h in enumerate(hs):
+        streams.h.set(b, h)
+        streams.h_hat.set(b, h)
+        streams.set_kwargs(b, [kw[b] for kw in kws])
     cfg = QuantConfig(spec=GridSpec(3, 0, False), method=Method("loaq", beta=0.5))
     layer = m.model.layers[0]
-    quantize_layer(layer, GEMMA3, streams, cfg, m.config.rms_norm_eps, "model.layers.0.", "cpu")
-    assert torch.allclose(torch.cat(streams.h), outs[0], atol=1e-5)
+    quantize_layer(layer, GEMMA3, streams, cfg, m.config.rms_norm_eps, "model.layers.0.")
+    assert torch.allclose(torch.cat(list(streams.h)), outs[0], atol=1e-5)
     with torch.no_grad():
         q = torch.cat([layer(h, **kws[0][b]) for b, h in enumerate(hs)])
-    assert torch.allclose(torch.cat(streams.h_hat), q, atol=1e-4)
+    assert torch.allclose(torch.cat(list(streams.h_hat)), q, atol=1e-4)
     assert (q - outs[0]).abs().max() > 1e-3  # really quantized
 
 

@@ -191,7 +191,7 @@ def test_output_size_estimate_covers_what_is_written(model_dir, calib, tmp_path)
                                            2 * 16, "bfloat16")
 
     def size(d):
-        return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs if f.endswith(".safetensors"))
 
     assert size(tmp_path / "q") <= native and size(tmp_path / "ct") <= export
 

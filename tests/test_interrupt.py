@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 TIMEOUT = 120  # seconds any one wait may take
 LAYERS = 4
-NATIVE_FILES = ("quantized.safetensors", "model.safetensors")
+NATIVE_FILES = ("weights/index.json", "weights/rest.safetensors", *(f"weights/layer-{i:05d}.safetensors" for i in range(LAYERS)))
 
 
 @pytest.fixture(scope="module")

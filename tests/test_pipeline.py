@@ -5,11 +5,11 @@ import inspect
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import loaq.pipeline as pipeline
 from loaq.arch import arch_of
 from loaq.checkpoint import LayerStore, load_native, save_native
+from loaq.shards import quantized_tensors
 from loaq.config import Method, QuantConfig
 from loaq.metrics import hidden_mse, layer_outputs
 from loaq.grids import GridSpec
@@ -72,8 +72,8 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, every):
     store = LayerStore(str(tmp_path / "w"), "d", SPEC, stream_every=every)
     real_save = store.save_layer
 
-    def save_then_die(i, res, streams):
-        real_save(i, res, streams)
+    def save_then_die(i, res, streams, *extra):
+        real_save(i, res, streams, *extra)
         if i == 0:
             raise Killed
 
@@ -90,7 +90,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, every):
 def test_native_checkpoint_round_trip(tmp_path):
     m, res = run("qwen2", Method("gptq"))
     save_native(str(tmp_path / "ck"), m, None, res, {"config": QuantConfig(spec=SPEC).to_dict()}, force=False)
-    stored = load_file(str(tmp_path / "ck" / "quantized.safetensors"))
+    stored = quantized_tensors(str(tmp_path / "ck"))
     n = "model.layers.1.mlp.down_proj"
     assert stored[f"{n}.codes"].dtype == torch.uint8 and torch.equal(stored[f"{n}.codes"], res[n].codes)
     loaded, _, meta = _load_without_tokenizer(str(tmp_path / "ck"))

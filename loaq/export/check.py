@@ -214,5 +214,8 @@ def round_trip(native_dir: str, path: str) -> tuple[int, int]:
 
     native = read_native(native_dir)
     got = decompress_export(path)
-    same = sum(torch.equal(got[n].float(), dequantized(r, native.specs[n])) for n, r in native.results.items() if n in got)
-    return len(native.results), same
+    same = 0
+    for names in native.groups():
+        same += sum(torch.equal(got[n].float(), dequantized(r, native.specs[n])) for n, r in native.results(names).items()
+                    if n in got)
+    return len(native.quantized), same

@@ -1,10 +1,15 @@
 """Write a native checkpoint as a compressed-tensors Hugging Face directory.
 
-1. read and validate the native checkpoint (complete, every expected linear, group sizes divide);
-2. pack every quantized linear (:mod:`loaq.export.pack`), cast the other tensors to ``dtype``;
-3. write safetensors shards (+ ``model.safetensors.index.json``), ``config.json`` with the
+1. read and validate the native checkpoint's index (complete, every expected linear, group sizes divide);
+2. plan the output shards from the tensor headers alone (``max_shard_size``; a native shard, one decoder
+   layer, is never split);
+3. one native shard at a time: read it, check and pack every quantized linear (:mod:`loaq.export.pack`),
+   cast the other tensors to ``dtype``, and stream them into their output shard
+   (:class:`loaq.shards.SafetensorsStream`), so memory holds one layer, never the state dict;
+4. write ``model.safetensors.index.json`` (when sharded), ``config.json`` with the
    ``quantization_config`` written by compressed-tensors with the ``loaq_format`` block inside it (packing
-   layout and LoaQ export marker: :func:`loaq.export.pack.format_marker`), tokenizer, generation config, model card, and last
+   layout and LoaQ export marker: :func:`loaq.export.pack.format_marker`), tokenizer, generation config, model
+   card, and last
    ``loaq_manifest.json`` (:mod:`loaq.export.manifest`); all into a temporary sibling directory renamed
    to the output at the end.
 """
@@ -12,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -20,14 +26,15 @@ import torch
 from safetensors.torch import save_file
 
 from loaq.arch import arch_of
-from loaq.checkpoint import atomic_dir, check_output, layer_specs, load_tensors, read_meta, tensors_to_results
+from loaq.checkpoint import atomic_dir, check_output, layer_specs, read_meta, tensors_to_results
 from loaq.errors import LoaQError
 from loaq.export.manifest import write_manifest
-from loaq.export.pack import MARKER_KEY, format_marker, pack_layer
+from loaq.export.pack import MARKER_KEY, format_marker, pack_layer, packed_shapes
 from loaq.export.scheme import quantization_config
 from loaq.export.transform import EXTENSION_KEY, r4_config, r4_targets
 from loaq.hadamard import blocks_of
 from loaq.grids import GridSpec
+from loaq.shards import PARTS, NativeTensors, SafetensorsStream, is_quantized_part
 from loaq.solver import QuantResult
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -36,16 +43,28 @@ NATIVE_ONLY = {"loaq.json", "quantized.safetensors", "model.safetensors", "rotat
 
 @dataclass
 class Native:
-    """A validated native checkpoint: its metadata, HF config dict, other tensors and quantized layers."""
+    """A native checkpoint with its index validated: metadata, HF config dict, its tensors (read per shard:
+    :class:`loaq.shards.NativeTensors`), quantized linears and their grids."""
 
     path: str
     meta: dict
     config: dict
-    base: dict[str, torch.Tensor]
-    results: dict[str, QuantResult]
+    tensors: NativeTensors
+    quantized: list[str]
     specs: dict[str, GridSpec]
     act: dict | None = None  # W4A4: {"bits": 4, "symmetric": bool}
     r4: tuple[list[str], int, torch.Tensor | None] | None = None  # online R4: (targets, width, had_k)
+
+    def results(self, names: list[str] | None = None) -> dict[str, QuantResult]:
+        """The quantized linears among tensor ``names`` (default: all; prefer one group of :meth:`groups`), checked."""
+        names = list(self.tensors.weight_map) if names is None else names
+        results = tensors_to_results(self.tensors.read([n for n in names if is_quantized_part(n)]), self.path)
+        for name, r in results.items():
+            _check_layer(name, r, self.specs[name])
+        return results
+
+    def groups(self) -> list[list[str]]:
+        return self.tensors.groups()
 
 
 def expected_linears(config) -> list[str]:
@@ -82,26 +101,26 @@ def read_native(path: str) -> Native:
     if os.path.exists(os.path.join(path, "run.json")) and not os.path.exists(os.path.join(path, "loaq.json")):
         raise LoaQError(f"{path!r} is an interrupted run, not a checkpoint; finish it with `loaq quantize --resume`")
     meta = read_meta(path)
-    for f in ("quantized.safetensors", "model.safetensors", "config.json"):
-        if not os.path.isfile(os.path.join(path, f)):
-            raise LoaQError(f"native checkpoint {path!r} is incomplete: {f} is missing; re-run `loaq quantize`")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise LoaQError(f"native checkpoint {path!r} is incomplete: config.json is missing; re-run `loaq quantize`")
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         config_dict = json.load(open(os.path.join(path, "config.json")))
     except (OSError, ValueError) as exc:
         raise LoaQError(f"{os.path.join(path, 'config.json')} does not load ({str(exc).splitlines()[0]}); "
                         "the checkpoint is damaged, re-run `loaq quantize`") from None
-    quantized = os.path.join(path, "quantized.safetensors")
-    results = tensors_to_results(load_tensors(quantized), quantized)
-    missing = [n for n in expected_linears(config) if n not in results]
+    tensors = NativeTensors(path)
+    quantized = tensors.quantized_names()
+    for n in quantized:
+        for part in PARTS:
+            if f"{n}.{part}" not in tensors.weight_map:
+                raise LoaQError(f"{path} lacks tensor {n}.{part}; the checkpoint is damaged, re-run `loaq quantize`")
+    missing = [n for n in expected_linears(config) if n not in quantized]
     if missing:
         raise LoaQError(_missing_message(path, missing))
-    specs = layer_specs(meta, sorted(results))
-    for name, r in results.items():
-        _check_layer(name, r, specs[name])
+    specs = layer_specs(meta, quantized)
     act = _activations(path, meta, specs)
-    base = load_tensors(os.path.join(path, "model.safetensors"))
-    return Native(path, meta, config_dict, base, results, specs, act, _online_r4(path, meta, config))
+    return Native(path, meta, config_dict, tensors, quantized, specs, act, _online_r4(path, meta, config))
 
 
 def _activations(path: str, meta: dict, specs: dict[str, GridSpec]) -> dict | None:
@@ -133,26 +152,75 @@ def _online_r4(path: str, meta: dict, config) -> tuple[list[str], int, torch.Ten
     return r4_targets(arch_of(config), config.num_hidden_layers), config.intermediate_size, had_k
 
 
-def export_tensors(native: Native, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The exported state dict: packed linears (float32 scales) and the other tensors in ``dtype``."""
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in native.base.items()}
-    for name, r in native.results.items():
+def export_tensors(native: Native, dtype: torch.dtype, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The exported tensors of native tensor ``names`` (one group of :meth:`Native.groups`; default: all):
+    packed linears (float32 scales) and the other tensors in ``dtype``."""
+    names = list(native.tensors.weight_map) if names is None else names
+    sd = {k: v.to(dtype) if v.is_floating_point() else v
+          for k, v in native.tensors.read([n for n in names if not is_quantized_part(n)]).items()}
+    for name, r in native.results(names).items():
         sd |= {f"{name}.{k}": v for k, v in pack_layer(r, native.specs[name]).items()}
-    return sd
+    return dict(sorted(sd.items()))
 
 
-def save_shards(sd: dict[str, torch.Tensor], out_dir: str, max_shard_size: int | str) -> list[str]:
-    """``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index; returns the file names."""
-    from huggingface_hub import split_torch_state_dict_into_shards
+def export_plan(native: Native, dtype: torch.dtype, names: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every tensor :func:`export_tensors` makes of ``names``, from the headers alone, in its order."""
+    plan = {}
+    for k, (shape, dt) in native.tensors.header([n for n in names if not is_quantized_part(n)]).items():
+        plan[k] = (shape, dtype if dt.is_floating_point else dt)
+    codes = native.tensors.header([n for n in names if n.endswith(".codes")])
+    for k, (shape, _) in codes.items():
+        name = k.removesuffix(".codes")
+        plan |= {f"{name}.{t}": v for t, v in packed_shapes(*shape, native.specs[name]).items()}
+    return dict(sorted(plan.items()))
 
-    split = split_torch_state_dict_into_shards(sd, max_shard_size=max_shard_size)
-    for fname, keys in split.filename_to_tensors.items():
-        save_file({k: sd[k].contiguous() for k in keys}, os.path.join(out_dir, fname), metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": {**split.metadata}, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+
+def _bytes(plan: dict) -> int:
+    return sum(math.prod(shape) * torch.empty((), dtype=dt).element_size() for shape, dt in plan.values())
+
+
+def stream_shards(native: Native, dtype: torch.dtype, out_dir: str, max_shard_size: int | str) -> list[str]:
+    """Write the export's tensors one native group (layer) at a time into ``model.safetensors`` or
+    ``model-0000i-of-0000n.safetensors`` + index (consecutive groups share a shard up to ``max_shard_size``);
+    returns the file names."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    limit = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    groups = native.groups()
+    plans = [export_plan(native, dtype, g) for g in groups]
+    shards: list[list[int]] = []
+    size = 0
+    for i, plan in enumerate(plans):
+        b = _bytes(plan)
+        if not shards or size + b > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += b
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    weight_map = {}
+    for fname, members in zip(names, shards):
+        plan = {k: v for i in members for k, v in plans[i].items()}
+        out = SafetensorsStream(os.path.join(out_dir, fname), plan, {"format": "pt"})
+        try:
+            for i in members:
+                sd = export_tensors(native, dtype, groups[i])
+                if list(sd) != list(plans[i]):
+                    raise LoaQError(f"{native.path}: layer tensors {sorted(set(sd) ^ set(plans[i]))[:3]} differ from "
+                                    "the shard headers; the checkpoint is damaged, re-run `loaq quantize`")
+                for k, v in sd.items():
+                    out.write(k, v)
+                del sd
+        finally:
+            out.fh.close()
+        out.close()
+        weight_map |= dict.fromkeys(plan, fname)
+    if n > 1:
+        index = {"metadata": {"total_size": sum(_bytes(p) for p in plans)}, "weight_map": dict(sorted(weight_map.items()))}
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as fh:
             json.dump(index, fh, indent=2)
-    return sorted(split.filename_to_tensors)
+    return names
 
 
 def model_card(native: Native, total_bytes: int) -> str:
@@ -173,7 +241,7 @@ def model_card(native: Native, total_bytes: int) -> str:
         "also with transformers + compressed-tensors).", "",
         "| | |", "|---|---|",
         f"| source model | {m.get('source_model', '?')} |",
-        f"| weights | {grid_txt}; {len(native.results)} linears, lm_head and embeddings unquantized |",
+        f"| weights | {grid_txt}; {len(native.quantized)} linears, lm_head and embeddings unquantized |",
         f"| activations | {_act_text(native.act)} |",
         f"| rotation | {_rotation_text(native)} |",
         f"| calibration | {cal_txt} |",
@@ -224,7 +292,7 @@ def export(native_dir: str, out_dir: str, *, dtype: torch.dtype = torch.bfloat16
     check_output(out_dir, force)
     native = read_native(native_dir)
     with atomic_dir(out_dir, force, prefix=".loaq-export-") as tmp:
-        files = save_shards(export_tensors(native, dtype), tmp, max_shard_size)
+        files = stream_shards(native, dtype, tmp, max_shard_size)
         for f in sorted(os.listdir(native_dir)):
             if f not in NATIVE_ONLY and os.path.isfile(os.path.join(native_dir, f)):
                 shutil.copy2(os.path.join(native_dir, f), os.path.join(tmp, f))

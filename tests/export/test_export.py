@@ -4,6 +4,7 @@ loading, the packed layout, refusals and ``--check``."""
 import copy
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from loaq.export.scheme import quantization_config
 from loaq.export.writer import layer_specs
 from loaq.grids import GridSpec, rtn
 from loaq.pipeline import quantize_model
+from loaq.shards import quantized_tensors
 from loaq.solver import QuantResult
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -64,7 +66,7 @@ def one_line_error(capsys, rc):
 def test_round_trip_is_bit_exact(bases, kind, spec, tmp_path):
     native = make_native(bases, kind, spec, tmp_path / "n")
     assert main([native, str(tmp_path / "x"), "--dtype", "float32"]) == 0
-    results = tensors_to_results(load_file(os.path.join(native, "quantized.safetensors")))
+    results = tensors_to_results(quantized_tensors(native))
     got = decompressed(tmp_path / "x")
     assert got.keys() == results.keys() and len(got) == 14
     for name, r in results.items():
@@ -79,7 +81,7 @@ def test_mixed_specs_export_as_groups(bases, tmp_path):
     assert [(g["weights"]["num_bits"], len(g["targets"])) for g in qc["config_groups"].values()] == [(2, 1), (4, 12), (8, 1)]
     meta = json.load(open(os.path.join(native, "loaq.json")))
     specs = layer_specs(meta, meta["quantized"])
-    results = tensors_to_results(load_file(os.path.join(native, "quantized.safetensors")))
+    results = tensors_to_results(quantized_tensors(native))
     got = decompressed(tmp_path / "x")
     assert all(torch.equal(got[n], dequantized(r, specs[n])) for n, r in results.items())
     assert main(["--check", str(tmp_path / "x")]) == 0
@@ -183,10 +185,12 @@ def test_refusals_give_one_line_and_leave_nothing(native_dir, tmp_path, capsys, 
         os.makedirs(src)
         for f in os.listdir(native_dir):
             os.symlink(os.path.join(native_dir, f), src / f)
-        if case == "missing_layers":
-            q = load_file(os.path.join(native_dir, "quantized.safetensors"))
-            os.unlink(src / "quantized.safetensors")
-            save_file({k: v for k, v in q.items() if not k.startswith("model.layers.1.mlp.")}, src / "quantized.safetensors")
+        if case == "missing_layers":  # layer 1's MLP linears gone from the shard index
+            os.unlink(src / "weights")
+            shutil.copytree(os.path.join(native_dir, "weights"), src / "weights")
+            index = json.load(open(src / "weights" / "index.json"))
+            index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith("model.layers.1.mlp.")}
+            json.dump(index, open(src / "weights" / "index.json", "w"))
         else:
             meta = json.load(open(os.path.join(native_dir, "loaq.json")))
             meta["config"]["spec"]["group_size"] = 48

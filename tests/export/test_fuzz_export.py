@@ -22,7 +22,8 @@ from tests.export.test_integrity import native_dir, sharded  # noqa: F401  (fixt
 
 FUZZ = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-NATIVE_FILES = ["loaq.json", "config.json", "quantized.safetensors", "model.safetensors"]
+NATIVE_FILES = ["loaq.json", "config.json", "weights/index.json", "weights/layer-00000.safetensors",
+                "weights/rest.safetensors"]
 
 
 def run(argv: list[str]) -> tuple[int, str]:

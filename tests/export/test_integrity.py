@@ -17,6 +17,8 @@ from loaq.export.manifest import MANIFEST, write_manifest
 from loaq.grids import GridSpec
 from tests.export.test_export import bases, make_native, one_line_error  # noqa: F401
 
+INDEX = os.path.join("weights", "index.json")
+LAYER0 = os.path.join("weights", "layer-00000.safetensors")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -37,7 +39,10 @@ def copy_of(src, dst):
     """A writable copy of a directory: symlinks but for the files the test will change."""
     os.makedirs(dst)
     for f in os.listdir(src):
-        os.symlink(os.path.join(src, f), os.path.join(dst, f))
+        if os.path.isdir(os.path.join(src, f)):
+            copy_of(os.path.join(src, f), os.path.join(dst, f))
+        else:
+            os.symlink(os.path.join(src, f), os.path.join(dst, f))
     return dst
 
 
@@ -58,11 +63,15 @@ def truncate(path, keep=0.5):
                                   "model_truncated", "quantized_header", "config_truncated", "bad_layer_spec"])
 def test_damaged_native_gives_one_line_and_writes_nothing(native_dir, tmp_path, capsys, case):
     src = copy_of(native_dir, tmp_path / "n")
-    if case == "missing_tensor":
-        q = load_file(src / "quantized.safetensors")
+    if case == "missing_tensor":  # gone from its shard and the index
+        index = json.load(open(src / INDEX))
+        del index["weight_map"]["model.layers.0.self_attn.q_proj.codes"]
+        os.unlink(src / INDEX)
+        json.dump(index, open(src / INDEX, "w"))
+        q = load_file(src / LAYER0)
         del q["model.layers.0.self_attn.q_proj.codes"]
-        os.unlink(src / "quantized.safetensors")
-        save_file(q, src / "quantized.safetensors")
+        os.unlink(src / LAYER0)
+        save_file(q, src / LAYER0)
     elif case == "json_truncated":
         truncate(src / "loaq.json")
     elif case in ("no_spec", "bad_layer_spec"):
@@ -74,12 +83,12 @@ def test_damaged_native_gives_one_line_and_writes_nothing(native_dir, tmp_path, 
         os.unlink(src / "loaq.json")
         json.dump(meta, open(src / "loaq.json", "w"))
     elif case == "quantized_truncated":
-        truncate(src / "quantized.safetensors")
+        truncate(src / LAYER0)
     elif case == "model_truncated":
-        truncate(src / "model.safetensors", keep=0.9)
+        truncate(src / "weights" / "rest.safetensors", keep=0.9)
     elif case == "quantized_header":
-        own(src / "quantized.safetensors")
-        with open(src / "quantized.safetensors", "r+b") as fh:
+        own(src / LAYER0)
+        with open(src / LAYER0, "r+b") as fh:
             fh.seek(9)
             fh.write(b"\xff\x00{")
     else:
@@ -88,9 +97,9 @@ def test_damaged_native_gives_one_line_and_writes_nothing(native_dir, tmp_path, 
     err = one_line_error(capsys, main([str(src), str(tmp_path / "out")]))
     expect = {"missing_tensor": "lacks tensor model.layers.0.self_attn.q_proj.codes",
               "json_truncated": "loaq.json is not valid JSON", "no_spec": "loaq.json has no valid config.spec",
-              "quantized_truncated": "quantized.safetensors is truncated or corrupted",
-              "model_truncated": "model.safetensors is truncated or corrupted",
-              "quantized_header": "quantized.safetensors is truncated or corrupted",
+              "quantized_truncated": "layer-00000.safetensors is truncated or corrupted",
+              "model_truncated": "rest.safetensors is truncated or corrupted",
+              "quantized_header": "layer-00000.safetensors is truncated or corrupted",
               "config_truncated": "config.json does not load",
               "bad_layer_spec": "loaq.json layer_specs.model.layers.1.mlp.up_proj is not a grid"}[case]
     assert expect in err, err

@@ -12,7 +12,9 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from loaq.shards import other_tensors
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from loaq.arch import arch_of
@@ -128,7 +130,7 @@ def reference_model(export_dir: str, native_dir: str, w4a4: bool = True, group: 
     from tests.export.test_export import decompressed
 
     model = tiny_serving_model()
-    sd = load_file(os.path.join(native_dir, "model.safetensors"))
+    sd = other_tensors(native_dir)
     sd |= {f"{n}.weight": w.float() for n, w in decompressed(export_dir).items()}
     model.load_state_dict(sd, strict=True)
     r4 = online_hadamard(export_dir)
