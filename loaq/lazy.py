@@ -237,7 +237,7 @@ def streamed_perplexity(weights: LazyWeights, windows: torch.Tensor, batch_size:
             if quantized is not None:
                 quantized(i, layer)
             for b, h in enumerate(hs):
-                out = layer(h, **kws[b])
+                out = layer(h, **kws[i][b])  # each layer's own kwargs (Gemma 3: sliding vs global)
                 hs[b] = out[0] if isinstance(out, tuple) else out
     nll, count = 0.0, 0
     with weights.rest():

@@ -12,9 +12,10 @@ import torch
 from safetensors import safe_open
 
 from loaq import allocation, api
+from loaq.shards import quantized_tensors
 from loaq.allocation import Allocation, knapsack
 from loaq.arch import arch_of
-from loaq.checkpoint import dequantized, layer_specs, load_tensors, tensors_to_results
+from loaq.checkpoint import dequantized, layer_specs, tensors_to_results
 from loaq.config import Calibration, Method, QuantConfig
 from loaq.errors import LoaQError
 from loaq.grids import GridSpec
@@ -87,7 +88,7 @@ def test_mixed_export_round_trips_through_the_cpu_kernels(mixed_run):
     from loaq.kernels.cpu import _dequantize, cpu_wna16_matmul, prepare_cpu
     from loaq.kernels.layout import PackedLinear, unpack_lanes
 
-    native = tensors_to_results(load_tensors(os.path.join(mixed_run.out, "quantized.safetensors")))
+    native = tensors_to_results(quantized_tensors(mixed_run.out))
     specs = layer_specs(mixed_run.meta, sorted(native))
     with safe_open(os.path.join(mixed_run.export, "model.safetensors"), "pt") as f:
         for name, r in native.items():
@@ -192,8 +193,8 @@ def test_resume_reuses_the_allocation_bit_identically(mixed_run, model_dir, cali
 
     real_save = LayerStore.save_layer
 
-    def save_then_die(self, i, res, streams):
-        real_save(self, i, res, streams)
+    def save_then_die(self, i, res, streams, extra=None):
+        real_save(self, i, res, streams, extra)
         if i == 0:
             raise Killed
 

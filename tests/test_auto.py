@@ -12,10 +12,10 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import loaq
 from loaq import api, auto, data
+from loaq.shards import quantized_tensors
 from loaq.arch import arch_of
 from loaq.cli import main
 from loaq.config import Calibration, Method, QuantConfig
@@ -99,7 +99,7 @@ def test_auto_is_recorded_reproduced_and_reads_only_calibration(model_dir, calib
                  "--out", str(tmp_path / "b")]) == 0
     again = json.load(open(tmp_path / "b" / "loaq.json"))
     assert "auto" not in again and again["config"] == meta["config"]
-    ca, cb = (load_file(os.path.join(tmp_path, d, "quantized.safetensors")) for d in "ab")
+    ca, cb = (quantized_tensors(os.path.join(tmp_path, d)) for d in "ab")
     assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
 
 

@@ -135,7 +135,8 @@ def test_quantize_interrupted_then_recovered_is_bit_identical(model4, calib, ref
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(f"{out}.partial", ignore_errors=True)
 
-    cmd = quantize_cmd(model4, calib, out)
+    # the "loading" point is transformers' whole-model load (--load eager); lazy runs read a layer at a time
+    cmd = quantize_cmd(model4, calib, out, *(["--load", "eager"] if point == "loading" else []))
     rc, err = interrupt(cmd, SIGNALS[sig], lambda e: ready(e, out), lambda e: still(e, out), reset, tmp_path)
     if leaves == "partial":
         assert_interrupted(rc, err, SIGNALS[sig], "--resume")

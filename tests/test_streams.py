@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from loaq.shards import quantized_tensors
 from loaq.arch import arch_of
 from loaq.checkpoint import LayerStore
 from loaq.config import Method, QuantConfig
@@ -84,8 +85,8 @@ class Killed(Exception):
 def _die_after(store, layer, exc=Killed):
     real = store.save_layer
 
-    def save_then_die(i, res, streams):
-        real(i, res, streams)
+    def save_then_die(i, res, streams, extra=None):
+        real(i, res, streams, extra)
         if i == layer:
             raise exc
 
@@ -157,7 +158,6 @@ def test_cli_flags_reach_the_run_and_offload_keeps_the_codes(model_dir, calib, t
     run, records the stream settings in loaq.json and leaves no work directory."""
     import json
 
-    from safetensors.torch import load_file
 
     from loaq.cli import main
 
@@ -167,7 +167,7 @@ def test_cli_flags_reach_the_run_and_offload_keeps_the_codes(model_dir, calib, t
 
     assert quantize(tmp_path / "a") == 0
     assert quantize(tmp_path / "b", "--offload-streams", "disk", "--stream-checkpoint-every", "1") == 0
-    a, b = (load_file(tmp_path / d / "quantized.safetensors") for d in ("a", "b"))
+    a, b = (quantized_tensors(str(tmp_path / d)) for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     meta = json.load(open(tmp_path / "b" / "loaq.json"))
     assert meta["streams"] == {"device": "cpu", "offload": "disk", "dtype": "float32", "compute_dtype": "float32"}

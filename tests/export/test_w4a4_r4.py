@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from loaq.shards import layer_file
 from loaq.export.cli import main
 from loaq.export.manifest import write_manifest
 from loaq.export.transform import EXTENSION_KEY, EXTENSION_TYPE, online_hadamard
@@ -226,7 +227,7 @@ def test_engine_rotation_exports_the_r4_it_applied(wide_bases, tmp_path):
 
 def test_continuous_zero_points_are_refused(bases, tmp_path, capsys):
     native = make_native(bases, "llama", GridSpec(3, 0, False), tmp_path / "n")
-    q = os.path.join(native, "quantized.safetensors")
+    q = os.path.join(native, "weights", layer_file(0))  # layer 0's shard
     from safetensors.torch import load_file
 
     t = load_file(q)

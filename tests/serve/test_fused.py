@@ -19,16 +19,16 @@ def test_fused_zero_points_and_shape_load_as_their_shards(bits, layout):
     z = torch.randint(-2 ** (bits - 1), 2 ** (bits - 1), (sum(parts), g), generator=gen, dtype=torch.int8)
     zrows = [layouts.packed_length(p, bits, layout) for p in parts]
     by_shard = torch.zeros(sum(zrows), g, dtype=torch.int32)
-    load = _rows_loader(zrows, "z", sch._split_zero_points)
+    load = _rows_loader(zrows, "z", fused=sch._split_zero_points)
     for i, c in enumerate(z.split(parts)):
         load(torch.nn.Parameter(by_shard, requires_grad=False), layouts.pack(c, bits, layout, 0), i)
     fused = torch.zeros_like(by_shard)
     load(torch.nn.Parameter(fused, requires_grad=False), layouts.pack(z, bits, layout, 0))
     assert torch.equal(fused, by_shard)
     shape = torch.zeros(3, 2, dtype=torch.int64)
-    _rows_loader([1, 1, 1], "s", sch._split_shape)(torch.nn.Parameter(shape, requires_grad=False),
+    _rows_loader([1, 1, 1], "s", fused=sch._split_shape)(torch.nn.Parameter(shape, requires_grad=False),
                                                      torch.tensor([sum(parts), k]))
     assert shape.tolist() == [[40, k], [15, k], [15, k]]
     with pytest.raises(ValueError, match="does not hold the fused shards"):
-        _rows_loader([1, 1, 1], "s", sch._split_shape)(torch.nn.Parameter(shape, requires_grad=False),
+        _rows_loader([1, 1, 1], "s", fused=sch._split_shape)(torch.nn.Parameter(shape, requires_grad=False),
                                                          torch.tensor([sum(parts) + 1, k]))
