@@ -66,7 +66,7 @@ def main() -> None:
             t0 = time.time()
             run = api.quantize(None, cfg, Calibration(nsamples=a.nsamples, seqlen=a.seqlen), evaluation=api.Evaluation(),
                                progress=False)
-            r4 = run.meta["rotation"]["r4"]
+            r4 = run.rotation.meta()["r4"]  # (meta holds "rotation" only when a checkpoint is written)
             data["rows"][key] = {"setting": setting, "blocks": blocks, "had_k_order": r4["had_k_order"],
                                  "ppl": run.ppl, "fp_ppl": run.fp_ppl, "quant_s": time.time() - t0}
             print(key, data["rows"][key], flush=True)
