@@ -44,17 +44,21 @@ def test_offload_policies_give_bit_identical_codes(method, tmp_path, monkeypatch
     assert os.listdir(tmp_path) == [], "the disk scratch directory outlived the run"
 
 
+def _last_layer_errors(*models) -> list[float]:
+    """Normalized output error after the last layer of each quantized model against the float tiny Llama."""
+    fp = tiny_model("llama")
+    arch = arch_of(fp.config)
+    X = tokens(n=6)
+    base = layer_outputs(fp, arch, X)
+    return [hidden_mse(base, layer_outputs(m, arch, X), 1e-6)["mse_normed"][-1] for m in models]
+
+
 def test_bfloat16_storage_changes_codes_slightly():
     """bf16 storage is really used (codes differ from float32) and costs little accuracy on the calibration data."""
     ref_m, ref = run()
     m, res = run(dtype="bfloat16", offload="disk")
     assert not same_codes(ref, res)  # (GPTQ's error feedback flips many codes for a small change of H)
-    fp = tiny_model("llama")
-    arch = arch_of(fp.config)
-    X = tokens(n=6)
-    base = layer_outputs(fp, arch, X)
-    e32 = hidden_mse(base, layer_outputs(ref_m, arch, X), 1e-6)["mse_normed"][-1]
-    e16 = hidden_mse(base, layer_outputs(m, arch, X), 1e-6)["mse_normed"][-1]
+    e32, e16 = _last_layer_errors(ref_m, m)
     assert e16 < 1.1 * e32, (e16, e32)
 
 
@@ -69,12 +73,7 @@ def test_bfloat16_compute_runs_and_keeps_float32_weights():
     assert w.dtype == torch.float32
     assert torch.equal(w, dequantized(res["model.layers.1.mlp.down_proj"], SPEC))
     assert m.model.layers[0].input_layernorm.weight.dtype == torch.float32
-    fp = tiny_model("llama")
-    arch = arch_of(fp.config)
-    X = tokens(n=6)
-    base = layer_outputs(fp, arch, X)
-    e32 = hidden_mse(base, layer_outputs(ref_m, arch, X), 1e-6)["mse_normed"][-1]
-    e16 = hidden_mse(base, layer_outputs(m, arch, X), 1e-6)["mse_normed"][-1]
+    e32, e16 = _last_layer_errors(ref_m, m)
     assert e16 < 1.2 * e32, (e16, e32)
 
 
