@@ -1,7 +1,8 @@
 """Qwen3-MoE: registration and refusals, per-expert linears, per-expert statistics against a direct computation
-with an explicit router, every method end to end, and export ↔ native logits equality."""
+with an explicit router, every method end to end, export ↔ native logits equality, and a killed run resumed."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -230,3 +231,57 @@ def test_export_loads_to_the_native_logits(tmp_path, calib):
         ref = native(ids).logits
         assert torch.equal(exported(ids).logits, ref)
         assert torch.equal(loaq.load(str(tmp_path / "ct")).model(ids).logits, ref)
+
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory, calib):
+    """(model dir, native checkpoint) of a 4-layer Qwen3-MoE (hidden 128, expert width 64) and of its uninterrupted
+    `loaq quantize` (LoaQ W3, 4 x 32 tokens), which loads it eagerly (its experts are split in memory)."""
+    from tests.test_interrupt import quantize_cmd, run
+    from tests.tiny import tiny_model_dir
+
+    root = tmp_path_factory.mktemp("moe-resume")
+    src = tiny_model_dir(str(root / "m"), "qwen3_moe", num_hidden_layers=4, hidden_size=128, moe_intermediate_size=64)
+    r = run(quantize_cmd(src, calib, root / "ref"))
+    assert "Loading weights" in r.stderr, r.stderr[-2000:]  # transformers' whole-model load: eager, not lazy
+    return src, root / "ref"
+
+
+@pytest.mark.parametrize("every", ["8", "1"], ids=["replayed", "saved-streams"])
+def test_killed_then_resumed_is_bit_identical(moe_run, calib, tmp_path, every):
+    """`loaq quantize` of the MoE SIGKILLed after layer 0's checkpoint, then ``--resume``: every weight file
+    (codes, scales, zero points of the 4 x 16 linears, the rest) is byte-identical to the uninterrupted run's.
+    ``--stream-checkpoint-every`` 8: no streams were saved, the resumed run replays layer 0 (routing included)
+    from the captured inputs with its stored codes; 1: it reloads the streams saved after a finished layer
+    (the setting does not change the codes)."""
+    import re
+    import shutil
+    import signal
+
+    from tests.test_interrupt import QUANT_POINTS, assert_same_files, interrupt, quantize_cmd, run
+
+    src, ref = moe_run
+    out = tmp_path / "runs" / "q"
+    out.parent.mkdir()
+    ready, still, _ = QUANT_POINTS["checkpoint"]
+
+    def reset():
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(f"{out}.partial", ignore_errors=True)
+
+    cmd = quantize_cmd(src, calib, out, "--stream-checkpoint-every", every)
+    rc, _ = interrupt(cmd, signal.SIGKILL, lambda e: ready(e, out), lambda e: still(e, out), reset, tmp_path)
+    assert rc == -signal.SIGKILL and os.listdir(out.parent) == ["q.partial"]
+    layers = sorted(os.listdir(f"{out}.partial/layers"))
+    assert layers[0] == "0000.safetensors" and len(layers) < 4, layers  # stopped after layer 0, before the end
+    streams = [d for d in os.listdir(f"{out}.partial") if d.startswith("streams-")]
+    assert bool(streams) == (every == "1"), streams
+    resumed = run(cmd + ["--resume"]).stderr
+    # it continued after the finished layers (its progress bar starts there), not from scratch
+    assert int(re.search(r"loaq layers:[^|]*\|[^|]*\| (\d+)/4", resumed).group(1)) == len(layers), resumed[-2000:]
+    assert not os.path.exists(f"{out}.partial")
+    weights = sorted(os.listdir(ref / "weights"))
+    assert weights == ["index.json", *(f"layer-{i:05d}.safetensors" for i in range(4)), "rest.safetensors"]
+    assert sorted(os.listdir(out / "weights")) == weights
+    assert_same_files(out / "weights", ref / "weights", weights)
