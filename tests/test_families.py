@@ -1,5 +1,6 @@
 """Phi-3 and Gemma 3 (issue #17): registration, per-layer kwargs, streams through sandwich norms, rotation,
-export ↔ native logits. The served check is benchmarks/families.py (a vLLM start per family costs ~100 s)."""
+export ↔ native logits. Served by vLLM: tests/serve/test_families_served.py (in-process engines);
+benchmarks/families.py serves each family through a real OpenAI server."""
 
 import copy
 
