@@ -37,6 +37,10 @@ class ActSpec:
         """The checkpoint's ``"activations"`` entry (:mod:`loaq.checkpoint`)."""
         return {"bits": self.bits, "symmetric": self.symmetric} if self.enabled else None
 
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``Q_a(x)``: :func:`fake_quantize` of ``x`` per token, or ``x`` itself when activations stay unquantized."""
+        return fake_quantize(x, self.symmetric) if self.enabled else x
+
 
 def fake_quantize(x: torch.Tensor, symmetric: bool) -> torch.Tensor:
     """Per-token (last dim) 4-bit fake quantization of ``x`` with the kernels' exact formulas."""

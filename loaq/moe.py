@@ -47,6 +47,15 @@ with ``H_all`` the same statistic over all ``N`` tokens of the layer as if every
 ``B`` stay those of the routed tokens (no correction without evidence). An expert no token reaches is then GPTQ on the layer's distribution instead of all-dead
 columns (which would zero it). ``benchmarks/results/moe_few_tokens.md`` measures this against damping
 alone and round-to-nearest.
+
+**W4A4** (``cfg.act``): as for dense linears (:mod:`loaq.pipeline`), every expert's gate, up and down carry
+the per-token activation fake quantizer ``Q_a`` (:mod:`loaq.actquant`) as input pre-hooks, so the quantized
+stream computes ``Q_a(x̂_t) W_in,e`` and ``Q_a(X̂_{t,e}) W_out,eᵀ`` (``X̂_{t,e} = φ(Q_a(x̂_t) W_in,e)``) and the
+statistics above read ``Q_a(x̂)`` for ``W_in`` and ``Q_a(X̂)`` for ``W_out`` (before the ``r̂``, ``ŝ`` weights,
+which act on the expert's output); the float stream stays unquantized. The router is not one of the
+quantized linears: it reads the unquantized ``x̂_t``, as vLLM's fused-MoE layer routes on the hidden states
+before its experts quantize them (the quant method gets the hidden states and the router's top-k).
+Rotation stays refused, so W4A4 experts run without Hadamard.
 """
 
 from __future__ import annotations
@@ -138,9 +147,6 @@ def check_moe(arch: Arch, config, cfg) -> None:
     if cfg.rotation.kind != "none":
         raise LoaQError(f"--rotate {cfg.rotation.kind} is not supported for {name}: its online R4 before every "
                         "expert's down_proj has no place in vLLM's fused-MoE kernels; drop --rotate")
-    if cfg.act.enabled:
-        raise LoaQError(f"--act-bits {cfg.act.bits} is not supported for {name}: no fused-MoE path quantizes "
-                        "activations per token; drop --act-bits")
     if cfg.allocation.enabled:
         raise LoaQError(f"--target-bits is not supported for {name} yet (the allocator measures dense linears only); "
                         "drop --target-bits and choose one --bits")
@@ -210,7 +216,8 @@ def quantize_moe(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLayer, str
     fp_experts = fp_layer.get_submodule(sl.module).get_submodule(sl.experts) if two else None
     E = len(experts)
     with torch.no_grad():
-        xh = [_flat(norm(h)) for h in streams.h_hat]
+        xh = [_flat(norm(h)) for h in streams.h_hat]  # the router's input and the experts' (their hooks apply Q_a)
+        xq = [cfg.act.quantize(t) for t in xh]  # W_in's input Q_a(x̂)
         x = [_flat(norm(h)) for h in streams.h] if two else None
         rh = [_Routes.of(router, t, E) for t in xh]
         r = [_Routes.of(router, t, E) for t in x] if two else None
@@ -224,7 +231,7 @@ def quantize_moe(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLayer, str
         with torch.no_grad():
             for b in range(len(xh)):
                 rows = rh[b].mask[:, e]
-                st.add(xh[b][rows], x[b][rows] if two else None)
+                st.add(xq[b][rows], x[b][rows] if two else None)
         m_in = few.min_tokens(st.H.shape[0])
         if st.tokens < m_in and few.policy == "rtn":
             results |= {n: rtn_linear(lin, cfg.spec) for n, lin in zip(names, lins)}
@@ -232,13 +239,19 @@ def quantize_moe(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLayer, str
         if st.tokens < m_in and few.policy == "shrink":
             if H_in_all is None:
                 H_in_all = Stats(xh[0].shape[1], device=device)
-                for t in xh:
+                for t in xq:
                     H_in_all.add(t)
             _shrink(st, H_in_all.H, n_all, m_in)
         results |= solve_group(names, lins, st, cfg, ",".join(names))
     results |= _quantize_w_out(experts, fp_experts, router, sl, streams, xh, x, rh, r, cfg, eps, prefix, device, few)
     _advance(streams, experts, fp_experts, xh, x, rh, r)
     return results
+
+
+def _down_input(expert: Expert, x: torch.Tensor, act) -> torch.Tensor:
+    """``Q_a(X̂_e)``, ``X̂_e = φ(x W_in,e)``: what ``down_proj`` multiplies, its input hook's fake quantization
+    applied (``act``: the :class:`loaq.actquant.ActSpec`; identity unless W4A4)."""
+    return act.quantize(expert.inner(x))
 
 
 def _advance(streams, experts, fp_experts, xh, x, rh, r) -> None:
@@ -306,7 +319,7 @@ def _quantize_w_out(experts, fp_experts, router, sl, streams, xh, x, rh, r, cfg,
         with torch.no_grad():
             for b in range(len(xh)):
                 rows = rh[b].mask[:, e]
-                Xh = rh[b].weight[rows, e, None] * expert.inner(xh[b][rows])
+                Xh = rh[b].weight[rows, e, None] * _down_input(expert, xh[b][rows], cfg.act)
                 if not two:
                     st.add(Xh)
                     continue
@@ -322,7 +335,7 @@ def _quantize_w_out(experts, fp_experts, router, sl, streams, xh, x, rh, r, cfg,
             prior = Stats(w_out.in_features, device=device)
             with torch.no_grad():
                 for b in range(len(xh)):
-                    Xh = expert.inner(xh[b]) / k
+                    Xh = _down_input(expert, xh[b], cfg.act) / k
                     prior.add(s_hat[b] * Xh if s_hat[b] is not None else Xh)
             _shrink(st, prior.H, n_all, m_out)
         results |= solve_group([name], [w_out], st, cfg, name, st.B)

@@ -166,9 +166,7 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
     held = Stats(w_in[0].in_features, device=device) if streams.held else None
     with torch.no_grad():
         for b in range(len(streams)):
-            x_hat = norm(streams.h_hat.get(b).to(cdt))
-            if cfg.act.enabled:
-                x_hat = actquant.fake_quantize(x_hat, cfg.act.symmetric)
+            x_hat = cfg.act.quantize(norm(streams.h_hat.get(b).to(cdt)))
             stats_of(b, st, held)(x_hat, norm(streams.h.get(b).to(cdt)) if two else None)
     results |= solve_group([f"{prefix}{sl.module}.{n}" for n in sl.w_in], w_in, st, cfg,
                            f"{prefix}{sl.module}.{','.join(sl.w_in)}", masters=masters(sl.w_in), specs=specs,

@@ -1,5 +1,6 @@
 """Qwen3-MoE: registration and refusals, per-expert linears, per-expert statistics against a direct computation
-with an explicit router, every method end to end, export ↔ native logits equality, and a killed run resumed."""
+with an explicit router (weight-only and W4A4), every method end to end, export ↔ native logits equality
+(weight-only and W4A4), and a killed run resumed."""
 
 import copy
 import os
@@ -8,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loaq import moe
+from loaq import actquant, moe
+from loaq.actquant import ActSpec
 from loaq.arch import QWEN3_MOE, arch_of, input_widths
 from loaq.config import Method, QuantConfig
 from loaq.errors import LoaQError
@@ -43,12 +45,10 @@ def test_registration_and_names(fp):
 
 @pytest.mark.parametrize("change, message", [
     (dict(rotation="hadamard"), "--rotate hadamard is not supported for Qwen3MoeForCausalLM"),
-    (dict(act_bits=4), "--act-bits 4 is not supported for Qwen3MoeForCausalLM"),
     (dict(mlp_only_layers=[1]), "with dense MLP layers"),
     (dict(group_size=64), r"--group-size 64 does not divide input width\(s\) \[32\]"),
 ])
 def test_refusals(fp, change, message):
-    from loaq.actquant import ActSpec
     from loaq.api import check_model
     from loaq.rotation import RotationSpec
 
@@ -56,11 +56,17 @@ def test_refusals(fp, change, message):
     if "mlp_only_layers" in change:
         model.config.mlp_only_layers = change["mlp_only_layers"]
     cfg = QuantConfig(spec=GridSpec(4, change.get("group_size", 0)), method=Method("gptq"),
-                      rotation=RotationSpec("hadamard") if "rotation" in change else RotationSpec(),
-                      act=ActSpec(4) if "act_bits" in change else ActSpec())
+                      rotation=RotationSpec("hadamard") if "rotation" in change else RotationSpec())
     with pytest.raises(LoaQError, match=message) as e:
         check_model(model, cfg)
     assert "\n" not in str(e.value)
+
+
+def test_w4a4_is_accepted(fp):
+    """W4A4 (4-bit per-channel weights, 4-bit per-token activations) is no longer refused for the MoE."""
+    from loaq.api import check_model
+
+    check_model(fp, QuantConfig(spec=GridSpec(4, 0), method=Method("gptq"), act=ActSpec(4)))
 
 
 def test_unfuse_keeps_the_function():
@@ -114,15 +120,19 @@ def _sublayer_inputs(fp, seed=3, T=(2, 24), noise=0.3):
     return h, h + noise * torch.randn(*T, D, generator=g)
 
 
-def test_expert_statistics_match_a_direct_computation(fp, monkeypatch):
+@pytest.mark.parametrize("act", [ActSpec(), ActSpec(4)], ids=["weight-only", "w4a4"])
+def test_expert_statistics_match_a_direct_computation(fp, monkeypatch, act):
     """H, C, B of every expert's W_in and W_out (LoaQ NOA + SOA) equal the module docstring's formulas, computed
-    here from the weights with an explicit router; the streams advance by the quantized and the float block."""
+    here from the weights with an explicit router; the streams advance by the quantized and the float block.
+    W4A4: the quantized stream's expert inputs are ``Q_a(x̂)`` and ``Q_a(X̂)`` (the layer's input hooks, as
+    :func:`loaq.pipeline.quantize_layer` attaches them), the router reads ``x̂`` and the float stream is unquantized."""
     seen = _record(monkeypatch)
     layer, sl, eps = copy.deepcopy(fp.model.layers[0]), QWEN3_MOE.sublayers[1], fp.config.rms_norm_eps
     fp_layer = copy.deepcopy(layer)
+    actquant.attach([layer.get_submodule(n) for n in QWEN3_MOE.layer_linears(layer)], act)
     h, h_hat = _sublayer_inputs(fp)
     streams = _streams(h, h_hat)
-    cfg = QuantConfig(spec=GridSpec(3), method=Method("loaq", alpha=0.25, beta=0.5))
+    cfg = QuantConfig(spec=GridSpec(4 if act.enabled else 3), method=Method("loaq", alpha=0.25, beta=0.5), act=act)
     moe.quantize_moe(layer, fp_layer, sl, streams, cfg, eps, "", "cpu", few=moe.FewTokens("damp"))
 
     g, Wr = fp_layer.post_attention_layernorm.weight, fp_layer.mlp.gate.weight
@@ -135,7 +145,8 @@ def test_expert_statistics_match_a_direct_computation(fp, monkeypatch):
     def inner(ex, t):
         return F.silu(t @ ex.gate_proj.weight.T) * (t @ ex.up_proj.weight.T)
 
-    Xh = [inner(qx[e], xh) for e in range(E)]  # quantized W_in on x̂
+    qa = act.quantize  # identity unless W4A4
+    Xh = [qa(inner(qx[e], qa(xh))) for e in range(E)]  # down's input: quantized W_in on Q_a(x̂), then Q_a
     X = [inner(fpx[e], x) for e in range(E)]
     out = [fpx[e].down_proj.weight for e in range(E)]
     y_hat = sum(Rh[:, e, None] * Xh[e] @ out[e].T for e in range(E))  # float W_out
@@ -148,10 +159,10 @@ def test_expert_statistics_match_a_direct_computation(fp, monkeypatch):
     for e in range(E):
         rows = Rh[:, e] > 0
         H, C, _, n = seen[f"mlp.experts.{e}.gate_proj"]
-        a = xh[rows].to(d)
+        a = qa(xh)[rows].to(d)
         assert n == int(rows.sum())
         torch.testing.assert_close(H, a.T @ a, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(C, a.T @ (x[rows] - xh[rows]).to(d), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(C, a.T @ (x[rows].to(d) - a), rtol=1e-4, atol=1e-4)
         H, C, B, _ = seen[f"mlp.experts.{e}.down_proj"]
         Xq = (s_hat * Rh[:, e, None] * Xh[e])[rows].to(d)
         Xf = (s * R[:, e, None] * X[e])[rows].to(d)
@@ -204,9 +215,14 @@ def test_every_method_beats_rtn(fp, rtn_error, name):
     assert _logits_error(fp, name) < rtn_error
 
 
-def test_export_loads_to_the_native_logits(tmp_path, calib):
+@pytest.mark.parametrize("spec, act", [(GridSpec(4, 16), ActSpec()), (GridSpec(4, 0), ActSpec(4))],
+                         ids=["w4g16", "w4a4"])
+def test_export_loads_to_the_native_logits(tmp_path, calib, spec, act):
     """loaq.quantize → native + float32 export; --check passes; the export (per-expert packed names, router unpacked)
-    loads to the native checkpoint's logits exactly, through loaq.load too."""
+    loads to the native checkpoint's logits exactly, through loaq.load too. W4A4: every expert's config group
+    carries the per-token dynamic int4 ``input_activations``, and both loads fake-quantize the experts' inputs."""
+    import json
+
     from safetensors import safe_open
 
     import loaq
@@ -217,10 +233,17 @@ def test_export_loads_to_the_native_logits(tmp_path, calib):
     from tests.tiny import tiny_model_dir
 
     src = tiny_model_dir(str(tmp_path / "m"), "qwen3_moe")
-    cfg = QuantConfig(spec=GridSpec(4, 16), method=Method("loaq", beta=0.25))
+    cfg = QuantConfig(spec=spec, method=Method("loaq", beta=0.25), act=act)
     loaq.quantize(src, cfg, Calibration(source=calib, nsamples=4, seqlen=32), out=str(tmp_path / "n"),
                   export=str(tmp_path / "ct"), export_dtype="float32", progress=False)
-    assert check_export(str(tmp_path / "ct")).startswith("ok: 32 packed linears")
+    summary = check_export(str(tmp_path / "ct"))
+    assert summary.startswith("ok: 32 packed linears") and ("; W4A4" in summary) == act.enabled, summary
+    groups = json.load(open(tmp_path / "ct" / "config.json"))["quantization_config"]["config_groups"].values()
+    [expert_group] = [g for g in groups if "model.layers.1.mlp.experts.3.down_proj" in g["targets"]]
+    a = expert_group["input_activations"]
+    assert (a is not None) == act.enabled
+    if act.enabled:
+        assert (a["num_bits"], a["type"], a["strategy"], a["dynamic"], a["symmetric"]) == (4, "int", "token", True, False)
     with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert {"model.layers.1.mlp.experts.3.down_proj.weight_packed", "model.layers.0.mlp.gate.weight"} <= keys
@@ -231,6 +254,11 @@ def test_export_loads_to_the_native_logits(tmp_path, calib):
         ref = native(ids).logits
         assert torch.equal(exported(ids).logits, ref)
         assert torch.equal(loaq.load(str(tmp_path / "ct")).model(ids).logits, ref)
+    if act.enabled:  # the experts' inputs are quantized: dropping the hooks changes the logits
+        for mod in native.modules():
+            mod._forward_pre_hooks.clear()
+        with torch.no_grad():
+            assert not torch.allclose(native(ids).logits, ref, atol=1e-4)
 
 
 
