@@ -16,7 +16,14 @@ exports (per channel or grouped, sym or asym), routed like linears by :func:`loa
   :func:`loaq.serve.scheme.kernel_class`);
 - ``apply`` runs ``torch.ops.loaq.moe`` (:mod:`loaq.kernels.moe`) on the router's top-k choice.
 
-W4A4 experts and activations other than SiLU are refused with one line; tensor parallel size 1 only.
+W4A4 experts (a group with ``input_activations``: int4 per token, dynamic; 4-bit per-channel weights, else
+refused with one line as for linears by :func:`loaq.serve.scheme.check_w4a4`) get the dense W4A4 kernels:
+each expert's two linears are prepared with ``act_bits=4`` (on CPU ``CpuW4A4Kernel``: int4 per-token
+quantization of the input by :func:`loaq.kernels.w4a4_ref.quantize_activations_ref`'s formula, then an exact
+integer GEMM), so the hidden states routed to an expert are quantized per token before gate/up and
+``silu(gate) · up`` before down, as :func:`loaq.actquant.fake_quantize` does in the reference; the router
+(vLLM's gate, before this method) reads the unquantized hidden states, as in LoaQ's quantizer.
+Activations other than SiLU are refused with one line; tensor parallel size 1 only.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ _SHARD = {"w1": 0, "w3": 1}  # gate, up rows of w13
 
 def loaq_moe_method(config, layer, prefix: str):
     """:class:`LoaQMoEMethod` for the experts ``layer`` at ``prefix`` when their group is one LoaQ runs, else None."""
-    from loaq.serve.scheme import loaq_kind
+    from loaq.serve.scheme import check_w4a4, loaq_kind
 
     dicts = [config.get_scheme_dict(layer, f"{prefix}.0.{p}")
              for p in (layer.ckpt_gate_proj_name, layer.ckpt_up_proj_name, layer.ckpt_down_proj_name)]
@@ -49,30 +56,34 @@ def loaq_moe_method(config, layer, prefix: str):
     d = dicts[0]
     weights, inputs = d.get("weights"), d.get("input_activations")
     kind = loaq_kind(weights, inputs, d.get("format"))
-    if kind == "w4a4":
-        raise ValueError(f"{prefix}: W4A4 experts have no LoaQ fused-MoE path; re-export weight-only (drop --act-bits)")
     if kind is None:
         return None
     from loaq.serve import routing
     from loaq.serve.scheme import platform
 
-    who = routing.route(routing.LayerKind(weights.num_bits, False, False), platform(),
+    who = routing.route(routing.LayerKind(weights.num_bits, kind == "w4a4", False), platform(),
                         routing.is_loaq_export(config.config), config.kernels_mode(), prefix)
     if who == routing.VLLM:
         return None
+    if kind == "w4a4":
+        check_w4a4(prefix, kind, weights, inputs)
     layout = layouts.layout_of((config.config or {}).get("version"), [weights.num_bits])
-    return LoaQMoEMethod(weights, layer.moe_config, prefix, layout)
+    return LoaQMoEMethod(weights, layer.moe_config, prefix, layout, None if kind == "wna16" else bool(inputs.symmetric))
 
 
 class LoaQMoEMethod(FusedMoEMethodBase):
-    """Per-expert packed weights in the checkpoint's layout; two LoaQ linears per expert; ``loaq::moe`` forward."""
+    """Per-expert packed weights in the checkpoint's layout; two LoaQ linears per expert; ``loaq::moe`` forward.
+    ``act_sym``: None for weight-only experts, else the symmetry of their int4 per-token input activations (W4A4)."""
 
-    def __init__(self, weights: QuantizationArgs, moe, layer_name: str, layout: str = layouts.WORDS):
+    def __init__(self, weights: QuantizationArgs, moe, layer_name: str, layout: str = layouts.WORDS,
+                 act_sym: bool | None = None):
         super().__init__(moe)
         self.bits = weights.num_bits
         self.symmetric = bool(weights.symmetric)
         self.group_size = weights.group_size if weights.strategy == QuantizationStrategy.GROUP.value else None
         self.layer_name, self.layout = layer_name, layout
+        self.act_bits = 16 if act_sym is None else 4
+        self.act_sym = True if act_sym is None else act_sym
         act = getattr(getattr(moe, "activation", None), "value", "silu")
         if act != "silu":
             raise ValueError(f"{layer_name}: LoaQ's fused-MoE path runs SiLU-gated experts, not {act}")
@@ -135,7 +146,7 @@ class LoaQMoEMethod(FusedMoEMethodBase):
         for e in range(E):
             for out, stem, (n, k), parts in ((w13, "w13", (2 * inter, d), 2), (w2, "w2", (d, inter), 1)):
                 w = self._packed(layer, stem, e, n, k, parts)
-                out.append(prepare_linear(w, w.weight_packed.device, kernels=kernels))
+                out.append(prepare_linear(w, w.weight_packed.device, self.act_bits, self.act_sym, kernels=kernels))
         layer.loaq_moe_handle = register_experts(w13, w2)
         for name in [n for n, _ in layer.named_parameters(recurse=False) if n.startswith(("w13_", "w2_"))]:
             delattr(layer, name)  # the kernels keep their own copies

@@ -44,7 +44,7 @@ from loaq.export import layouts
 from loaq.serve import routing, shard
 from loaq.serve.kernels import WEIGHT_TYPES, LoaQCPULinearKernel, LoaQTritonLinearKernel
 
-__all__ = ["LoaQCompressedTensorsConfig", "LoaQLinearScheme", "loaq_kind"]
+__all__ = ["LoaQCompressedTensorsConfig", "LoaQLinearScheme", "check_w4a4", "loaq_kind"]
 
 _QKV = {"q": 0, "k": 1, "v": 2}
 
@@ -63,6 +63,16 @@ def loaq_kind(weights: QuantizationArgs | None, inputs: QuantizationArgs | None,
             and inputs.strategy == QuantizationStrategy.TOKEN.value):
         return "w4a4"
     return None
+
+
+def check_w4a4(prefix: str, kind: str | None, weights: QuantizationArgs, inputs: QuantizationArgs) -> None:
+    """Refuse in one line a group with int4 input activations that no LoaQ W4A4 kernel runs (``kind`` of
+    :func:`loaq_kind`): 4-bit per-channel weights and per-token dynamic int4 activations only."""
+    if kind == "w4a4" and weights.num_bits == 4 and weights.strategy == QuantizationStrategy.CHANNEL.value:
+        return
+    raise ValueError(f"{prefix}: W4A4 with {weights.num_bits}-bit {weights.strategy} weights and "
+                     f"{inputs.strategy} activations has no LoaQ kernel (4-bit per-channel weights, "
+                     "per-token dynamic int4 activations only); re-export with those")
 
 
 def _rows_loader(rows: list[int], what: str, select: Callable | None = None, fused: Callable | None = None) -> Callable:
@@ -273,11 +283,8 @@ class LoaQCompressedTensorsConfig(CompressedTensorsConfig):
                             routing.is_loaq_export(self.config), self.kernels_mode(), prefix)
         if who == routing.VLLM:
             return None
-        w4a4_ok = kind == "w4a4" and weights.num_bits == 4 and weights.strategy == QuantizationStrategy.CHANNEL.value
-        if kind is None or (kind == "w4a4" and not w4a4_ok):
-            raise ValueError(f"{prefix}: W4A4 with {weights.num_bits}-bit {weights.strategy} weights and "
-                             f"{inputs.strategy} activations has no LoaQ kernel (4-bit per-channel weights, "
-                             "per-token dynamic int4 activations only); re-export with those")
+        if kind != "wna16":
+            check_w4a4(prefix, kind, weights, inputs)
         layout = layouts.layout_of((self.config or {}).get("version"), [weights.num_bits])
         return LoaQLinearScheme(weights, None if kind == "wna16" else bool(inputs.symmetric), had_k, prefix, layout)
 
