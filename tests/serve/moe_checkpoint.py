@@ -21,11 +21,12 @@ from tests.serve.checkpoints import CHAT_TEMPLATE
 from tests.tiny import tiny_model, tiny_tokenizer
 
 EXPERT_SPECS = [GridSpec(2, 32, False), GridSpec(3, 0, True), GridSpec(4, 32, False)]  # per layer
+SIZE = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, moe_intermediate_size=64,
+            num_hidden_layers=len(EXPERT_SPECS), bos_token_id=None)  # the served MoE's config overrides
 
 
 def tiny_serving_moe():
-    m = tiny_model("qwen3_moe", vocab=320, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                   moe_intermediate_size=64, num_hidden_layers=len(EXPERT_SPECS), bos_token_id=None, eos_token_id=1)
+    m = tiny_model("qwen3_moe", vocab=320, eos_token_id=1, **SIZE)
     return unfuse(m, arch_of(m.config))
 
 
