@@ -5,7 +5,7 @@
 (each vLLM server starts under an exclusive ``flock`` of ``/tmp/loaq-vllm.lock``, ``--lock``: one vLLM at a time
 on a shared machine, as ``flock /tmp/loaq-vllm.lock`` would, held only while the server runs).
 
-No Gemma 3 or Phi-3 checkpoint is available offline (``../shared/DATA.md``), so each family is a small random
+No Gemma 3, Phi-3 or Qwen3-MoE checkpoint is available offline (``../shared/DATA.md``), so each family is a small random
 model built from its config (``tests/tiny.py``, sized for vLLM's CPU attention: head_dim 32) with the tests'
 BPE tokenizer and a chat template. For every method (RTN, GPTQ, GPTAQ, Qronos, LLOA, LoaQ; W4 per channel),
 ± Hadamard where the family allows it, and W4A4 (LoaQ, ± Hadamard), through :func:`loaq.api.quantize`
@@ -49,6 +49,9 @@ FAMILIES = {  # tests/tiny.py kind: config overrides for a model vLLM's CPU atte
     "phi3": dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2),
     "gemma3": dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                    query_pre_attn_scalar=32),
+    # 4 experts, top-2, expert width 64 (the CPU kernels' groups of 32): tests/serve/moe_checkpoint.py's shape
+    "qwen3_moe": dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      moe_intermediate_size=64, bos_token_id=None),
 }
 PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 64, 12, 150, 31], [9, 9, 80, 250], [100, 101, 102, 103, 104, 105, 106]]
 
@@ -84,8 +87,9 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def measure(src: str, label: str, cfg: QuantConfig, calib: str, work: str) -> dict:
-    """One variant: quantize + export, --check, export-vs-native logits."""
+def measure(src: str, label: str, cfg: QuantConfig, calib: str, work: str, hf: bool = True) -> dict:
+    """One variant: quantize + export, --check, export-vs-native logits (``hf``: also through transformers'
+    loader where it can apply the export)."""
     from transformers import AutoModelForCausalLM
 
     from loaq.api import load, quantize
@@ -101,7 +105,7 @@ def measure(src: str, label: str, cfg: QuantConfig, calib: str, work: str) -> di
     with torch.no_grad():
         ref = load_native(native)[0](x).logits
         d_load = max_diff(load(export).model(x).logits, ref)
-        plain = cfg.rotation.kind == "none" and not cfg.act.enabled
+        plain = hf and cfg.rotation.kind == "none" and not cfg.act.enabled
         d_hf = max_diff(AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)(x).logits, ref) if plain else None
     return {"variant": label, "seconds": round(secs, 1), "check": check_export(export).split(":")[0],
             "loaq_load_max_abs": d_load, "transformers_max_abs": d_hf}
@@ -203,7 +207,13 @@ def served_variant(kind: str) -> str:
     from loaq.arch import SUPPORTED
     from tests.tiny import ARCHITECTURES
 
-    return "loaq W4" + (" + Hadamard" if SUPPORTED[ARCHITECTURES[kind]].no_rotation is None else "")
+    return "loaq W4" + (" + Hadamard" if rotatable(SUPPORTED[ARCHITECTURES[kind]]) else "")
+
+
+def rotatable(arch) -> bool:
+    """Whether ``--rotate hadamard`` is taken for ``arch``: not for Gemma 3 (``no_rotation``) nor a
+    mixture of experts (refused by :mod:`loaq.moe`: no place for R4 in vLLM's fused-MoE path)."""
+    return arch.no_rotation is None and not any(s.experts for s in arch.sublayers)
 
 
 def _dir(work: str, kind: str, label: str) -> str:
@@ -219,6 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", help="keep the models and exports here (default: a temporary directory)")
     p.add_argument("--lock", default="/tmp/loaq-vllm.lock", help="file locked while a vLLM server runs")
     p.add_argument("--out", default="benchmarks/results/families")
+    p.add_argument("--append", action="store_true", help="keep the other families (and the ablation) of --out's JSON")
     p.add_argument("--ablation-only", action="store_true",
                    help="only (re)measure the Gemma 3 target ablation, kept beside the families of an earlier run")
     a = p.parse_args(argv)
@@ -234,6 +245,11 @@ def main(argv=None) -> int:
         write(doc, a.out)
         return 0
     doc = {"command": command(), "machine": machine(), "date": utc_date(), "families": {}}
+    if a.append and os.path.exists(a.out + ".json"):
+        old = json.load(open(a.out + ".json"))
+        doc["families"] = {k: v | {"run": f"`{old['command']}` — {old['date']}"} if "run" not in v else v
+                           for k, v in old["families"].items() if k not in kinds}
+        doc["ablation"] = old.get("ablation")
     with contextlib.ExitStack() as stack:
         work = a.work or stack.enter_context(tempfile.TemporaryDirectory())
         os.makedirs(work, exist_ok=True)
@@ -243,7 +259,8 @@ def main(argv=None) -> int:
         for kind in kinds if not a.no_serve else ():
             doc["families"][kind]["served"] = serve_family(kind, work, a.lock)
             write(doc, a.out)
-    doc["ablation"] = {"command": command(), "date": utc_date(), "rows": sandwich_ablation()}
+    if "gemma3" in kinds or not doc.get("ablation"):
+        doc["ablation"] = {"command": command(), "date": utc_date(), "rows": sandwich_ablation()}
     write(doc, a.out)
     return 0
 
@@ -257,10 +274,12 @@ def quantize_family(kind: str, work: str) -> dict:
     src = make_model(kind, os.path.join(work, kind))
     arch = arch_of(_config(src))
     rows = []
-    for label, cfg in variants(arch.no_rotation is None):
-        rows.append(measure(src, label, cfg, calib, _dir(work, kind, label)))
+    for label, cfg in variants(rotatable(arch)):
+        # transformers 5 fuses a MoE's experts into 3-D parameters on load and cannot convert packed per-expert
+        # weights to them (its loader stops on a CONVERSION report): loaq.load only
+        rows.append(measure(src, label, cfg, calib, _dir(work, kind, label), hf=not any(s.experts for s in arch.sublayers)))
         print(kind, rows[-1], flush=True)
-    return {"architecture": _config(src).architectures[0], "rotation": arch.no_rotation or "exact", "rows": rows}
+    return {"architecture": _config(src).architectures[0], "rotation": arch.no_rotation or ("exact" if rotatable(arch) else "refused for a mixture of experts (no place for R4 in vLLM's fused-MoE path)"), "rows": rows}
 
 
 def serve_family(kind: str, work: str, lock: str) -> dict:
@@ -285,11 +304,13 @@ def write(doc: dict, out: str) -> None:
     lines = ["# Families end to end (random-weight models: quantize → export → check → load → serve)", "",
              f"- command: `{doc['command']}` — {doc['date']}, {doc['machine']}",
              "- models: tests/tiny.py configs at hidden 128, intermediate 192, 2 layers, 4 heads (head_dim 32), "
-             "vocab 320, random weights; calibration 16 × 64 tokens of tests/tiny.py's text; W4 per channel asym",
+             "vocab 320, random weights (Qwen3-MoE: 4 experts of width 64, top-2); calibration 16 × 64 tokens of tests/tiny.py's text; W4 per channel asym",
              "- export vs native: max |Δ logit| against `load_native` in float32 (0 = bit-identical); transformers "
-             "cannot apply the online R4 or activation quantization, so only weight-only unrotated rows have it", ""]
+             "cannot apply the online R4 or activation quantization, so only weight-only unrotated rows have it, and it cannot "
+             "load a MoE export (it fuses experts into 3-D parameters on load and stops on the packed per-expert weights)", ""]
     for kind, fam in doc["families"].items():
-        lines += [f"## {fam['architecture']}", "", f"Rotation: {fam['rotation']}.", "",
+        lines += [f"## {fam['architecture']}", ""] + ([f"Measured by {fam['run']}.", ""] if "run" in fam else [])
+        lines += [f"Rotation: {fam['rotation']}.", "",
                   "| variant | quantize + export (s) | `--check` | loaq.load vs native | transformers vs native |",
                   "|---|---|---|---|---|"]
         for r in fam["rows"]:
