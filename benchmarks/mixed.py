@@ -97,6 +97,8 @@ def render(doc: dict, out: Path, stem: str = "mixed") -> None:
         if w3 and b == 3.0:
             g.append(f"below uniform W3 ({w3['ppl']:.2f}): {'yes' if r['ppl'] < w3['ppl'] else 'NO'}")
         lines.append(f"- {b:g} bits (mixed LoaQ ppl {r['ppl']:.2f}, {r['size_mb']:.1f} MB): " + "; ".join(g))
+    if doc.get("notes"):  # hand-written findings, kept in mixed.json across --resume
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     if doc.get("serve"):
         lines += ["", "## Serving (vLLM on CPU, LoaQ kernels, concurrency 1)", "",
                   f"{doc['serve']['meta']}", "", "| export | output tokens/s | TPOT p50 ms | TTFT p50 ms |", "|---|---|---|---|"]
