@@ -24,7 +24,11 @@ shape with 6 heads of 96 and 2 KV heads (the same linear layers: q/o 576x576, k/
 30 layers, vocab 49152) and random weights: serving speed does not depend on the values. ``--merge`` keeps the
 file's other entries (this run's header goes to ``meta["merged"]``)::
 
-    nice -n 5 python -m benchmarks.serve --variants even-loaq-w4g64,even-loaq-w4a4 --parallel 1,tp2,pp2 --merge
+    nice -n 5 python -m benchmarks.serve --variants even-loaq-w4g32,even-loaq-w4a4 --parallel 1,tp2,pp2 --merge
+
+(g32, not g64, for TP=2: o_proj's 576 inputs split into 288 a rank, which groups of 64 do not divide; the
+plugin refuses that in one line naming the valid TP sizes, and a variant that does not start is recorded
+with its error while the others run.)
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from loaq.bench import RESULTS, SERVE_JSON, PeakRSS, command, machine, utc_date
 from loaq.serve.server import Server
 
 VARIANTS = ["bf16", "stock-w4g64", "loaq-w4g64", "loaq-w3", "loaq-w2", "loaq-w4a4"]
-QUANT = {"w4g64": ["--bits", "4", "--group-size", "64"], "w3": ["--bits", "3"], "w2": ["--bits", "2"],
+QUANT = {"w4g64": ["--bits", "4", "--group-size", "64"], "w4g32": ["--bits", "4", "--group-size", "32"], "w3": ["--bits", "3"], "w2": ["--bits", "2"],
          "w4a4": ["--bits", "4"]}
 
 
@@ -137,11 +141,14 @@ def render(results: dict, meta: dict, out: Path) -> None:
              "| variant | kernel | concurrency | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | peak server RSS GiB |",
              "|---|---|---|---|---|---|---|"]
     for name, v in results.items():
-        for c, r in v["runs"].items():
+        if "error" in v:
+            lines.append(f"| {name} | {v['kernel']} | - | did not start: {v['error']} | | | |")
+        for c, r in v.get("runs", {}).items():
             lines.append(f"| {name} | {v['kernel']} | {c} | {r['output_throughput']:.1f} | {r['p50_ttft_ms']:.0f} / "
                          f"{r['p99_ttft_ms']:.0f} | {r['p50_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f} | "
                          f"{v['peak_rss_gib']:.2f} |")
-    pairs = [(n, n.rsplit("-", 1)[0]) for n in results if n.endswith(("-tp2", "-pp2")) and n.rsplit("-", 1)[0] in results]
+    pairs = [(n, n.rsplit("-", 1)[0]) for n in results if n.endswith(("-tp2", "-pp2")) and n.rsplit("-", 1)[0] in results
+             and "runs" in results[n] and "runs" in results[n.rsplit("-", 1)[0]]]
     if pairs:
         for m in meta.get("merged", []):
             lines += ["", f"Merged run: `{m['command']}`, {m['date']}, {m['machine']}"]
@@ -153,6 +160,8 @@ def render(results: dict, meta: dict, out: Path) -> None:
                 ref = results[base]["runs"].get(c, {}).get("output_throughput")
                 ratio = f"{r['output_throughput'] / ref:.2f}" if ref else "-"
                 lines.append(f"| {n} | {c} | {r['output_throughput']:.1f} | {ratio} |")
+    if meta.get("notes"):  # hand-written findings, kept in serve.json across --merge
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]]
     (out / "serve.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -162,7 +171,7 @@ def render(results: dict, meta: dict, out: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no serve.png", flush=True)
         return
-    names = list(results)
+    names = [n for n in results if "runs" in results[n]]
     concs = sorted({int(c) for v in results.values() for c in v["runs"]})
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     w = 0.8 / len(concs)
@@ -222,7 +231,13 @@ def main() -> int:
         server = Server(str(model), name=name, max_num_seqs=32, extra=flags)
         print(f"== {name}: starting vLLM (log {server.log_path})", flush=True)
         t0 = time.time()
-        server.start(timeout=900)
+        try:
+            server.start(timeout=900)
+        except Exception as e:  # noqa: BLE001 - a variant that does not start is a result; the others still run
+            results[name] = {"kernel": kernel, "error": str(e).splitlines()[0], "model": str(model)}
+            print(f"   failed: {results[name]['error']}", flush=True)
+            os.environ.pop("LOAQ_VLLM_KERNELS", None)
+            continue
         runs = {}
         try:
             with PeakRSS(session=os.getsid(server.proc.pid), interval=0.5) as rss:
