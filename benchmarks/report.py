@@ -80,6 +80,9 @@ def load_runs(results: str) -> list[dict]:
         rows = doc.get("rows") if isinstance(doc, dict) else None
         if not (rows and all("method" in r and "bits" in r and "ppl" in r for r in rows)):
             continue
+        rows = [r for r in rows if r["ppl"] is not None]  # a row a cut-short run left "not measured"
+        if not rows:
+            continue
         search = re.search(r"--search (\S+)", doc.get("command", ""))
         key = json.dumps([doc.get("nsamples"), doc.get("seqlen"), search and search.group(1), doc.get("zero_shot")])
         rows = [normalized(r) for r in rows]
