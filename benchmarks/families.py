@@ -213,7 +213,7 @@ def served_variant(kind: str) -> str:
 def rotatable(arch) -> bool:
     """Whether ``--rotate hadamard`` is taken for ``arch``: not for Gemma 3 (``no_rotation``) nor a
     mixture of experts (refused by :mod:`loaq.moe`: no place for R4 in vLLM's fused-MoE path)."""
-    return arch.no_rotation is None and not any(s.experts for s in arch.sublayers)
+    return arch.no_rotation is None and not arch.moe
 
 
 def _dir(work: str, kind: str, label: str) -> str:
@@ -277,7 +277,7 @@ def quantize_family(kind: str, work: str) -> dict:
     for label, cfg in variants(rotatable(arch)):
         # transformers 5 fuses a MoE's experts into 3-D parameters on load and cannot convert packed per-expert
         # weights to them (its loader stops on a CONVERSION report): loaq.load only
-        rows.append(measure(src, label, cfg, calib, _dir(work, kind, label), hf=not any(s.experts for s in arch.sublayers)))
+        rows.append(measure(src, label, cfg, calib, _dir(work, kind, label), hf=not arch.moe))
         print(kind, rows[-1], flush=True)
     return {"architecture": _config(src).architectures[0], "rotation": arch.no_rotation or ("exact" if rotatable(arch) else "refused for a mixture of experts (no place for R4 in vLLM's fused-MoE path)"), "rows": rows}
 

@@ -89,9 +89,14 @@ class Arch:
                 default=0)
         return self.linear_names(n)
 
+    @property
+    def moe(self) -> bool:
+        """Whether a sub-layer of this family is a mixture of experts."""
+        return any(sl.experts for sl in self.sublayers)
+
     def num_experts(self, config) -> int:
         """Experts per MoE sub-layer of ``config`` (0 for a dense family)."""
-        return getattr(config, "num_experts", 0) if any(sl.experts for sl in self.sublayers) else 0
+        return getattr(config, "num_experts", 0) if self.moe else 0
 
 
 PRE_NORM = Arch(
