@@ -55,6 +55,7 @@ def run_list() -> list[tuple]:
     A, B = "wiki>lee", "lee>wiki"
     q, lo = dict(name="qronos"), dict(name="loaq")
     a1, r1 = dict(name="loaq", alpha=1.0), dict(name="loaq+reset", alpha=1.0)
+    au = dict(name="loaq", alpha="auto", beta="auto")
     return [
         (A, "w3", "none", "qronos", q, None), (A, "w3", "none", "loaq", lo, None),
         (A, "w3", "none", "loaq a=1", a1, None), (A, "w3", "none", "loaq+reset a=1", r1, None),
@@ -71,6 +72,8 @@ def run_list() -> list[tuple]:
         (A, "w3", "none", "loaq -NOA", dict(name="loaq", rescale=False), None),
         (A, "w3", "none", "loaq a=1 tdamp=0.1", a1, 0.1),
         (A, "w3", "none", "gptaq", dict(name="gptaq"), None),
+        (A, "w3", "none", "loaq auto", au, None), (B, "w3", "none", "loaq auto", au, None),
+        (A, "w2", "hadamard", "loaq auto", au, None),
     ]
 
 
@@ -187,8 +190,9 @@ def main() -> None:
         secs = time.time() - t0
         err = {k: layer_errors(refs[(rot, d)][k], run.model, fp.arch, w[k] if k == "held" else w[k][:4])
                for k in ("held", "ev")}
-        row = dict(dir=d, setting=s, rotate=rot, label=label, method=cfg.method.name, alpha=cfg.method.alpha,
-                   beta=cfg.method.beta, tdamp=tdamp, layers=a.prefix or len(fp.arch.decoder_layers(model)),
+        row = dict(dir=d, setting=s, rotate=rot, label=label, method=cfg.method.name,
+                   alpha=run.meta.get("auto", {}).get("alpha", cfg.method.alpha),
+                   beta=run.meta.get("auto", {}).get("beta", cfg.method.beta), tdamp=tdamp, layers=a.prefix or len(fp.arch.decoder_layers(model)),
                    ppl=None if a.prefix else perplexity(run.model, w["ev"], 8), fp_ppl=fp_ppl.get(d),
                    err_held=err["held"], err_eval=err["ev"], seconds=round(secs, 1))
         rows.append(row)

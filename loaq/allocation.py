@@ -13,7 +13,10 @@ points, asymmetric grids), over its ``out × in`` weights; ``weight_shape`` (16 
    ``H_held`` on a held-out slice of the calibration windows (:func:`loaq.holdout.split_windows`; never the
    evaluation text); the group is solved at every candidate width ``b`` and scored by its normalized output
    error on the held-out tokens, ``e(b) = tr((Q_b − W̃) H_held (Q_b − W̃)ᵀ) / tr(W̃ H_held W̃ᵀ)``, with ``W̃``
-   the method's GPTQ target (eqs. 8, 10, 12; ``W`` for GPTQ). The quantized stream advances with the widest
+   the method's GPTQ target (eqs. 8, 10, 12; ``W`` for GPTQ). With ``criterion="loss"`` (the default) ``e(b)``
+   is multiplied by the unit's loss gain (:func:`loaq.fisher.output_gains`, measured on the same held-out windows
+   of the float model), so a unit whose output the rest of the model amplifies (depth, the softmax behind q/k)
+   counts for more than one whose error the model absorbs. The quantized stream advances with the widest
    solution, so each unit's error is that of it alone dropping a width. The pass reads ``windows`` of the
    calibration windows (default half). Its cost is the two-stream forwards over those windows plus one solve
    per unit and candidate: about 0.5 × a run's forwards + 3 × its solves (solves are ~10 % of a SmolLM2 run at
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SERVABLE_BITS = (2, 3, 4)  # the widths the LoaQ serving kernels run
 RESOLUTION = 100_000  # size cells of the knapsack
+CRITERIA = ("loss", "output")  # e(b) × the unit's loss gain (loaq.fisher), or e(b) alone
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,14 @@ class Allocation:
     """``target_bits``: average bits per quantized weight as written (``None``: one grid for every linear);
     ``candidates``: comma-separated widths (default ``"2,3,4"``; group size, symmetry and init come from
     ``spec``); ``holdout``: the fraction of the measured windows held out for scoring; ``windows``: the
-    fraction of the calibration windows the sensitivity pass reads."""
+    fraction of the calibration windows the sensitivity pass reads; ``criterion``: ``"loss"`` weighs each
+    unit's output error by its loss gain (:mod:`loaq.fisher`), ``"output"`` sums the output errors alone."""
 
     target_bits: float | None = None
     candidates: str = "2,3,4"
     holdout: float = 0.25
     windows: float = 0.5
+    criterion: str = "loss"
 
     def __post_init__(self):
         bits = self.bits  # parses
@@ -70,6 +76,8 @@ class Allocation:
             raise LoaQError(f"--alloc-holdout {self.holdout} is not a fraction strictly between 0 and 1; e.g. 0.25")
         if not 0 < self.windows <= 1:
             raise LoaQError(f"--alloc-windows {self.windows} is not a fraction in (0, 1]; e.g. 0.5 reads half")
+        if self.criterion not in CRITERIA:
+            raise LoaQError(f"--alloc-criterion {self.criterion!r} is not one of {', '.join(CRITERIA)}; e.g. loss")
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -178,6 +186,12 @@ def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devic
     fit, held = split_windows(calib[:n], alloc.holdout)
     wide = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, bits=max(alloc.bits)))
     m = copy.deepcopy(model)
+    groups = units(arch, len(arch.decoder_layers(m)))
+    gains = None
+    if alloc.criterion == "loss":  # on the float model, before the pass quantizes it
+        from loaq.fisher import output_gains
+
+        gains = output_gains(m, [n for u in groups for n in u], held)
     n_fit = len(fit.split(batch_size))
     streams = Streams(n_fit + len(held.split(batch_size)), cfg.method.two_stream, StreamOptions(), device)
     try:
@@ -192,7 +206,10 @@ def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devic
             quantize_layer(layers[i], arch, streams, wide, eps, f"{arch.layers}.{i}.", probe=probe)
     finally:
         streams.close()
-    return probe.errors, {"fit": int(fit.shape[0]), "held": int(held.shape[0])}
+    errors = probe.errors
+    if gains is not None:
+        errors = {u: {b: e * sum(gains[n] for n in u) for b, e in err.items()} for u, err in errors.items()}
+    return errors, {"fit": int(fit.shape[0]), "held": int(held.shape[0])}
 
 
 def solve(shapes: dict[str, tuple[int, int]], groups: list[list[str]], errors: dict, spec: GridSpec,
@@ -227,7 +244,7 @@ def allocate(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devi
     wide = {n: dataclasses.replace(cfg.spec, bits=max(alloc.bits)) for n in shapes}
     t0 = time.time()
     if sensitivity is not None:
-        errors, windows = errors_from_meta(sensitivity, alloc.bits), sensitivity["windows"]
+        errors, windows = errors_from_meta(sensitivity, alloc.bits, alloc.criterion), sensitivity["windows"]
     elif avg_bits(shapes, wide) <= alloc.target_bits:  # everything fits at the widest width: nothing to measure
         errors, windows = {tuple(u): {b: 0.0 for b in alloc.bits} for u in groups}, {"fit": 0, "held": 0}
     else:
@@ -237,7 +254,8 @@ def allocate(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devi
     t2 = time.time()
     achieved = avg_bits(shapes, specs)
     log.info("allocation: %.4f bits per weight as written (budget %.4f)", achieved, alloc.target_bits)
-    meta = {"target_bits": alloc.target_bits, "candidates": list(alloc.bits), "avg_bits": achieved,
+    meta = {"target_bits": alloc.target_bits, "candidates": list(alloc.bits), "criterion": alloc.criterion,
+            "avg_bits": achieved,
             "bytes": sum(linear_bytes(*shapes[n], specs[n]) for n in shapes),
             "weights": sum(o * i for o, i in shapes.values()), "windows": windows,
             "seconds": {"measure": round(t1 - t0, 2), "solve": round(t2 - t1, 2)}, "reused": sensitivity is not None,
@@ -251,8 +269,11 @@ def specs_from_meta(meta: dict, spec: GridSpec) -> dict[str, GridSpec]:
     return {n: dataclasses.replace(spec, bits=u["bits"]) for u in meta["units"] for n in u["linears"]}
 
 
-def errors_from_meta(meta: dict, bits: tuple[int, ...]) -> dict[tuple[str, ...], dict[int, float]]:
-    """The measured per-unit errors of an ``allocation`` metadata entry, at widths ``bits``."""
+def errors_from_meta(meta: dict, bits: tuple[int, ...], criterion: str = "loss") -> dict[tuple[str, ...], dict[int, float]]:
+    """The measured per-unit errors of an ``allocation`` metadata entry, at widths ``bits``, by ``criterion``."""
+    if meta.get("criterion", "output") != criterion:
+        raise LoaQError(f"the reused sensitivity was scored by the {meta.get('criterion', 'output')!r} criterion, not "
+                        f"{criterion!r}; measure again or pass --alloc-criterion {meta.get('criterion', 'output')}")
     errors = {tuple(u["linears"]): {int(b): e for b, e in u["error"].items()} for u in meta["units"]}
     if any(set(bits) - set(e) for e in errors.values()):
         raise LoaQError(f"the reused sensitivity measured widths {meta['candidates']}, not all of {list(bits)}; "

@@ -82,6 +82,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    "score each width (default: 0.25)")
     p.add_argument("--alloc-windows", type=float, help="fraction of the calibration windows the sensitivity pass "
                    "reads (default: 0.5)")
+    p.add_argument("--alloc-criterion", choices=("loss", "output"), help="how --target-bits scores a width: the "
+                   "unit's held-out output error times its loss gain (loss, default) or the output error alone")
     p.add_argument("--act-sym", action=argparse.BooleanOptionalAction, help="symmetric activation grid (default: asymmetric)")
 
 
@@ -100,7 +102,7 @@ def _recipe(a):
         "act": {"bits": a.act_bits, "symmetric": a.act_sym},
         "rotation": {"kind": a.rotate, "seed": a.rotate_seed, "r4_blocks": a.r4_blocks},
         "allocation": {"target_bits": a.target_bits, "candidates": a.candidates, "holdout": a.alloc_holdout,
-                       "windows": a.alloc_windows},
+                       "windows": a.alloc_windows, "criterion": a.alloc_criterion},
         "calibration": {"source": a.calib, "split": a.calib_split, "field": a.calib_field, "chat": a.chat,
                         "nsamples": a.nsamples, "seqlen": a.seqlen, "seed": a.seed},
         "model": a.model,

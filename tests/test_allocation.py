@@ -209,3 +209,29 @@ def test_resume_reuses_the_allocation_bit_identically(mixed_run, model_dir, cali
     run = api.quantize(model_dir, cfg, cal, resume=True, **kw)
     assert run.meta["layer_specs"] == mixed_run.meta["layer_specs"]
     assert all(torch.equal(run.results[n].codes, r.codes) for n, r in mixed_run.results.items())
+
+
+def test_loss_criterion_weighs_each_units_output_error_by_its_gain(model_dir):
+    """``criterion="loss"``: every unit's errors are its ``"output"`` errors times the sum of its linears'
+    loss gains on the held-out windows (the same factor at every width); a reused sensitivity scored by the
+    other criterion is refused."""
+    from loaq.fisher import output_gains
+    from loaq.holdout import split_windows
+    from loaq.models import load_model, resolve
+    from tests.tiny import tokens
+
+    model, _, arch, _ = load_model(resolve(model_dir))
+    calib = tokens(8, 32, vocab=320)
+    cfg = QuantConfig(spec=GridSpec(3, 32), allocation=Allocation(3.0, "2,4", windows=1.0, criterion="output"))
+    out, _ = allocation.measure(model, arch, calib, cfg, batch_size=2, progress=False)
+    cfg = dataclasses.replace(cfg, allocation=dataclasses.replace(cfg.allocation, criterion="loss"))
+    loss, _ = allocation.measure(model, arch, calib, cfg, batch_size=2, progress=False)
+    gains = output_gains(model, [n for u in out for n in u], split_windows(calib, 0.25)[1])
+    for u in out:
+        for b in (2, 4):
+            assert loss[u][b] == pytest.approx(out[u][b] * sum(gains[n] for n in u), rel=1e-9), (u, b)
+    assert len({round(loss[u][2] / out[u][2], 9) for u in out}) > 1
+    with pytest.raises(LoaQError, match="criterion"):
+        allocation.errors_from_meta({"criterion": "output", "units": []}, (2, 4), "loss")
+    with pytest.raises(LoaQError, match="--alloc-criterion"):
+        Allocation(2.5, criterion="kl")
