@@ -96,7 +96,7 @@ def main() -> None:
             base, knobs = method_knobs(mname)
             method = Method(base, alpha if base in ("lloa", "loaq") else None, beta if base == "loaq" else None, **knobs)
             cfg = QuantConfig(spec=spec, method=method)
-            m, secs, mem = _quantize(model, tok, cfg, calib, a)
+            m, secs, mem, _ = _quantize(model, tok, cfg, calib, a)
             row = dict(model=model_label(a), method=mname, bits=spec.bits, group=spec.group_size,
                        symmetric=spec.symmetric, ppl=perplexity(m, evalw), **_alpha_beta(cfg),
                        quant_seconds=round(secs, 2), peak_mem_mb=round(mem.delta, 1), zero_shot=zero_shot(m))
@@ -120,12 +120,13 @@ def model_label(a) -> str:
 
 
 def _quantize(model, tok, cfg: QuantConfig, calib, a):
-    """(quantized copy of ``model``, seconds in the pipeline, PeakRSS) through :func:`loaq.api.quantize`."""
+    """(quantized copy of ``model``, seconds in the pipeline and the α/β search, PeakRSS, ``loaq.json``'s
+    ``auto`` record or ``{}``) through :func:`loaq.api.quantize`."""
     m = copy.deepcopy(model)
     gc.collect()
     with PeakRSS() as mem:
         run = api.quantize(m, cfg, calib, tokenizer=tok, batch_size=a.batch_size, progress=False)
-    return run.model, run.timings["quantize"], mem
+    return run.model, run.timings["quantize"] + run.timings.get("auto", 0.0), mem, run.meta.get("auto", {})
 
 
 def _alpha_beta(cfg: QuantConfig) -> dict:
@@ -239,8 +240,10 @@ def run_tables(a) -> None:
                     ext["rows"].append(dict(earlier, table=t))
                     continue
                 # the API rotates the copy (exact in fp, tests/test_smollm2.py, so no second fp row)
-                m, secs, _ = _quantize(model, tok, cfg, calib, a)
+                m, secs, _, auto = _quantize(model, tok, cfg, calib, a)
                 row.update(quant_seconds=round(secs, 2), ppl=perplexity(m, evalw), zero_shot=zero_shot(m))
+                if auto:  # the key keeps "auto"; the numbers it chose are recorded beside it
+                    row["auto"] = {k: auto[k] for k in ("alpha", "beta", "seconds", "layers")}
                 del m
                 ext["rows"].append(row)
                 print(row, flush=True)
@@ -270,12 +273,19 @@ def _write_extended(doc: dict, a) -> None:
                       f"first {zs['limit']} examples of each.  "]
     for r in ext["rows"]:
         lines.append(f"| {r['table']} | {r['bits']} | {r['rotate']} | {r['init']} | A{r['act_bits']} | {r['method']} | "
-                     f"{r['alpha'] if r['alpha'] is not None else '-'} | {r['beta'] if r['beta'] is not None else '-'} | "
+                     f"{_chosen(r, 'alpha')} | {_chosen(r, 'beta')} | "
                      f"{r['ppl']:.3f} | {r['ppl'] / fp:.3f} | {_acc(r)} | {r['quant_seconds']:.1f} |")
     lines += ["", "Table 5: with the default β = 0 the SOA term β·H⁻¹B vanishes, so LoaQ -SOA is LoaQ and -both is "
               "-NOA, bit for bit (not re-run)."]
     with open(md, "w") as fh:
         fh.write(head + "\n".join(lines) + "\n")
+
+
+def _chosen(r: dict, k: str) -> str:
+    """α or β of a row: the number, ``-`` where the method has none, ``auto → x`` where ``auto`` chose ``x``."""
+    if r.get(k) is None:
+        return "-"
+    return f"auto → {r['auto'][k]:g}" if r.get("auto") else f"{r[k]}"
 
 
 EXT_TITLE = "## Hadamard rotation, NeUQI and W4A4 (issue #8; the paper's Tables 2-5)"

@@ -373,7 +373,8 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
     if cfg.method.auto:  # α/β chosen on held-out calibration windows; the run records the chosen numbers
         from loaq.auto import choose
 
-        cfg, auto = choose(m, arch, calib, cfg, batch_size=batch_size, device=device, progress=progress)
+        cfg, auto = choose(m, arch, calib, cfg, batch_size=batch_size, device=device, progress=progress,
+                           weights=weights)
         timings["auto"] = auto["seconds"]
         rec = Recipe(cfg, rec.calibration, rec.model, rec.calib_hash)
     store = LayerStore(work, cfg.digest(calib_hash, streams.digest_fields()), cfg.spec,
@@ -440,11 +441,11 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
 
 
 def _eager_when_needed(load: str, cfg: QuantConfig, config) -> str:
-    """``"eager"`` for runs that need the whole float model before the pipeline (α/β ``auto``, ``--target-bits``)
+    """``"eager"`` for runs that need the whole float model before the pipeline (``--target-bits``)
     and for mixture-of-experts models (transformers fuses their experts in memory; :mod:`loaq.moe` splits them)."""
     from loaq.arch import arch_of
 
-    why = ("alpha/beta auto" if cfg.method.auto else "--target-bits" if cfg.allocation.enabled else
+    why = ("--target-bits" if cfg.allocation.enabled else
            "a mixture-of-experts model" if arch_of(config).num_experts(config) else None)
     if load == "lazy" and why:
         import logging

@@ -20,6 +20,7 @@ The evaluation text is never read: the only tokens are the run's calibration win
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -58,9 +59,10 @@ def _prefix(model: nn.Module, arch: Arch, k: int) -> nn.Module:
 
 def choose(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: QuantConfig, *, batch_size: int = 8,
            device: str = "cpu", alphas=ALPHAS, betas=BETAS, holdout: float = HOLDOUT,
-           layers: int | None = None, progress: bool = False) -> tuple[QuantConfig, dict]:
+           layers: int | None = None, progress: bool = False, weights=None) -> tuple[QuantConfig, dict]:
     """(``cfg`` with its ``auto`` settings fixed, the record written to ``loaq.json["auto"]``); ``progress``
-    prints one line per candidate (stderr)."""
+    prints one line per candidate (stderr); ``weights``: the :class:`loaq.lazy.LazyWeights` of a lazily
+    loaded ``model`` (a skeleton), from which only the embeddings, head and the first ``k`` layers are read."""
     from loaq.pipeline import quantize_model
 
     t0 = time.time()
@@ -72,7 +74,12 @@ def choose(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: QuantConfig, 
     n_layers = len(arch.decoder_layers(model))
     k = layers or search_layers(n_layers, max(1, n_cand), holdout)
     fit, held = split_windows(calib, holdout)
-    prefix = _prefix(model, arch, k)
+    with contextlib.ExitStack() as loaded:
+        if weights is not None:  # the prefix's float weights, rotated as the run rotates them, then released
+            loaded.enter_context(weights.rest())
+            for i in range(k):
+                loaded.enter_context(weights.layer(i))
+        prefix = _prefix(model, arch, k)
     ref = reference_outputs(prefix, arch, held, batch_size)
     tried: dict[tuple[float, float], float] = {}
 

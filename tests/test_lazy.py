@@ -43,6 +43,9 @@ CONFIGS = {
     "loaq-w4a4-hadamard": QuantConfig(spec=GridSpec(4, 0), method=Method("loaq"), rotation=RotationSpec("hadamard", 1),
                                       act=ActSpec(4)),
     "rtn-hadamard": QuantConfig(spec=GridSpec(4, 32), method=Method("rtn"), rotation=RotationSpec("hadamard", 2)),
+    # α/β auto reads only the embeddings, head and first layers (rotated) for its search, lazily too
+    "loaq-auto-hadamard": QuantConfig(spec=GridSpec(2, 0), method=Method("loaq", alpha="auto", beta="auto"),
+                                      rotation=RotationSpec("hadamard", 1)),
 }
 
 
@@ -68,6 +71,8 @@ def test_lazy_equals_eager_codes_checkpoint_and_ppl(sharded_dir, tmp_path, name)
         assert lazy.ppl == eager.ppl and lazy.fp_ppl == eager.fp_ppl and lazy.ppl != lazy.fp_ppl
     a, b = (json.load(open(tmp_path / d / "loaq.json")) for d in ("eager", "lazy"))
     a.pop("quant_seconds"), b.pop("quant_seconds")
+    if "auto" in a:
+        assert a["auto"].pop("seconds") >= 0 and b["auto"].pop("seconds") >= 0 and len(a["auto"]["candidates"]) == 4
     assert a == b
     # the lazy run's model, built on demand, computes what the eager run's does
     ids = tokens(2, 16, vocab=320)
