@@ -42,6 +42,11 @@ from loaq.metrics import perplexity
 BUDGETS = "2.25,2.5,2.75,3.0,3.5"
 
 
+def crit(r: dict) -> str | None:
+    """A row's allocation criterion (rows measured before ``--alloc-criterion`` existed used ``output``)."""
+    return None if r["kind"] == "uniform" else r.get("criterion", "output")
+
+
 def export_mb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")) / 2**20
 
@@ -63,6 +68,10 @@ def run_row(fp, tok, calib, windows, cfg: QuantConfig, work: Path, name: str, se
     return row, alloc
 
 
+def label(r: dict) -> str:
+    return r["method"] if r["kind"] == "uniform" else f"{r['method']} ({crit(r)})"
+
+
 def render(doc: dict, out: Path, stem: str = "mixed") -> None:
     rows = doc["rows"]
     uni = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["avg_bits"])
@@ -75,20 +84,23 @@ def render(doc: dict, out: Path, stem: str = "mixed") -> None:
              "avg bits: per quantized weight as written (packed codes + float32 scales + packed zero points); "
              "size: the export's safetensors (bf16 embeddings and norms included).", "",
              "| budget | kind | method | avg bits | size MB | ppl | quant s | alloc s | overhead |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["budget_bits"] or r["avg_bits"], r["kind"] != "uniform", r["method"])):
+    for r in sorted(rows, key=lambda r: (r["budget_bits"] or r["avg_bits"], r["kind"] != "uniform", r["method"],
+                                         crit(r) or "")):
         b = "-" if r["budget_bits"] is None else f"{r['budget_bits']:g}"
         a = r.get("alloc_s")
         over = "-" if a is None or not r.get("measured") else f"{a / r['quant_s']:.2f}"
-        lines.append(f"| {b} | {r['kind']} | {r['method']} | {r['avg_bits']:.3f} | {r['size_mb']:.2f} | {r['ppl']:.3f} | "
+        lines.append(f"| {b} | {r['kind']} | {label(r)} | {r['avg_bits']:.3f} | {r['size_mb']:.2f} | {r['ppl']:.3f} | "
                      f"{r['quant_s']:.0f} | {'-' if a is None else f'{a:.0f}'} | "
                      f"{over} |")
     lines += ["", "## Goals", ""]
-    for r in sorted((r for r in rows if r["kind"] == "mixed" and r["method"] == "loaq"), key=lambda r: r["budget_bits"]):
+    for r in sorted((r for r in rows if r["kind"] == "mixed" and r["method"] == "loaq"),
+                    key=lambda r: (crit(r) != "loss", r["budget_bits"])):
         b = r["budget_bits"]
         bigger = [u for u in uni if u["size_mb"] >= r["size_mb"]]
         g = [f"vs uniform {'W%d' % u['bits']} ({u['size_mb']:.1f} MB, ppl {u['ppl']:.2f}): "
              f"{'beats' if r['ppl'] < u['ppl'] else 'LOSES'}" for u in bigger[:1]]
-        gq = next((q for q in rows if q["kind"] == "mixed" and q["method"] == "gptq" and q["budget_bits"] == b), None)
+        gq = next((q for q in rows if q["kind"] == "mixed" and q["method"] == "gptq" and q["budget_bits"] == b
+                   and crit(q) == crit(r)), None)
         if gq:
             g.append(f"vs mixed GPTQ (ppl {gq['ppl']:.2f}): {'beats' if r['ppl'] < gq['ppl'] else 'LOSES'}")
         w3 = next((u for u in uni if u["bits"] == 3), None)
@@ -96,7 +108,7 @@ def render(doc: dict, out: Path, stem: str = "mixed") -> None:
             g.append(f"≤ 2 × uniform W3 ({2 * w3['ppl']:.2f}): {'yes' if r['ppl'] <= 2 * w3['ppl'] else 'NO'}")
         if w3 and b == 3.0:
             g.append(f"below uniform W3 ({w3['ppl']:.2f}): {'yes' if r['ppl'] < w3['ppl'] else 'NO'}")
-        lines.append(f"- {b:g} bits (mixed LoaQ ppl {r['ppl']:.2f}, {r['size_mb']:.1f} MB): " + "; ".join(g))
+        lines.append(f"- {b:g} bits, {crit(r)} criterion (mixed LoaQ ppl {r['ppl']:.2f}, {r['size_mb']:.1f} MB): " + "; ".join(g))
     if doc.get("notes"):  # hand-written findings, kept in mixed.json across --resume
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     if doc.get("serve"):
@@ -153,6 +165,10 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--eval-tokens", type=int, default=16384, help="perplexity tokens (default 16384: ppl16k)")
     ap.add_argument("--alloc-windows", type=float, default=0.5, help="Allocation.windows (default 0.5)")
+    ap.add_argument("--criterion", default="loss", choices=("loss", "output"),
+                    help="Allocation.criterion of the mixed rows (rows of both are kept apart by --resume)")
+    ap.add_argument("--loaq-ab", default="0.25,0", help="α,β of every LoaQ row (default: the values the uniform rows "
+                                                        "have always used, so the rows stay comparable)")
     ap.add_argument("--no-uniform", action="store_true", help="only the mixed rows (a run split over processes)")
     ap.add_argument("--tag", default="mixed", help="results file stem (a split run: mixed.loaq, mixed.gptq)")
     ap.add_argument("--merge", help="comma-separated stems of split runs to merge into mixed.{json,md,png}")
@@ -178,7 +194,9 @@ def main() -> int:
     doc = json.loads(path.read_text()) if a.resume and path.exists() else {"rows": []}
     doc |= {"command": command(), "machine": machine(), "date": utc_date(), "nsamples": a.nsamples, "seqlen": a.seqlen,
             "eval_tokens": a.eval_tokens, "alloc_windows": a.alloc_windows}
-    done = {(r["kind"], r["method"], r["budget_bits"], r.get("bits")) for r in doc["rows"]}
+    done = {(r["kind"], r["method"], r["budget_bits"], r.get("bits"), crit(r)) for r in doc["rows"]}
+    al, be = (float(x) for x in a.loaq_ab.split(","))
+    method_of = lambda name: Method(name, alpha=al, beta=be) if name == "loaq" else Method(name)  # noqa: E731
     fp = api.load(a.model)
     doc["model"] = fp.source
     cal = Calibration(nsamples=a.nsamples, seqlen=a.seqlen)
@@ -198,23 +216,23 @@ def main() -> int:
     jobs += [("mixed", "loaq", x, None) for x in budgets if x not in first] + [("uniform", "loaq", None, 4)]
     jobs += [("mixed", m, x, None) for m in methods if m != "loaq" for x in budgets if x not in first]
     for kind, method, budget, bits in jobs:
-        if (kind, method, budget, bits) in done or (kind == "mixed" and method not in methods) or \
+        if (kind, method, budget, bits, None if kind == "uniform" else a.criterion) in done or (kind == "mixed" and method not in methods) or \
                 (kind == "uniform" and a.no_uniform):
             continue
         if kind == "uniform":
-            cfg = QuantConfig(spec=GridSpec(bits, 0, False), method=Method("loaq"))
+            cfg = QuantConfig(spec=GridSpec(bits, 0, False), method=method_of("loaq"))
             row, _ = run_row(fp.model, fp.tokenizer, calib, windows, cfg, work, f"uniform-w{bits}")
             add({"budget_bits": None, "kind": "uniform", "bits": bits, **row})
             continue
         sens = next((r["allocation"] for r in doc["rows"] if r["kind"] == "mixed" and r["method"] == method
-                     and r.get("measured")), None)
-        cfg = QuantConfig(spec=GridSpec(3, 0, False), method=Method(method),
-                          allocation=Allocation(budget, windows=a.alloc_windows))
+                     and r.get("measured") and crit(r) == a.criterion), None)
+        cfg = QuantConfig(spec=GridSpec(3, 0, False), method=method_of(method),
+                          allocation=Allocation(budget, windows=a.alloc_windows, criterion=a.criterion))
         row, alloc = run_row(fp.model, fp.tokenizer, calib, windows, cfg, work, f"mixed-{method}-{budget:g}", sens)
         widths = {}
         for u in alloc["units"]:
             widths[str(u["bits"])] = widths.get(str(u["bits"]), 0) + len(u["linears"])
-        add({"budget_bits": budget, "kind": "mixed", **row, "measured": sens is None,
+        add({"budget_bits": budget, "kind": "mixed", "criterion": a.criterion, **row, "measured": sens is None,
              "alloc_s": alloc["seconds"]["total"], "widths": widths, "allocation": alloc if sens is None else None})
         if budget != 2.5:  # the 2.5-bit export is served (--serve); the others are measured, not kept
             shutil.rmtree(work / f"mixed-{method}-{budget:g}-ct", ignore_errors=True)

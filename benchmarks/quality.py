@@ -34,6 +34,7 @@ With --zero-shot every row also gets the average zero-shot accuracy through lm-e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import copy
 import gc
 import json
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     ap.add_argument("--alg-settings", default="w2,w3", help="settings that also get the loaq-alg (ŝ form) row")
+    ap.add_argument("--loaq-ab", help="--tables: α,β of every LoaQ row instead of the registry's defaults, e.g. "
+                                      "auto,auto (rows with other α, β are other rows: --resume keeps both)")
     ap.add_argument("--search", help="JSON written by `loaq search` (α, β for lloa/loaq)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--zero-shot", action="store_true", help="add the zero-shot accuracy of every row (lm-eval)")
@@ -231,6 +234,9 @@ def run_tables(a) -> None:
     for t in a.tables.split(","):
         for spec, rot, act, methods in TABLES[t]:
             for label, method in methods:
+                if a.loaq_ab and method.name == "loaq":
+                    al, be = a.loaq_ab.split(",")
+                    method = dataclasses.replace(method, alpha=al, beta=be)
                 cfg = QuantConfig(spec=spec, method=method, act=act, rotation=RotationSpec(rot, 0))
                 row = dict(table=t, method=label, bits=spec.bits, group=spec.group_size, rotate=rot, init=spec.init,
                            act_bits=act.bits, **_alpha_beta(cfg))

@@ -156,8 +156,11 @@ def mixed_size_ppl(rows: list[dict], out: str):
     ax.scatter([r["size_mb"] for r in uni], [r["ppl"] for r in uni], color="k", zorder=3, label="uniform LoaQ")
     for r in uni:
         ax.annotate(f"W{r['bits']}", (r["size_mb"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    for i, m in enumerate(sorted({r["method"] for r in rows if r["kind"] == "mixed"})):
-        pts = sorted((r["size_mb"], r["ppl"], r["budget_bits"]) for r in rows if r["kind"] == "mixed" and r["method"] == m)
+    def curve(r):  # method, and the allocation criterion where rows carry one
+        return f"{r['method']} ({r['criterion']})" if r.get("criterion") else r["method"]
+
+    for i, m in enumerate(sorted({curve(r) for r in rows if r["kind"] == "mixed"})):
+        pts = sorted((r["size_mb"], r["ppl"], r["budget_bits"]) for r in rows if r["kind"] == "mixed" and curve(r) == m)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=f"mixed {m}")
         for s, p, b in pts:
             ax.annotate(f"{b:g}", (s, p), textcoords="offset points", xytext=(3, -10), fontsize=7, color=f"C{i}")
