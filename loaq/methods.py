@@ -68,7 +68,9 @@ def _qronos(W, factor, C, B, m, spec, opts):
 
 def _output_approx(W, factor, C, B, m, spec, opts):
     """LLOA/LoaQ: GPTQ towards ``W̃ = (I + αH⁻¹C)W + βH⁻¹B`` (eqs. 8, 10, 12)."""
-    return gptq_solve(output_target(W, factor, C, m.alpha, B, m.beta), factor, spec, opts)
+    target = output_target(W, factor, C, m.alpha, B, m.beta)
+    del C, B  # the GPTQ solve needs the target alone: the statistics go before its H⁻¹ factors are formed
+    return gptq_solve(target, factor, spec, opts)
 
 
 _LOAQ_SETTINGS = {"alpha": 0.25, "beta": 0.0, "rescale": True, "soa": True, "shat": "text"}

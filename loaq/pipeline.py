@@ -114,6 +114,11 @@ def _set_weight(linear: nn.Linear, Q: torch.Tensor) -> None:
     linear.weight.data.copy_(Q.to(linear.weight.dtype))
 
 
+def _take_C(stats: Stats) -> torch.Tensor | None:
+    C, stats.C = stats.C, None
+    return C
+
+
 def solve_group(names: list[str], linears: list[nn.Linear], stats: Stats, cfg: QuantConfig,
                 label: str, B: torch.Tensor | None = None, masters: list[nn.Linear] | None = None,
                 specs: dict | None = None, probe=None, held: Stats | None = None) -> dict[str, QuantResult]:
@@ -128,8 +133,9 @@ def solve_group(names: list[str], linears: list[nn.Linear], stats: Stats, cfg: Q
     masters = masters or linears
     device = stats.H.device
     W = torch.cat([lin.weight.detach().to(device).float() for lin in masters])
-    factor = factorize(stats.H, cfg.solver.percdamp, label)
-    res = m.rule.solve(W, factor, stats.C, B, m, spec, cfg.solver)
+    factor = factorize(stats.H, cfg.solver.percdamp, label, inplace=True)  # stats.H becomes the damped H
+    # without a probe the rule holds the only reference to C, and LLOA/LoaQ free it once the target is formed
+    res = m.rule.solve(W, factor, stats.C if probe is not None else _take_C(stats), B, m, spec, cfg.solver)
     if probe is not None:
         probe(names, W, factor, stats, B, res.Q, held)
     out, row = {}, 0

@@ -57,25 +57,28 @@ class Factor:
         return torch.cholesky_inverse(self.L)
 
 
-def factorize(H: torch.Tensor, percdamp: float, name: str = "", max_tries: int = 12) -> Factor:
+def factorize(H: torch.Tensor, percdamp: float, name: str = "", max_tries: int = 12, inplace: bool = False) -> Factor:
     """Dampen ``H`` by ``percdamp · mean(diag H)`` and Cholesky-factor it.
 
     A failed factorization multiplies the damping by 10 and tries again, with a warning naming the
     layer, instead of crashing (GPTQ's reference crashes; silently falling back to RTN hides it).
+    ``inplace`` (a float64 ``H`` the caller no longer needs, e.g. a finished :class:`loaq.stats.Stats`'
+    sum) damps ``H`` itself instead of a copy: one ``n × n`` float64 matrix less at the solve's peak
+    (512 MiB for an 8192-wide ``down_proj``), the same numbers.
     """
-    H = H.double().clone()
+    H = H if inplace and H.dtype == torch.float64 else H.double().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    mean_diag = torch.mean(torch.diag(H)).item()
+    diag = H.diagonal().clone()
+    mean_diag = torch.mean(diag).item()
     damp = percdamp * mean_diag
     for attempt in range(max_tries):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        H.diagonal().copy_(diag + damp)  # the damped H, rebuilt from the undamped diagonal on every try
+        L, info = torch.linalg.cholesky_ex(H)
         if info.item() == 0:
             if attempt:
                 log.warning("%s: H not positive definite; damping raised to %.3g x mean(diag H)", name, damp / mean_diag)
-            return Factor(Hd, L, dead, damp)
+            return Factor(H, L, dead, damp)
         damp = damp * 10 if damp > 0 else 1e-6 * mean_diag
     raise RuntimeError(f"{name}: H is not positive definite even with damping {damp:.3g}")
 

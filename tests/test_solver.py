@@ -192,3 +192,40 @@ def test_failed_cholesky_warns_with_the_layer_name(caplog):
     with caplog.at_level("WARNING"):
         f = factorize(st.H, 0.0, "model.layers.7.mlp.down_proj")
     assert f.damp > 0 and "model.layers.7.mlp.down_proj" in caplog.text and "damping raised" in caplog.text
+
+
+def test_factorize_in_place_is_the_same_factor_without_a_copy():
+    """``inplace=True`` damps the caller's float64 ``H`` itself (no n × n copy at the solve's peak) and gives
+    bit for bit the factor of the copying path, retries (a non-PD ``H``) included."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    for H, pd in ((X.T @ X, 0.01), (X[:5].T @ X[:5], 0.0)):  # the second (rank 5, undamped) needs a retry
+        H[3, :] = H[:, 3] = 0  # a dead column
+        ref = factorize(H, pd)
+        work = H.clone()
+        f = factorize(work, pd, inplace=True)
+        assert f.H.data_ptr() == work.data_ptr()
+        assert torch.equal(f.H, ref.H) and torch.equal(f.L, ref.L) and f.damp == ref.damp
+        assert torch.equal(f.dead, ref.dead)
+
+
+def test_loaq_solve_releases_C_before_the_gptq_solve(monkeypatch):
+    """Without a probe the pipeline hands ``C`` to the rule, and LLOA/LoaQ drop it once the target is formed:
+    by the time GPTQ factors ``H⁻¹`` no ``n × n`` ``C`` is alive (a weak reference to it is dead)."""
+    import weakref
+
+    from loaq import methods, pipeline
+    from loaq.config import Method, QuantConfig
+    from loaq.stats import Stats
+
+    g = torch.Generator().manual_seed(1)
+    st = Stats(16, cross=True)
+    x = torch.randn(64, 16, generator=g)
+    st.add(x, x + 0.1 * torch.randn(64, 16, generator=g))
+    ref = weakref.ref(st.C)
+    seen = {}
+    real = methods.gptq_solve
+    monkeypatch.setattr(methods, "gptq_solve", lambda *a, **k: seen.setdefault("alive", ref() is not None) or real(*a, **k))
+    lin = torch.nn.Linear(16, 8, bias=False)
+    pipeline.solve_group(["l"], [lin], st, QuantConfig(spec=GridSpec(3, 0), method=Method("loaq", alpha=0.5)), "l")
+    assert seen == {"alive": False} and st.C is None
