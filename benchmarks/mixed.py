@@ -43,8 +43,12 @@ BUDGETS = "2.25,2.5,2.75,3.0,3.5"
 
 
 def crit(r: dict) -> str | None:
-    """A row's allocation criterion (rows measured before ``--alloc-criterion`` existed used ``output``)."""
-    return None if r["kind"] == "uniform" else r.get("criterion", "output")
+    """A row's allocation criterion and candidates, e.g. ``loss`` or ``loss, 2g64,3,4`` (rows measured before
+    ``--alloc-criterion`` existed used ``output``; the default candidates are not named)."""
+    if r["kind"] == "uniform":
+        return None
+    c = r.get("candidates", "2,3,4")
+    return r.get("criterion", "output") + ("" if c == "2,3,4" else f", {c}")
 
 
 def export_mb(path: str) -> float:
@@ -77,7 +81,7 @@ def render(doc: dict, out: Path, stem: str = "mixed") -> None:
     uni = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["avg_bits"])
     lines = [f"# Mixed precision under a size budget on {doc.get('model') or 'SmolLM2-135M'}", "",
              f"Command: `{doc['command']}`  ", f"Machine: {doc['machine']}  ", f"Date: {doc['date']}  ",
-             f"Calibration: {doc['nsamples']} × {doc['seqlen']} tokens (all rows); candidates {{2, 3, 4}} per channel, "
+             f"Calibration: {doc['nsamples']} × {doc['seqlen']} tokens (all rows); candidates {{2, 3, 4}} per channel unless a row names others (`2g64`: 2 bits in groups of 64), "
              f"asymmetric; sensitivity measured on {doc.get('alloc_windows', 0.5):g} of the calibration windows, a "
              f"quarter of those held out for scoring; perplexity on the first {doc.get('eval_tokens', 16384)} tokens of "
              "the DATA.md evaluation split in windows of 512 (16384: ppl16k as quality.md).", "",
@@ -94,7 +98,7 @@ def render(doc: dict, out: Path, stem: str = "mixed") -> None:
                      f"{over} |")
     lines += ["", "## Goals", ""]
     for r in sorted((r for r in rows if r["kind"] == "mixed" and r["method"] == "loaq"),
-                    key=lambda r: (crit(r) != "loss", r["budget_bits"])):
+                    key=lambda r: (crit(r), r["budget_bits"])):
         b = r["budget_bits"]
         bigger = [u for u in uni if u["size_mb"] >= r["size_mb"]]
         g = [f"vs uniform {'W%d' % u['bits']} ({u['size_mb']:.1f} MB, ppl {u['ppl']:.2f}): "
@@ -167,6 +171,7 @@ def main() -> int:
     ap.add_argument("--alloc-windows", type=float, default=0.5, help="Allocation.windows (default 0.5)")
     ap.add_argument("--criterion", default="loss", choices=("loss", "output"),
                     help="Allocation.criterion of the mixed rows (rows of both are kept apart by --resume)")
+    ap.add_argument("--candidates", default="2,3,4", help="Allocation.candidates of the mixed rows, e.g. 2g64,3,4")
     ap.add_argument("--loaq-ab", default="0.25,0", help="α,β of every LoaQ row (default: the values the uniform rows "
                                                         "have always used, so the rows stay comparable)")
     ap.add_argument("--no-uniform", action="store_true", help="only the mixed rows (a run split over processes)")
@@ -216,7 +221,8 @@ def main() -> int:
     jobs += [("mixed", "loaq", x, None) for x in budgets if x not in first] + [("uniform", "loaq", None, 4)]
     jobs += [("mixed", m, x, None) for m in methods if m != "loaq" for x in budgets if x not in first]
     for kind, method, budget, bits in jobs:
-        if (kind, method, budget, bits, None if kind == "uniform" else a.criterion) in done or (kind == "mixed" and method not in methods) or \
+        variant = crit({"kind": kind, "criterion": a.criterion, "candidates": a.candidates})
+        if (kind, method, budget, bits, variant) in done or (kind == "mixed" and method not in methods) or \
                 (kind == "uniform" and a.no_uniform):
             continue
         if kind == "uniform":
@@ -225,14 +231,15 @@ def main() -> int:
             add({"budget_bits": None, "kind": "uniform", "bits": bits, **row})
             continue
         sens = next((r["allocation"] for r in doc["rows"] if r["kind"] == "mixed" and r["method"] == method
-                     and r.get("measured") and crit(r) == a.criterion), None)
+                     and r.get("measured") and crit(r) == variant), None)
         cfg = QuantConfig(spec=GridSpec(3, 0, False), method=method_of(method),
-                          allocation=Allocation(budget, windows=a.alloc_windows, criterion=a.criterion))
+                          allocation=Allocation(budget, a.candidates, windows=a.alloc_windows, criterion=a.criterion))
         row, alloc = run_row(fp.model, fp.tokenizer, calib, windows, cfg, work, f"mixed-{method}-{budget:g}", sens)
         widths = {}
         for u in alloc["units"]:
-            widths[str(u["bits"])] = widths.get(str(u["bits"]), 0) + len(u["linears"])
-        add({"budget_bits": budget, "kind": "mixed", "criterion": a.criterion, **row, "measured": sens is None,
+            g = u.get("grid", str(u["bits"]))
+            widths[g] = widths.get(g, 0) + len(u["linears"])
+        add({"budget_bits": budget, "kind": "mixed", "criterion": a.criterion, "candidates": a.candidates, **row, "measured": sens is None,
              "alloc_s": alloc["seconds"]["total"], "widths": widths, "allocation": alloc if sens is None else None})
         if budget != 2.5:  # the 2.5-bit export is served (--serve); the others are measured, not kept
             shutil.rmtree(work / f"mixed-{method}-{budget:g}-ct", ignore_errors=True)

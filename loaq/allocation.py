@@ -53,7 +53,8 @@ CRITERIA = ("loss", "output")  # e(b) × the unit's loss gain (loaq.fisher), or 
 @dataclass(frozen=True)
 class Allocation:
     """``target_bits``: average bits per quantized weight as written (``None``: one grid for every linear);
-    ``candidates``: comma-separated widths (default ``"2,3,4"``; group size, symmetry and init come from
+    ``candidates``: comma-separated grids, a width with an optional group size (default ``"2,3,4"``; e.g.
+    ``"2g64,3,4"``: 2 bits in groups of 64; without ``g`` the group size comes from ``spec``; symmetry and init from
     ``spec``); ``holdout``: the fraction of the measured windows held out for scoring; ``windows``: the
     fraction of the calibration windows the sensitivity pass reads; ``criterion``: ``"loss"`` weighs each
     unit's output error by its loss gain (:mod:`loaq.fisher`), ``"output"`` sums the output errors alone."""
@@ -65,13 +66,13 @@ class Allocation:
     criterion: str = "loss"
 
     def __post_init__(self):
-        bits = self.bits  # parses
+        grids = self.grids  # parses
         if self.target_bits is not None and not (math.isfinite(self.target_bits) and self.target_bits > 0):
             raise LoaQError(f"--target-bits {self.target_bits} is not a positive number of bits; e.g. 2.5")
-        bad = [b for b in bits if b not in SERVABLE_BITS]
-        if bad or not bits:
+        bad = [g for g in grids if parse_grid(g)[0] not in SERVABLE_BITS]
+        if bad or not grids:
             raise LoaQError(f"--candidates {self.candidates!r} must list widths from {SERVABLE_BITS} (the serving "
-                            "kernels' widths), e.g. 2,3,4")
+                            "kernels' widths), each with an optional group size, e.g. 2,3,4 or 2g64,3,4")
         if not 0 < self.holdout < 1:
             raise LoaQError(f"--alloc-holdout {self.holdout} is not a fraction strictly between 0 and 1; e.g. 0.25")
         if not 0 < self.windows <= 1:
@@ -80,16 +81,47 @@ class Allocation:
             raise LoaQError(f"--alloc-criterion {self.criterion!r} is not one of {', '.join(CRITERIA)}; e.g. loss")
 
     @property
-    def bits(self) -> tuple[int, ...]:
+    def grids(self) -> tuple[str, ...]:
+        """The candidate grids' labels (``"3"``, ``"2g64"``), normalized and sorted by width."""
         try:
-            return tuple(sorted({int(x) for x in str(self.candidates).split(",") if x.strip()}))
+            parsed = {parse_grid(x.strip()) for x in str(self.candidates).split(",") if x.strip()}
         except ValueError:
-            raise LoaQError(f"--candidates {self.candidates!r} is not a comma-separated list of widths; "
-                            "e.g. 2,3,4") from None
+            raise LoaQError(f"--candidates {self.candidates!r} is not a comma-separated list of widths with optional "
+                            "group sizes; e.g. 2,3,4 or 2g64,3,4") from None
+        return tuple(grid_label(b, g) for b, g in sorted(parsed, key=lambda bg: (bg[0], -1 if bg[1] is None else bg[1])))
 
     @property
     def enabled(self) -> bool:
         return self.target_bits is not None
+
+
+def parse_grid(label: str) -> tuple[int, int | None]:
+    """``"3"`` → (3, None: the spec's group size); ``"2g64"`` → (2, 64); ``"4g0"`` → (4, 0: per channel)."""
+    b, _, g = label.lower().partition("g")
+    bits, group = int(b), (int(g) if g else None)
+    if group is not None and group < 0:
+        raise ValueError(label)
+    return bits, group
+
+
+def grid_label(bits: int, group: int | None) -> str:
+    return f"{bits}" if group is None else f"{bits}g{group}"
+
+
+def fineness(spec: GridSpec) -> tuple:
+    """Orders grids from coarse to fine: more bits decide first, then smaller groups (per channel is coarsest)."""
+    return spec.bits, -(spec.group_size or math.inf)
+
+
+def widest(labels: tuple[str, ...], spec: GridSpec) -> str:
+    """The finest candidate: the one the sensitivity pass advances the quantized stream with."""
+    return max(labels, key=lambda c: fineness(grid_of(c, spec)))
+
+
+def grid_of(label: str, spec: GridSpec) -> GridSpec:
+    """The grid of candidate ``label`` on top of ``spec`` (its symmetry, init and, without ``g``, group size)."""
+    bits, group = parse_grid(label)
+    return dataclasses.replace(spec, bits=bits, group_size=spec.group_size if group is None else group)
 
 
 def units(arch, n_layers: int) -> list[list[str]]:
@@ -149,11 +181,12 @@ def knapsack(costs: list[list[int]], values: list[list[float]], capacity: int) -
 
 class Probe:
     """The pipeline's per-group hook during :func:`measure`: solve the group at every candidate and keep its
-    normalized held-out output error ``tr((Q − W̃) H_held (Q − W̃)ᵀ) / tr(W̃ H_held W̃ᵀ)`` per width."""
+    normalized held-out output error ``tr((Q − W̃) H_held (Q − W̃)ᵀ) / tr(W̃ H_held W̃ᵀ)`` per candidate grid
+    (``cfg``: the run's config on the widest candidate's grid; ``spec``: the run's own grid, the candidates' base)."""
 
-    def __init__(self, cfg, bits: tuple[int, ...]):
-        self.cfg, self.bits = cfg, bits
-        self.errors: dict[tuple[str, ...], dict[int, float]] = {}
+    def __init__(self, cfg, grids: tuple[str, ...], spec: GridSpec):
+        self.cfg, self.grids = cfg, {c: grid_of(c, spec) for c in grids}
+        self.errors: dict[tuple[str, ...], dict[str, float]] = {}
 
     def __call__(self, names, W, factor, stats, B, Q_wide, held) -> None:
         from loaq.targets import output_target
@@ -163,17 +196,16 @@ class Probe:
         Hh = held.H.double()
         norm = float(((T @ Hh) * T).sum())
         err = {}
-        for b in self.bits:
-            Q = Q_wide if b == spec.bits else m.rule.solve(W, factor, stats.C, B, m, dataclasses.replace(spec, bits=b),
-                                                           self.cfg.solver).Q
+        for c, g in self.grids.items():
+            Q = Q_wide if g == spec else m.rule.solve(W, factor, stats.C, B, m, g, self.cfg.solver).Q
             D = Q.double() - T
-            err[b] = float(((D @ Hh) * D).sum()) / max(norm, 1e-30)
+            err[c] = float(((D @ Hh) * D).sum()) / max(norm, 1e-30)
         self.errors[tuple(names)] = err
 
 
 def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, device: str = "cpu",
-            progress: bool = True) -> tuple[dict[tuple[str, ...], dict[int, float]], dict]:
-    """Per-unit held-out errors at every candidate width (module docstring, step 2), on a copy of ``model``;
+            progress: bool = True) -> tuple[dict[tuple[str, ...], dict[str, float]], dict]:
+    """Per-unit held-out errors at every candidate grid (module docstring, step 2), on a copy of ``model``;
     returns (errors, the windows read: ``{"fit": n, "held": n}``)."""
     from tqdm.auto import tqdm
 
@@ -184,7 +216,7 @@ def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devic
     alloc = cfg.allocation
     n = max(2, math.ceil(alloc.windows * calib.shape[0]))
     fit, held = split_windows(calib[:n], alloc.holdout)
-    wide = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, bits=max(alloc.bits)))
+    wide = dataclasses.replace(cfg, spec=grid_of(widest(alloc.grids, cfg.spec), cfg.spec))
     m = copy.deepcopy(model)
     groups = units(arch, len(arch.decoder_layers(m)))
     gains = None
@@ -198,7 +230,7 @@ def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devic
         _capture(m, arch, fit, batch_size, streams)
         _capture(m, arch, held, batch_size, streams, offset=n_fit)
         streams.held = len(streams) - n_fit
-        probe = Probe(wide, alloc.bits)
+        probe = Probe(wide, alloc.grids, cfg.spec)
         eps = m.config.rms_norm_eps
         layers = arch.decoder_layers(m)
         for i in tqdm(range(len(layers)), desc="sensitivity", disable=not progress, unit="layer"):
@@ -213,22 +245,30 @@ def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devic
 
 
 def solve(shapes: dict[str, tuple[int, int]], groups: list[list[str]], errors: dict, spec: GridSpec,
-          bits: tuple[int, ...], target_bits: float, resolution: int = RESOLUTION) -> dict[str, GridSpec]:
+          labels: tuple[str, ...], target_bits: float, resolution: int = RESOLUTION) -> dict[str, GridSpec]:
     """Per-linear grids minimizing the summed errors with the written bytes ``≤ target_bits · n_weights / 8``."""
     budget = math.floor(target_bits * sum(o * i for o, i in shapes.values()) / 8)
     cell = max(1, math.ceil(budget / resolution))
-    grids = [dataclasses.replace(spec, bits=b) for b in bits]
+    grids = [grid_of(c, spec) for c in labels]
     costs = [[math.ceil(sum(linear_bytes(*shapes[n], g) for n in u) / cell) for g in grids] for u in groups]
-    values = [[errors[tuple(u)][b] for b in bits] for u in groups]
+    values = [[errors[tuple(u)][c] for c in labels] for u in groups]
     choice = knapsack(costs, values, budget // cell)
     return {n: grids[j] for u, j in zip(groups, choice) for n in u}
 
 
-def check_budget(shapes: dict[str, tuple[int, int]], spec: GridSpec, bits: tuple[int, ...], target_bits: float) -> None:
-    """Refuse a budget below every linear at the narrowest candidate (before any measurement)."""
-    low = avg_bits(shapes, {n: dataclasses.replace(spec, bits=min(bits)) for n in shapes})
-    if target_bits < low:
-        raise LoaQError(f"--target-bits {target_bits} is below {low:.4f}, the size of every linear at {min(bits)} bits "
+def check_budget(shapes: dict[str, tuple[int, int]], spec: GridSpec, labels: tuple[str, ...], target_bits: float) -> None:
+    """Refuse candidates that do not fit the linears' shapes, and a budget below every linear at the smallest
+    candidate (before any measurement)."""
+    for c in labels:
+        g = grid_of(c, spec).group_size
+        bad = sorted({i for o, i in shapes.values() if g and i % g})
+        if bad:
+            raise LoaQError(f"--candidates {c}: groups of {g} do not divide the input widths {bad} of this model; "
+                            f"choose a group size that divides {math.gcd(*bad)}, or per channel")
+    size = {c: avg_bits(shapes, {n: grid_of(c, spec) for n in shapes}) for c in labels}
+    low = min(size, key=size.get)
+    if target_bits < size[low]:
+        raise LoaQError(f"--target-bits {target_bits} is below {size[low]:.4f}, the size of every linear at {low} "
                         f"(codes, scales and zero points as written); raise it or add a narrower candidate")
 
 
@@ -240,44 +280,46 @@ def allocate(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devi
     alloc = cfg.allocation
     groups = units(arch, len(arch.decoder_layers(model)))
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for u in groups for n in u}
-    check_budget(shapes, cfg.spec, alloc.bits, alloc.target_bits)
-    wide = {n: dataclasses.replace(cfg.spec, bits=max(alloc.bits)) for n in shapes}
+    check_budget(shapes, cfg.spec, alloc.grids, alloc.target_bits)
+    wide = {n: grid_of(widest(alloc.grids, cfg.spec), cfg.spec) for n in shapes}
     t0 = time.time()
     if sensitivity is not None:
-        errors, windows = errors_from_meta(sensitivity, alloc.bits, alloc.criterion), sensitivity["windows"]
+        errors, windows = errors_from_meta(sensitivity, alloc.grids, alloc.criterion), sensitivity["windows"]
     elif avg_bits(shapes, wide) <= alloc.target_bits:  # everything fits at the widest width: nothing to measure
-        errors, windows = {tuple(u): {b: 0.0 for b in alloc.bits} for u in groups}, {"fit": 0, "held": 0}
+        errors, windows = {tuple(u): {c: 0.0 for c in alloc.grids} for u in groups}, {"fit": 0, "held": 0}
     else:
         errors, windows = measure(model, arch, calib, cfg, batch_size=batch_size, device=device, progress=progress)
     t1 = time.time()
-    specs = solve(shapes, groups, errors, cfg.spec, alloc.bits, alloc.target_bits)
+    specs = solve(shapes, groups, errors, cfg.spec, alloc.grids, alloc.target_bits)
     t2 = time.time()
     achieved = avg_bits(shapes, specs)
     log.info("allocation: %.4f bits per weight as written (budget %.4f)", achieved, alloc.target_bits)
-    meta = {"target_bits": alloc.target_bits, "candidates": list(alloc.bits), "criterion": alloc.criterion,
+    label = {grid_of(c, cfg.spec): c for c in alloc.grids}
+    meta = {"target_bits": alloc.target_bits, "candidates": list(alloc.grids), "criterion": alloc.criterion,
             "avg_bits": achieved,
             "bytes": sum(linear_bytes(*shapes[n], specs[n]) for n in shapes),
             "weights": sum(o * i for o, i in shapes.values()), "windows": windows,
             "seconds": {"measure": round(t1 - t0, 2), "solve": round(t2 - t1, 2)}, "reused": sensitivity is not None,
-            "units": [{"linears": u, "bits": specs[u[0]].bits, "error": {str(b): e for b, e in errors[tuple(u)].items()}}
+            "units": [{"linears": u, "bits": specs[u[0]].bits, "grid": label[specs[u[0]]],
+                       "error": dict(errors[tuple(u)])}
                       for u in groups]}
     return specs, meta
 
 
 def specs_from_meta(meta: dict, spec: GridSpec) -> dict[str, GridSpec]:
     """The per-linear grids an ``allocation`` metadata entry chose (what a resumed run reuses)."""
-    return {n: dataclasses.replace(spec, bits=u["bits"]) for u in meta["units"] for n in u["linears"]}
+    return {n: grid_of(u.get("grid", str(u["bits"])), spec) for u in meta["units"] for n in u["linears"]}
 
 
-def errors_from_meta(meta: dict, bits: tuple[int, ...], criterion: str = "loss") -> dict[tuple[str, ...], dict[int, float]]:
-    """The measured per-unit errors of an ``allocation`` metadata entry, at widths ``bits``, by ``criterion``."""
+def errors_from_meta(meta: dict, labels: tuple[str, ...], criterion: str = "loss") -> dict[tuple[str, ...], dict[str, float]]:
+    """The measured per-unit errors of an ``allocation`` metadata entry, at candidates ``labels``, by ``criterion``."""
     if meta.get("criterion", "output") != criterion:
         raise LoaQError(f"the reused sensitivity was scored by the {meta.get('criterion', 'output')!r} criterion, not "
                         f"{criterion!r}; measure again or pass --alloc-criterion {meta.get('criterion', 'output')}")
-    errors = {tuple(u["linears"]): {int(b): e for b, e in u["error"].items()} for u in meta["units"]}
-    if any(set(bits) - set(e) for e in errors.values()):
-        raise LoaQError(f"the reused sensitivity measured widths {meta['candidates']}, not all of {list(bits)}; "
-                        "measure again with these candidates")
+    errors = {tuple(u["linears"]): dict(u["error"]) for u in meta["units"]}
+    if any(set(labels) - set(e) for e in errors.values()):
+        raise LoaQError(f"the reused sensitivity measured the candidates {meta['candidates']}, not all of "
+                        f"{list(labels)}; measure again with these candidates")
     return errors
 
 

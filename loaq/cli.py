@@ -77,7 +77,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-bits", type=int, choices=(16, 4), help="4 = W4A4: per-token dynamic 4-bit activations")
     p.add_argument("--target-bits", type=float, help="mixed precision: average bits per quantized weight as written "
                    "(codes, scales, zero points), e.g. 2.5; each linear's width chosen from --candidates")
-    p.add_argument("--candidates", help="widths --target-bits chooses from (default: 2,3,4)")
+    p.add_argument("--candidates", help="grids --target-bits chooses from: widths with optional group sizes "
+                   "(default: 2,3,4 on --group-size; e.g. 2g64,3,4)")
     p.add_argument("--alloc-holdout", type=float, help="fraction of the measured calibration windows held out to "
                    "score each width (default: 0.25)")
     p.add_argument("--alloc-windows", type=float, help="fraction of the calibration windows the sensitivity pass "
@@ -148,8 +149,9 @@ def cmd_quantize(a) -> int:
     print(f"wrote {run.out} ({len(run.results)} linears, quantized in {t['quantize']:.1f}s, total {t['total']:.1f}s)")
     if run.meta.get("allocation"):
         al = run.meta["allocation"]
-        widths = sorted({u["bits"] for u in al["units"]})
-        count = {b: sum(len(u["linears"]) for u in al["units"] if u["bits"] == b) for b in widths}
+        grid = lambda u: u.get("grid", str(u["bits"]))  # noqa: E731
+        widths = sorted({grid(u) for u in al["units"]})
+        count = {b: sum(len(u["linears"]) for u in al["units"] if grid(u) == b) for b in widths}
         print(f"allocated {al['avg_bits']:.4f} bits per weight as written (budget {al['target_bits']:g}; linears per "
               f"width: {', '.join(f'W{b}: {n}' for b, n in count.items())}; allocation {t['allocate']:.1f}s)")
     if run.export:

@@ -156,8 +156,9 @@ def mixed_size_ppl(rows: list[dict], out: str):
     ax.scatter([r["size_mb"] for r in uni], [r["ppl"] for r in uni], color="k", zorder=3, label="uniform LoaQ")
     for r in uni:
         ax.annotate(f"W{r['bits']}", (r["size_mb"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    def curve(r):  # method, and the allocation criterion where rows carry one
-        return f"{r['method']} ({r['criterion']})" if r.get("criterion") else r["method"]
+    def curve(r):  # method, and the allocation criterion (and candidates) where rows carry one
+        c = r.get("candidates", "2,3,4")
+        return f"{r['method']} ({r['criterion']}{'' if c == '2,3,4' else ', ' + c})" if r.get("criterion") else r["method"]
 
     for i, m in enumerate(sorted({curve(r) for r in rows if r["kind"] == "mixed"})):
         pts = sorted((r["size_mb"], r["ppl"], r["budget_bits"]) for r in rows if r["kind"] == "mixed" and curve(r) == m)
