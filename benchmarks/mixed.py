@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from loaq import api
-from loaq.allocation import Allocation, written_bits
+from loaq.allocation import Allocation, grid_of, written_bits
 from loaq.bench import command, machine, utc_date
 from loaq.config import Calibration, Method, QuantConfig
 from loaq.grids import GridSpec
@@ -72,8 +72,13 @@ def run_row(fp, tok, calib, windows, cfg: QuantConfig, work: Path, name: str, se
     return row, alloc
 
 
+def uname(u: dict) -> str:
+    """A uniform row's grid: ``W3``, ``W2g64``."""
+    return f"W{u['bits']}" + (f"g{u['group']}" if u.get("group") else "")
+
+
 def label(r: dict) -> str:
-    return r["method"] if r["kind"] == "uniform" else f"{r['method']} ({crit(r)})"
+    return f"{r['method']} {uname(r)}" if r["kind"] == "uniform" else f"{r['method']} ({crit(r)})"
 
 
 def render(doc: dict, out: Path, stem: str = "mixed") -> None:
@@ -101,13 +106,13 @@ def render(doc: dict, out: Path, stem: str = "mixed") -> None:
                     key=lambda r: (crit(r), r["budget_bits"])):
         b = r["budget_bits"]
         bigger = [u for u in uni if u["size_mb"] >= r["size_mb"]]
-        g = [f"vs uniform {'W%d' % u['bits']} ({u['size_mb']:.1f} MB, ppl {u['ppl']:.2f}): "
+        g = [f"vs uniform {uname(u)} ({u['size_mb']:.1f} MB, ppl {u['ppl']:.2f}): "
              f"{'beats' if r['ppl'] < u['ppl'] else 'LOSES'}" for u in bigger[:1]]
         gq = next((q for q in rows if q["kind"] == "mixed" and q["method"] == "gptq" and q["budget_bits"] == b
                    and crit(q) == crit(r)), None)
         if gq:
             g.append(f"vs mixed GPTQ (ppl {gq['ppl']:.2f}): {'beats' if r['ppl'] < gq['ppl'] else 'LOSES'}")
-        w3 = next((u for u in uni if u["bits"] == 3), None)
+        w3 = next((u for u in uni if u["bits"] == 3 and not u.get("group")), None)
         if w3 and b == 2.5:
             g.append(f"≤ 2 × uniform W3 ({2 * w3['ppl']:.2f}): {'yes' if r['ppl'] <= 2 * w3['ppl'] else 'NO'}")
         if w3 and b == 3.0:
@@ -137,9 +142,11 @@ def serve(doc: dict, work: Path, prompts: int, in_len: int, out_len: int) -> dic
     from benchmarks.serve import bench
     from loaq.serve.server import Server
 
-    pick = {"mixed-2.5": next(r for r in doc["rows"] if r["kind"] == "mixed" and r["method"] == "loaq"
-                              and r["budget_bits"] == 2.5)}
-    pick |= {f"uniform-w{b}": next(r for r in doc["rows"] if r["kind"] == "uniform" and r["bits"] == b) for b in (2, 3)}
+    kept = [r for r in doc["rows"] if os.path.isdir(r["export"])]  # the best 2.5-bit variant whose export is kept
+    pick = {"mixed-2.5": min((r for r in kept if r["kind"] == "mixed" and r["method"] == "loaq" and r["budget_bits"] == 2.5),
+                             key=lambda r: r["ppl"])}
+    pick |= {f"uniform-w{b}": next(r for r in kept if r["kind"] == "uniform" and r["bits"] == b and not r.get("group"))
+             for b in (2, 3)}
     results = {}
     for name, r in pick.items():
         server = Server(r["export"], name=name, max_num_seqs=4)
@@ -174,6 +181,7 @@ def main() -> int:
     ap.add_argument("--candidates", default="2,3,4", help="Allocation.candidates of the mixed rows, e.g. 2g64,3,4")
     ap.add_argument("--loaq-ab", default="0.25,0", help="α,β of every LoaQ row (default: the values the uniform rows "
                                                         "have always used, so the rows stay comparable)")
+    ap.add_argument("--uniform-extra", default="", help="more uniform rows on candidate grids, e.g. 2g64 (beside W2-W4)")
     ap.add_argument("--no-uniform", action="store_true", help="only the mixed rows (a run split over processes)")
     ap.add_argument("--tag", default="mixed", help="results file stem (a split run: mixed.loaq, mixed.gptq)")
     ap.add_argument("--merge", help="comma-separated stems of split runs to merge into mixed.{json,md,png}")
@@ -199,7 +207,7 @@ def main() -> int:
     doc = json.loads(path.read_text()) if a.resume and path.exists() else {"rows": []}
     doc |= {"command": command(), "machine": machine(), "date": utc_date(), "nsamples": a.nsamples, "seqlen": a.seqlen,
             "eval_tokens": a.eval_tokens, "alloc_windows": a.alloc_windows}
-    done = {(r["kind"], r["method"], r["budget_bits"], r.get("bits"), crit(r)) for r in doc["rows"]}
+    done = {(r["kind"], r["method"], r["budget_bits"], r.get("grid", r.get("bits")), crit(r)) for r in doc["rows"]}
     al, be = (float(x) for x in a.loaq_ab.split(","))
     method_of = lambda name: Method(name, alpha=al, beta=be) if name == "loaq" else Method(name)  # noqa: E731
     fp = api.load(a.model)
@@ -220,15 +228,18 @@ def main() -> int:
     jobs += [("mixed", m, x, None) for m in methods if m != "loaq" for x in first]
     jobs += [("mixed", "loaq", x, None) for x in budgets if x not in first] + [("uniform", "loaq", None, 4)]
     jobs += [("mixed", m, x, None) for m in methods if m != "loaq" for x in budgets if x not in first]
+    jobs[1:1] = [("uniform", "loaq", None, g) for g in a.uniform_extra.split(",") if g]
     for kind, method, budget, bits in jobs:
         variant = crit({"kind": kind, "criterion": a.criterion, "candidates": a.candidates})
         if (kind, method, budget, bits, variant) in done or (kind == "mixed" and method not in methods) or \
                 (kind == "uniform" and a.no_uniform):
             continue
         if kind == "uniform":
-            cfg = QuantConfig(spec=GridSpec(bits, 0, False), method=method_of("loaq"))
+            spec = grid_of(str(bits), GridSpec(3, 0, False))
+            cfg = QuantConfig(spec=spec, method=method_of("loaq"))
             row, _ = run_row(fp.model, fp.tokenizer, calib, windows, cfg, work, f"uniform-w{bits}")
-            add({"budget_bits": None, "kind": "uniform", "bits": bits, **row})
+            extra = {"grid": bits, "group": spec.group_size} if isinstance(bits, str) else {}
+            add({"budget_bits": None, "kind": "uniform", "bits": spec.bits, **extra, **row})
             continue
         sens = next((r["allocation"] for r in doc["rows"] if r["kind"] == "mixed" and r["method"] == method
                      and r.get("measured") and crit(r) == variant), None)

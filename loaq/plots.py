@@ -155,7 +155,7 @@ def mixed_size_ppl(rows: list[dict], out: str):
     uni = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["size_mb"])
     ax.scatter([r["size_mb"] for r in uni], [r["ppl"] for r in uni], color="k", zorder=3, label="uniform LoaQ")
     for r in uni:
-        ax.annotate(f"W{r['bits']}", (r["size_mb"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(f"W{r['bits']}" + (f"g{r['group']}" if r.get("group") else ""), (r["size_mb"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     def curve(r):  # method, and the allocation criterion (and candidates) where rows carry one
         c = r.get("candidates", "2,3,4")
         return f"{r['method']} ({r['criterion']}{'' if c == '2,3,4' else ', ' + c})" if r.get("criterion") else r["method"]
