@@ -22,7 +22,7 @@ from loaq.rotation import RotationSpec
 from loaq.solver import SolverOptions
 
 METHODS = tuple(methods.METHODS)
-AUTO = "auto"  # alpha/beta chosen per model and setting on held-out calibration windows (loaq.auto)
+AUTO = methods.AUTO
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,19 @@ class LazyWeights:
     def _assign(self, module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, strict=False, assign=True)
 
+    @staticmethod
+    def _release(module: nn.Module, names) -> None:
+        """Put the checkpoint tensors ``names`` of ``module`` back on ``meta``; buffers the checkpoint does not
+        hold (rotary frequencies, Gemma's embedding scale) stay, so the part can be loaded again."""
+        for name in names:
+            owner, _, leaf = name.rpartition(".")
+            mod = module.get_submodule(owner)
+            t = getattr(mod, leaf)
+            if isinstance(t, nn.Parameter):
+                mod._parameters[leaf] = nn.Parameter(t.detach().to("meta"), requires_grad=t.requires_grad)
+            else:
+                mod._buffers[leaf] = t.to("meta")
+
     @contextmanager
     def layer(self, i: int):
         """Decoder layer ``i`` with its float32 weights (rotated) inside the block, back on ``meta`` after."""
@@ -192,7 +205,7 @@ class LazyWeights:
         try:
             yield layer
         finally:
-            layer.to("meta")
+            self._release(layer, list(layer.state_dict()))
 
     def _outside(self) -> list[str]:
         return [k for k in self.model.state_dict() if not k.startswith(self.arch.layers + ".")]
@@ -212,8 +225,7 @@ class LazyWeights:
         try:
             yield self.model
         finally:
-            for k in self._outside():
-                self.model.get_submodule(k.rpartition(".")[0]).to("meta")
+            self._release(self.model, self._outside())
 
     def rest_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors outside the layers as the checkpoint stores them (tied ``lm_head`` once)."""

@@ -73,7 +73,10 @@ def _output_approx(W, factor, C, B, m, spec, opts):
     return gptq_solve(target, factor, spec, opts)
 
 
-_LOAQ_SETTINGS = {"alpha": 0.25, "beta": 0.0, "rescale": True, "soa": True, "shat": "text"}
+AUTO = "auto"  # α/β chosen per model and setting on held-out calibration windows (loaq.auto)
+# LoaQ's α, β default to ``auto``: one fixed pair chosen on SmolLM2 W3 lost to Qronos elsewhere (issue #18;
+# benchmarks/results/robust.md and quality_tables.md have the runs that made auto the default)
+_LOAQ_SETTINGS = {"alpha": AUTO, "beta": AUTO, "rescale": True, "soa": True, "shat": "text"}
 
 METHODS: dict[str, MethodRule] = {r.name: r for r in (
     MethodRule("rtn", "round to nearest, no calibration", None),

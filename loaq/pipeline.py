@@ -254,6 +254,9 @@ def quantize_layer(layer: nn.Module, arch: Arch, streams: Streams, cfg: QuantCon
                    prefix: str, specs: dict | None = None, probe=None) -> dict[str, QuantResult]:
     """Quantize one decoder layer in place and advance ``streams`` past it (Algorithm 1 lines 3-21);
     ``specs``: per-linear grids (qualified names; others take ``cfg.spec``)."""
+    if cfg.method.auto:
+        raise LoaQError("alpha/beta 'auto' is chosen over whole runs (loaq.auto.choose, loaq.quantize), not per layer; "
+                        "pass numbers to quantize_layer")
     if cfg.method.resets_fp_stream:
         streams.h.copy_from(streams.h_hat)
     work = _working_layer(layer, streams.device, streams.opts.torch_compute_dtype)
@@ -425,8 +428,13 @@ def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: Quant
 
     from loaq.checkpoint import layer_tensors
 
-    if cfg.method.auto:
-        raise LoaQError("alpha/beta 'auto' is chosen by loaq.api.quantize (loaq.auto.choose); pass numbers here")
+    if cfg.method.auto:  # chosen here for direct calls; loaq.api.quantize chooses first and records the choice
+        if store is not None:
+            raise LoaQError("alpha/beta 'auto' must be chosen before a checkpointed run (its digest records the "
+                            "numbers): call loaq.auto.choose first, or loaq.api.quantize")
+        from loaq.auto import choose
+
+        cfg, _ = choose(model, arch, calib, cfg, batch_size=batch_size, device=device, weights=weights)
     layers = arch.decoder_layers(model)
     results: dict[str, QuantResult] = {}
     keep = weights is None or store is None

@@ -84,7 +84,7 @@ def test_gemma3_float_stream_follows_the_model_through_the_post_norms():
         streams.h.set(b, h)
         streams.h_hat.set(b, h)
         streams.set_kwargs(b, [kw[b] for kw in kws])
-    cfg = QuantConfig(spec=GridSpec(3, 0, False), method=Method("loaq", beta=0.5))
+    cfg = QuantConfig(spec=GridSpec(3, 0, False), method=Method("loaq", alpha=0.25, beta=0.5))
     layer = m.model.layers[0]
     quantize_layer(layer, GEMMA3, streams, cfg, m.config.rms_norm_eps, "model.layers.0.")
     assert torch.allclose(torch.cat(list(streams.h)), outs[0], atol=1e-5)

@@ -274,3 +274,23 @@ def test_lazy_resume_is_bit_identical_with_w4a4_hadamard_and_eval(sharded_dir, t
     assert resumed.ppl == full.ppl
     for f in sorted(os.listdir(tmp_path / "full" / "weights")):
         assert open(tmp_path / "full" / "weights" / f, "rb").read() == open(tmp_path / "r" / "weights" / f, "rb").read(), f
+
+
+def test_parts_load_again_after_release(tmp_path):
+    """A part released back to ``meta`` loads again (the α/β search reads the first layers and the embeddings
+    before the run does): buffers the checkpoint does not hold (Gemma 3's embedding scale, rotary
+    frequencies) are kept, checkpoint tensors are released."""
+    tiny_model("gemma3").save_pretrained(tmp_path / "g")
+    tiny_tokenizer().save_pretrained(tmp_path / "g")
+    src = resolve(str(tmp_path / "g"))
+    m = skeleton(skeleton_config(src))
+    arch = arch_of(m.config)
+    w = LazyWeights(src, m, arch)
+    ids = tokens(1, 8)
+    outs = []
+    for _ in range(2):
+        with w.rest() as model, w.layer(0) as layer, torch.no_grad():
+            outs.append((model.get_input_embeddings()(ids).clone(), layer.self_attn.q_proj.weight.clone()))
+        assert model.get_input_embeddings().weight.is_meta and layer.self_attn.q_proj.weight.is_meta
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    assert not any(b.is_meta for b in m.get_input_embeddings().buffers())
