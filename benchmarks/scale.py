@@ -265,17 +265,19 @@ def main() -> None:
     ap.add_argument("--cases", default="cpu", help="'cpu' (the CPU cases) or 'all'")
     ap.add_argument("--only", help="run only these cases, e.g. llama-3.2-1b:4,llama-3.2-1b:16")
     ap.add_argument("--append", action="store_true", help="keep the rows already in --out's JSON (other cases)")
+    ap.add_argument("--paths", help="load paths to measure, e.g. lazy (default: every path this tree has)")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "scale"))
     a = ap.parse_args()
     if a.row:
         print(json.dumps(measure(json.loads(a.row))))
         return
-    paths = load_paths()
+    paths = [p for p in load_paths() if not a.paths or p in a.paths.split(",")]
     rows, t_start = [], time.time()
     only = set(a.only.split(",")) if a.only else None
-    if a.append and os.path.exists(a.out + ".json"):
+    if a.append and os.path.exists(a.out + ".json"):  # keep every row this run does not measure again
         with open(a.out + ".json") as fh:
-            rows = [r for r in json.load(fh)["rows"] if only is None or f"{r['model']}:{r['layers']}" not in only]
+            rows = [r for r in json.load(fh)["rows"] if only is None or f"{r['model']}:{r['layers']}" not in only
+                    or r["path"] not in paths or r["method"] not in a.methods.split(",")]
     with tempfile.TemporaryDirectory(prefix="loaq-scale-") as tmp:
         for shape, layers, devices, timed in CASES + EXTRA_CASES:
             if (shape, layers, devices, timed) in EXTRA_CASES and (only is None or f"{shape}:{layers}" not in only):
