@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     ap.add_argument("--alg-settings", default="w2,w3", help="settings that also get the loaq-alg (ŝ form) row")
+    ap.add_argument("--table-methods", help="--tables: run only these methods' rows, e.g. loaq (a rerun of one method "
+                                            "under new defaults beside the measured baselines)")
     ap.add_argument("--loaq-ab", help="--tables: α,β of every LoaQ row instead of the registry's defaults, e.g. "
                                       "auto,auto (rows with other α, β are other rows: --resume keeps both)")
     ap.add_argument("--search", help="JSON written by `loaq search` (α, β for lloa/loaq)")
@@ -234,6 +236,8 @@ def run_tables(a) -> None:
     for t in a.tables.split(","):
         for spec, rot, act, methods in TABLES[t]:
             for label, method in methods:
+                if a.table_methods and method.name not in a.table_methods.split(","):
+                    continue
                 if a.loaq_ab and method.name == "loaq":
                     al, be = a.loaq_ab.split(",")
                     method = dataclasses.replace(method, alpha=al, beta=be)
@@ -281,8 +285,8 @@ def _write_extended(doc: dict, a) -> None:
         lines.append(f"| {r['table']} | {r['bits']} | {r['rotate']} | {r['init']} | A{r['act_bits']} | {r['method']} | "
                      f"{_chosen(r, 'alpha')} | {_chosen(r, 'beta')} | "
                      f"{r['ppl']:.3f} | {r['ppl'] / fp:.3f} | {_acc(r)} | {r['quant_seconds']:.1f} |")
-    lines += ["", "Table 5: with the default β = 0 the SOA term β·H⁻¹B vanishes, so LoaQ -SOA is LoaQ and -both is "
-              "-NOA, bit for bit (not re-run)."]
+    lines += ["", "Table 5: at β = 0 the SOA term β·H⁻¹B vanishes, so LoaQ -SOA is LoaQ and -both is -NOA, bit for "
+              "bit (not re-run). `auto → x`: α or β chosen for that row on held-out calibration windows (loaq.auto)."]
     with open(md, "w") as fh:
         fh.write(head + "\n".join(lines) + "\n")
 
