@@ -154,7 +154,10 @@ def measure(row: dict) -> dict:
         return out
 
     pipeline.quantize_layer = timed
-    cfg = QuantConfig(spec=GridSpec(3, 0, False), method=Method(row["method"]))
+    # LoaQ at fixed α, β: the rows measure the layer pipeline (the default α/β search would run its own layers
+    # first, and this timer would stop inside it)
+    fixed = {"alpha": 0.25, "beta": 0.0} if row["method"] == "loaq" else {}
+    cfg = QuantConfig(spec=GridSpec(3, 0, False), method=Method(row["method"], **fixed))
     extra = {"load": row["path"]} if "load" in inspect.signature(api.quantize).parameters else {}
     cuda = row["device"].startswith("cuda")
     if cuda:

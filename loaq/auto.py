@@ -38,21 +38,32 @@ ALPHAS = (0.25, 0.5, 1.0)
 BETAS = (0.0, 0.25)
 HOLDOUT = 0.25
 BUDGET = 0.45  # of one run, leaving room for the held-out forwards
+MAX_LAYERS = 4  # the prefix and a candidate's copy hold 2k float32 layers: 4 keeps a 70B's search near 27 GB
 
 
 def search_layers(n_layers: int, candidates: int, holdout: float = HOLDOUT, budget: float = BUDGET) -> int:
-    """Layers ``k`` each candidate quantizes so all of them cost ≤ ``budget`` of a run (at least 1)."""
-    return max(1, min(n_layers, math.floor(budget * n_layers / (candidates * (1 - holdout)))))
+    """Layers ``k`` each candidate quantizes so all of them cost ≤ ``budget`` of a run (at least 1, at most
+    :data:`MAX_LAYERS`)."""
+    return max(1, min(n_layers, MAX_LAYERS, math.floor(budget * n_layers / (candidates * (1 - holdout)))))
+
+
+def copy_layers(model: nn.Module, arch: Arch) -> nn.Module:
+    """A copy of ``model`` whose decoder layers are its own and whose other tensors (embeddings, final norm,
+    ``lm_head``: never changed by the pipeline) are shared, not copied: a large vocabulary is not held twice."""
+    inside = arch.layers + "."
+    outside = [t for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+               if not n.startswith(inside)]
+    return copy.deepcopy(model, {id(t): t for t in outside})
 
 
 def _prefix(model: nn.Module, arch: Arch, k: int) -> nn.Module:
-    """A deep copy of ``model`` keeping only its first ``k`` decoder layers (the original is untouched)."""
+    """:func:`copy_layers` of ``model`` keeping only its first ``k`` decoder layers (the original is untouched)."""
     parent_name, _, list_name = arch.layers.rpartition(".")
     parent = model.get_submodule(parent_name)
     full = getattr(parent, list_name)
     setattr(parent, list_name, nn.ModuleList(list(full)[:k]))
     try:
-        return copy.deepcopy(model)
+        return copy_layers(model, arch)
     finally:
         setattr(parent, list_name, full)
 
@@ -85,7 +96,7 @@ def choose(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: QuantConfig, 
 
     def score(alpha: float, beta: float) -> float:
         if (alpha, beta) not in tried:
-            q = copy.deepcopy(prefix)
+            q = copy_layers(prefix, arch)
             c = dataclasses.replace(cfg, method=dataclasses.replace(m, alpha=alpha, beta=beta))
             quantize_model(q, arch, fit, c, batch_size=batch_size, device=device, progress=False)
             tried[(alpha, beta)] = layer_errors(ref, q, arch, held, batch_size)[-1]

@@ -73,6 +73,7 @@ def test_search_layers_fit_the_budget():
     assert auto.search_layers(30, 4) == 4  # 4 candidates x 4 layers x 0.75 = 12 <= 0.45 x 30
     assert auto.search_layers(24, 4) * 4 * 0.75 <= 0.45 * 24
     assert auto.search_layers(2, 4) == 1
+    assert auto.search_layers(80, 4) == auto.MAX_LAYERS == 4  # a 70B's 80 layers would allow 12: memory caps it
 
 
 def test_auto_is_recorded_reproduced_and_reads_only_calibration(model_dir, calib, tmp_path, monkeypatch):
@@ -111,3 +112,22 @@ def test_auto_is_recorded_reproduced_and_reads_only_calibration(model_dir, calib
 def test_bad_auto_settings_are_refused(kw, words):
     with pytest.raises(LoaQError, match=words):
         Method(**kw)
+
+
+def test_the_search_shares_the_embeddings_instead_of_copying_them():
+    """The prefix and each candidate's copy own their decoder layers but share the embeddings, norm and head
+    (a 128k vocabulary is not held three times)."""
+    from loaq.arch import arch_of
+    from tests.tiny import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    arch = arch_of(model.config)
+    p = auto._prefix(model, arch, 2)
+    q = auto.copy_layers(p, arch)
+    assert len(p.model.layers) == 2 and len(model.model.layers) == 3
+    for m in (p, q):
+        assert m.model.embed_tokens.weight is model.model.embed_tokens.weight
+        assert m.lm_head.weight is model.lm_head.weight and m.model.norm.weight is model.model.norm.weight
+        assert m.model.layers[0].self_attn.q_proj.weight is not model.model.layers[0].self_attn.q_proj.weight
+    assert q.model.layers[1].mlp.down_proj.weight is not p.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(q.model.layers[1].mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
