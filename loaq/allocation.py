@@ -214,6 +214,10 @@ def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devic
     from loaq.streams import StreamOptions, Streams
 
     alloc = cfg.allocation
+    if cfg.method.auto:  # direct calls; loaq.api.quantize chooses α, β before allocating
+        from loaq.auto import choose
+
+        cfg, _ = choose(model, arch, calib, cfg, batch_size=batch_size, device=device)
     n = max(2, math.ceil(alloc.windows * calib.shape[0]))
     fit, held = split_windows(calib[:n], alloc.holdout)
     wide = dataclasses.replace(cfg, spec=grid_of(widest(alloc.grids, cfg.spec), cfg.spec))

@@ -428,11 +428,8 @@ def quantize_model(model: nn.Module, arch: Arch, calib: torch.Tensor, cfg: Quant
 
     from loaq.checkpoint import layer_tensors
 
-    if cfg.method.auto:  # chosen here for direct calls; loaq.api.quantize chooses first and records the choice
-        if store is not None:
-            raise LoaQError("alpha/beta 'auto' must be chosen before a checkpointed run (its digest records the "
-                            "numbers): call loaq.auto.choose first, or loaq.api.quantize")
-        from loaq.auto import choose
+    if cfg.method.auto:  # chosen here for direct calls (deterministic: a resumed run chooses the same numbers);
+        from loaq.auto import choose  # loaq.api.quantize chooses first and records the choice in loaq.json
 
         cfg, _ = choose(model, arch, calib, cfg, batch_size=batch_size, device=device, weights=weights)
     layers = arch.decoder_layers(model)
