@@ -33,22 +33,13 @@ import time
 from pathlib import Path
 
 from loaq import api
-from loaq.allocation import Allocation, grid_of, written_bits
-from loaq.bench import command, machine, utc_date
+from loaq.allocation import Allocation, grid_of, unit_grid, written_bits
+from loaq.bench import command, machine, mixed_variant, parse_ab, utc_date
 from loaq.config import Calibration, Method, QuantConfig
 from loaq.grids import GridSpec
 from loaq.metrics import perplexity
 
 BUDGETS = "2.25,2.5,2.75,3.0,3.5"
-
-
-def crit(r: dict) -> str | None:
-    """A row's allocation criterion and candidates, e.g. ``loss`` or ``loss, 2g64,3,4`` (rows measured before
-    ``--alloc-criterion`` existed used ``output``; the default candidates are not named)."""
-    if r["kind"] == "uniform":
-        return None
-    c = r.get("candidates", "2,3,4")
-    return r.get("criterion", "output") + ("" if c == "2,3,4" else f", {c}")
 
 
 def export_mb(path: str) -> float:
@@ -78,7 +69,7 @@ def uname(u: dict) -> str:
 
 
 def label(r: dict) -> str:
-    return f"{r['method']} {uname(r)}" if r["kind"] == "uniform" else f"{r['method']} ({crit(r)})"
+    return f"{r['method']} {uname(r)}" if r["kind"] == "uniform" else f"{r['method']} ({mixed_variant(r)})"
 
 
 def render(doc: dict, out: Path, stem: str = "mixed") -> None:
@@ -94,7 +85,7 @@ def render(doc: dict, out: Path, stem: str = "mixed") -> None:
              "size: the export's safetensors (bf16 embeddings and norms included).", "",
              "| budget | kind | method | avg bits | size MB | ppl | quant s | alloc s | overhead |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["budget_bits"] or r["avg_bits"], r["kind"] != "uniform", r["method"],
-                                         crit(r) or "")):
+                                         mixed_variant(r) or "")):
         b = "-" if r["budget_bits"] is None else f"{r['budget_bits']:g}"
         a = r.get("alloc_s")
         over = "-" if a is None or not r.get("measured") else f"{a / r['quant_s']:.2f}"
@@ -103,13 +94,13 @@ def render(doc: dict, out: Path, stem: str = "mixed") -> None:
                      f"{over} |")
     lines += ["", "## Goals", ""]
     for r in sorted((r for r in rows if r["kind"] == "mixed" and r["method"] == "loaq"),
-                    key=lambda r: (crit(r), r["budget_bits"])):
+                    key=lambda r: (mixed_variant(r), r["budget_bits"])):
         b = r["budget_bits"]
         bigger = [u for u in uni if u["size_mb"] >= r["size_mb"]]
         g = [f"vs uniform {uname(u)} ({u['size_mb']:.1f} MB, ppl {u['ppl']:.2f}): "
              f"{'beats' if r['ppl'] < u['ppl'] else 'LOSES'}" for u in bigger[:1]]
         gq = next((q for q in rows if q["kind"] == "mixed" and q["method"] == "gptq" and q["budget_bits"] == b
-                   and crit(q) == crit(r)), None)
+                   and mixed_variant(q) == mixed_variant(r)), None)
         if gq:
             g.append(f"vs mixed GPTQ (ppl {gq['ppl']:.2f}): {'beats' if r['ppl'] < gq['ppl'] else 'LOSES'}")
         w3 = next((u for u in uni if u["bits"] == 3 and not u.get("group")), None)
@@ -117,7 +108,7 @@ def render(doc: dict, out: Path, stem: str = "mixed") -> None:
             g.append(f"≤ 2 × uniform W3 ({2 * w3['ppl']:.2f}): {'yes' if r['ppl'] <= 2 * w3['ppl'] else 'NO'}")
         if w3 and b == 3.0:
             g.append(f"below uniform W3 ({w3['ppl']:.2f}): {'yes' if r['ppl'] < w3['ppl'] else 'NO'}")
-        lines.append(f"- {b:g} bits, {crit(r)} criterion (mixed LoaQ ppl {r['ppl']:.2f}, {r['size_mb']:.1f} MB): " + "; ".join(g))
+        lines.append(f"- {b:g} bits, {mixed_variant(r)} criterion (mixed LoaQ ppl {r['ppl']:.2f}, {r['size_mb']:.1f} MB): " + "; ".join(g))
     if doc.get("notes"):  # hand-written findings, kept in mixed.json across --resume
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     if doc.get("serve"):
@@ -207,8 +198,8 @@ def main() -> int:
     doc = json.loads(path.read_text()) if a.resume and path.exists() else {"rows": []}
     doc |= {"command": command(), "machine": machine(), "date": utc_date(), "nsamples": a.nsamples, "seqlen": a.seqlen,
             "eval_tokens": a.eval_tokens, "alloc_windows": a.alloc_windows}
-    done = {(r["kind"], r["method"], r["budget_bits"], r.get("grid", r.get("bits")), crit(r)) for r in doc["rows"]}
-    al, be = (float(x) for x in a.loaq_ab.split(","))
+    done = {(r["kind"], r["method"], r["budget_bits"], r.get("grid", r.get("bits")), mixed_variant(r)) for r in doc["rows"]}
+    al, be = parse_ab(a.loaq_ab)
     method_of = lambda name: Method(name, alpha=al, beta=be) if name == "loaq" else Method(name)  # noqa: E731
     fp = api.load(a.model)
     doc["model"] = fp.source
@@ -230,7 +221,7 @@ def main() -> int:
     jobs += [("mixed", m, x, None) for m in methods if m != "loaq" for x in budgets if x not in first]
     jobs[1:1] = [("uniform", "loaq", None, g) for g in a.uniform_extra.split(",") if g]
     for kind, method, budget, bits in jobs:
-        variant = crit({"kind": kind, "criterion": a.criterion, "candidates": a.candidates})
+        variant = mixed_variant({"kind": kind, "criterion": a.criterion, "candidates": a.candidates})
         if (kind, method, budget, bits, variant) in done or (kind == "mixed" and method not in methods) or \
                 (kind == "uniform" and a.no_uniform):
             continue
@@ -242,13 +233,13 @@ def main() -> int:
             add({"budget_bits": None, "kind": "uniform", "bits": spec.bits, **extra, **row})
             continue
         sens = next((r["allocation"] for r in doc["rows"] if r["kind"] == "mixed" and r["method"] == method
-                     and r.get("measured") and crit(r) == variant), None)
+                     and r.get("measured") and mixed_variant(r) == variant), None)
         cfg = QuantConfig(spec=GridSpec(3, 0, False), method=method_of(method),
                           allocation=Allocation(budget, a.candidates, windows=a.alloc_windows, criterion=a.criterion))
         row, alloc = run_row(fp.model, fp.tokenizer, calib, windows, cfg, work, f"mixed-{method}-{budget:g}", sens)
         widths = {}
         for u in alloc["units"]:
-            g = u.get("grid", str(u["bits"]))
+            g = unit_grid(u)
             widths[g] = widths.get(g, 0) + len(u["linears"])
         add({"budget_bits": budget, "kind": "mixed", "criterion": a.criterion, "candidates": a.candidates, **row, "measured": sens is None,
              "alloc_s": alloc["seconds"]["total"], "widths": widths, "allocation": alloc if sens is None else None})

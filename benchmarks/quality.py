@@ -42,7 +42,7 @@ import os
 
 from loaq import api
 from loaq.actquant import ActSpec
-from loaq.bench import PeakRSS, command, machine, method_knobs, row_key, utc_date
+from loaq.bench import PeakRSS, command, machine, method_knobs, parse_ab, row_key, utc_date
 from loaq.config import METHODS, Calibration, Method, QuantConfig
 from loaq.grids import GridSpec
 from loaq.metrics import perplexity
@@ -239,7 +239,7 @@ def run_tables(a) -> None:
                 if a.table_methods and method.name not in a.table_methods.split(","):
                     continue
                 if a.loaq_ab and method.name == "loaq":
-                    al, be = a.loaq_ab.split(",")
+                    al, be = parse_ab(a.loaq_ab)
                     method = dataclasses.replace(method, alpha=al, beta=be)
                 cfg = QuantConfig(spec=spec, method=method, act=act, rotation=RotationSpec(rot, 0))
                 row = dict(table=t, method=label, bits=spec.bits, group=spec.group_size, rotate=rot, init=spec.init,

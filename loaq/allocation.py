@@ -310,16 +310,23 @@ def allocate(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devi
     return specs, meta
 
 
+def unit_grid(unit: dict) -> str:
+    """The candidate label an ``allocation`` metadata unit chose (entries written before group-size candidates
+    record only ``bits``)."""
+    return unit.get("grid", str(unit["bits"]))
+
+
 def specs_from_meta(meta: dict, spec: GridSpec) -> dict[str, GridSpec]:
     """The per-linear grids an ``allocation`` metadata entry chose (what a resumed run reuses)."""
-    return {n: grid_of(u.get("grid", str(u["bits"])), spec) for u in meta["units"] for n in u["linears"]}
+    return {n: grid_of(unit_grid(u), spec) for u in meta["units"] for n in u["linears"]}
 
 
 def errors_from_meta(meta: dict, labels: tuple[str, ...], criterion: str = "loss") -> dict[tuple[str, ...], dict[str, float]]:
     """The measured per-unit errors of an ``allocation`` metadata entry, at candidates ``labels``, by ``criterion``."""
-    if meta.get("criterion", "output") != criterion:
-        raise LoaQError(f"the reused sensitivity was scored by the {meta.get('criterion', 'output')!r} criterion, not "
-                        f"{criterion!r}; measure again or pass --alloc-criterion {meta.get('criterion', 'output')}")
+    measured = meta.get("criterion", "output")  # entries from before --alloc-criterion were scored by output
+    if measured != criterion:
+        raise LoaQError(f"the reused sensitivity was scored by the {measured!r} criterion, not {criterion!r}; "
+                        f"measure again or pass --alloc-criterion {measured}")
     errors = {tuple(u["linears"]): dict(u["error"]) for u in meta["units"]}
     if any(set(labels) - set(e) for e in errors.values()):
         raise LoaQError(f"the reused sensitivity measured the candidates {meta['candidates']}, not all of "

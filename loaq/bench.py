@@ -24,7 +24,8 @@ import threading
 import time
 from typing import TypedDict
 
-from loaq.config import METHODS
+from loaq.allocation import Allocation
+from loaq.config import AUTO, METHODS
 from loaq.errors import LoaQError
 
 RESULTS = os.path.join("benchmarks", "results")  # relative to the repository root
@@ -100,6 +101,21 @@ def row_key(row: dict) -> tuple:
     it, nor the results). Rows of both JSON layouts and of old and new labels compare equal."""
     r = normalized(row)
     return (r["method"], r["bits"], r.get("group"), r["rotate"], r["init"], r["act_bits"], r.get("alpha"), r.get("beta"))
+
+
+def parse_ab(text: str) -> tuple:
+    """A benchmark's ``--loaq-ab`` (``"0.25,0"``, ``"auto,auto"``) → (α, β): numbers as floats, ``auto`` kept."""
+    return tuple(x.strip() if x.strip() == AUTO else float(x) for x in text.split(","))
+
+
+def mixed_variant(row: dict) -> str | None:
+    """A mixed-precision row's allocation criterion and its candidates where they are not the default, e.g.
+    ``loss`` or ``loss, 2g64,3,4`` (rows from before ``--alloc-criterion`` used ``output``); None for a
+    uniform row."""
+    if row["kind"] == "uniform":
+        return None
+    c = row.get("candidates", Allocation.candidates)
+    return row.get("criterion", "output") + ("" if c == Allocation.candidates else f", {c}")
 
 
 def utc_date() -> str:

@@ -149,9 +149,10 @@ def cmd_quantize(a) -> int:
     print(f"wrote {run.out} ({len(run.results)} linears, quantized in {t['quantize']:.1f}s, total {t['total']:.1f}s)")
     if run.meta.get("allocation"):
         al = run.meta["allocation"]
-        grid = lambda u: u.get("grid", str(u["bits"]))  # noqa: E731
-        widths = sorted({grid(u) for u in al["units"]})
-        count = {b: sum(len(u["linears"]) for u in al["units"] if grid(u) == b) for b in widths}
+        from loaq.allocation import unit_grid
+
+        widths = sorted({unit_grid(u) for u in al["units"]})
+        count = {b: sum(len(u["linears"]) for u in al["units"] if unit_grid(u) == b) for b in widths}
         print(f"allocated {al['avg_bits']:.4f} bits per weight as written (budget {al['target_bits']:g}; linears per "
               f"width: {', '.join(f'W{b}: {n}' for b, n in count.items())}; allocation {t['allocate']:.1f}s)")
     if run.export:

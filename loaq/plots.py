@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 
-from loaq.bench import FP, METHOD_NAMES, normalized
+from loaq.bench import FP, METHOD_NAMES, mixed_variant, normalized
 from loaq.errors import LoaQError
 
 
@@ -157,8 +157,7 @@ def mixed_size_ppl(rows: list[dict], out: str):
     for r in uni:
         ax.annotate(f"W{r['bits']}" + (f"g{r['group']}" if r.get("group") else ""), (r["size_mb"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     def curve(r):  # method, and the allocation criterion (and candidates) where rows carry one
-        c = r.get("candidates", "2,3,4")
-        return f"{r['method']} ({r['criterion']}{'' if c == '2,3,4' else ', ' + c})" if r.get("criterion") else r["method"]
+        return f"{r['method']} ({mixed_variant(r)})" if r.get("criterion") else r["method"]
 
     for i, m in enumerate(sorted({curve(r) for r in rows if r["kind"] == "mixed"})):
         pts = sorted((r["size_mb"], r["ppl"], r["budget_bits"]) for r in rows if r["kind"] == "mixed" and curve(r) == m)

@@ -64,3 +64,15 @@ def test_report_shows_the_serving_results_where_serve_py_writes_them(tmp_path):
     assert f"![serving tokens/s]({png})" in md and (tmp_path / png).stat().st_size > 5000
     assert "| variant | kernel | c=1 | c=8 | peak server RSS GiB |" in md
     assert "| bf16 | vLLM dense bf16 | 28.0 | 95.4 | 4.05 |" in md and "| loaq-w2 | LoaQ C++ (plugin) | 41.2 | - | 3.81 |" in md
+
+
+def test_benchmark_row_helpers():
+    """``--loaq-ab`` gives numbers as floats (``Method`` refuses numeric strings) and keeps ``auto``; a mixed
+    row's variant names its criterion, and its candidates only where they are not the default."""
+    from loaq.bench import mixed_variant, parse_ab
+
+    assert parse_ab("0.25,0") == (0.25, 0.0) and parse_ab("auto, auto") == ("auto", "auto")
+    assert mixed_variant({"kind": "uniform"}) is None
+    assert mixed_variant({"kind": "mixed"}) == "output"  # rows from before --alloc-criterion
+    assert mixed_variant({"kind": "mixed", "criterion": "loss", "candidates": "2,3,4"}) == "loss"
+    assert mixed_variant({"kind": "mixed", "criterion": "loss", "candidates": "2,2g64,3,4"}) == "loss, 2,2g64,3,4"
