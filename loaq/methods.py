@@ -27,7 +27,8 @@ from loaq.targets import output_target
 NEUTRAL = {"alpha": 0.0, "beta": 0.0, "rescale": True, "soa": True, "shat": "text"}
 FLAGS = {"alpha": "--alpha", "beta": "--beta", "rescale": "--no-rescale", "soa": "--no-soa", "shat": "--shat"}
 
-# solve(W, factor, C, B, method, spec, opts) -> QuantResult; C = X̂ᵀ(X − X̂) (None for one stream),
+# solve(W, factor, C, B, method, spec, opts) -> QuantResult; C = X̂ᵀ(X − X̂) (None for one stream; a
+# loaq.stats.Projected C Wᵀ for rules with reads_CW),
 # B = X̂'ᵀ(s h − ŝ ĥ) (None unless LoaQ's SOA is on)
 Solve = Callable[[torch.Tensor, Factor, "torch.Tensor | None", "torch.Tensor | None", object, GridSpec,
                   SolverOptions], QuantResult]
@@ -41,6 +42,8 @@ class MethodRule:
     - ``two_stream``: needs the float stream ``(X, h)`` and ``C``;
     - ``resets_fp_stream``: the float layer reads the quantized stream's input (Qronos' per-layer reset);
     - ``output_stats``: ``W_out`` statistics rescaled by the RMSNorm factors, with the residual ``B`` (LoaQ);
+    - ``reads_CW``: the rule reads ``C`` only as ``C Wᵀ`` (LLOA/LoaQ's target), so the statistics may keep
+      that product instead (:class:`loaq.stats.Stats`' ``project``);
     - ``settings``: accepted settings and their defaults; any other setting away from its neutral value
       (:data:`NEUTRAL`) is refused.
     """
@@ -51,6 +54,7 @@ class MethodRule:
     two_stream: bool = False
     resets_fp_stream: bool = False
     output_stats: bool = False
+    reads_CW: bool = False
     settings: dict = field(default_factory=dict)
 
 
@@ -68,6 +72,8 @@ def _qronos(W, factor, C, B, m, spec, opts):
 
 def _output_approx(W, factor, C, B, m, spec, opts):
     """LLOA/LoaQ: GPTQ towards ``W̃ = (I + αH⁻¹C)W + βH⁻¹B`` (eqs. 8, 10, 12)."""
+    if factor.disposable:  # the target needs L alone: H goes before C·W is formed
+        factor.release(L=False)
     target = output_target(W, factor, C, m.alpha, B, m.beta)
     del C, B  # the GPTQ solve needs the target alone: the statistics go before its H⁻¹ factors are formed
     return gptq_solve(target, factor, spec, opts)
@@ -86,9 +92,9 @@ METHODS: dict[str, MethodRule] = {r.name: r for r in (
     MethodRule("qronos", "Qronos (Zhang et al. 2025): correct the past, GPTQ the future", _qronos,
                two_stream=True, resets_fp_stream=True),
     MethodRule("lloa", "LoaQ's linear-layer output approximation alone (eq. 8)", _output_approx, two_stream=True,
-               settings={"alpha": 0.25}),
+               reads_CW=True, settings={"alpha": 0.25}),
     MethodRule("loaq", "LoaQ (arXiv 2509.06297): LLOA on W_in, sub-layer + normalized output approximation on W_out",
-               _output_approx, two_stream=True, output_stats=True, settings=_LOAQ_SETTINGS),
+               _output_approx, two_stream=True, output_stats=True, reads_CW=True, settings=_LOAQ_SETTINGS),
 )}
 
 

@@ -43,7 +43,7 @@ from loaq.config import QuantConfig
 from loaq.errors import LoaQError, check_interrupted
 from loaq.grids import rtn as rtn_quantize, dequantize, expand
 from loaq.solver import QuantResult, factorize
-from loaq.stats import Stats
+from loaq.stats import Projected, Stats
 from loaq.streams import StreamOptions, Streams
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,20 @@ def _set_weight(linear: nn.Linear, Q: torch.Tensor) -> None:
     linear.weight.data.copy_(Q.to(linear.weight.dtype))
 
 
-def _take_C(stats: Stats) -> torch.Tensor | None:
+def _take_C(stats: Stats) -> torch.Tensor | Projected | None:
+    if stats.CW is not None:
+        CW, stats.CW = stats.CW, None
+        return Projected(CW)
     C, stats.C = stats.C, None
     return C
+
+
+def _projection(w_out: nn.Linear, master: nn.Linear, m, two: bool, probe) -> torch.Tensor | None:
+    """``Wᵀ`` when ``W_out``'s statistics should keep ``C Wᵀ`` instead of ``C`` (:class:`loaq.stats.Stats`):
+    the rule reads only that product, no probe reads ``C``, ``α ≠ 0``, and ``2·out ≤ in`` (``down_proj``)."""
+    if not (two and m.rule.reads_CW and probe is None and m.alpha and 2 * w_out.out_features <= w_out.in_features):
+        return None
+    return master.weight.detach().T
 
 
 def solve_group(names: list[str], linears: list[nn.Linear], stats: Stats, cfg: QuantConfig,
@@ -134,6 +145,8 @@ def solve_group(names: list[str], linears: list[nn.Linear], stats: Stats, cfg: Q
     device = stats.H.device
     W = torch.cat([lin.weight.detach().to(device).float() for lin in masters])
     factor = factorize(stats.H, cfg.solver.percdamp, label, inplace=True)  # stats.H becomes the damped H
+    if probe is None:  # nothing reads H after the solve: it may free H and L once it has H⁻¹ (loaq.solver.Factor)
+        stats.H, factor.disposable = None, True
     # without a probe the rule holds the only reference to C, and LLOA/LoaQ free it once the target is formed
     res = m.rule.solve(W, factor, stats.C if probe is not None else _take_C(stats), B, m, spec, cfg.solver)
     if probe is not None:
@@ -184,7 +197,8 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
     w_out = mod.get_submodule(sl.w_out)
     fp_out = fp_layer.get_submodule(sl.module).get_submodule(sl.w_out) if two else None
     use_B = m.rule.output_stats and m.soa and m.beta != 0
-    st = Stats(w_out.in_features, cross=two, n_res=w_out.out_features if use_B else 0, device=device)
+    st = Stats(w_out.in_features, cross=two, n_res=w_out.out_features if use_B else 0, device=device,
+               project=_projection(w_out, masters([sl.w_out])[0], m, two, probe))
     held = Stats(w_out.in_features, device=device) if streams.held else None
     with torch.no_grad():
         for b in range(len(streams)):
@@ -218,6 +232,8 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
                 add(s_hat * X_hat, s * X, (s * h_b - s_hat * hh_b) if use_B else None)
             else:
                 add(X_hat, X, (h_b - hh_b) if use_B else None)
+    if two:  # the float stream is past this sub-layer: its float copy is not read again
+        fp_layer.get_submodule(sl.module).to("meta")
     name = f"{prefix}{sl.module}.{sl.w_out}"
     results |= solve_group([name], [w_out], st, cfg, name, st.B, masters=masters([sl.w_out]), specs=specs,
                            probe=probe, held=held)

@@ -42,19 +42,50 @@ class SolverOptions:
 
 @dataclass
 class Factor:
-    """Damped ``H`` (float64) with its Cholesky factor; ``dead`` marks columns no token ever touched."""
+    """Damped ``H`` (float64) with its Cholesky factor; ``dead`` marks columns no token ever touched.
 
-    H: torch.Tensor
-    L: torch.Tensor
+    ``disposable``: the caller holds no other use for ``H`` and ``L`` (:func:`loaq.pipeline.solve_group`
+    without an allocation probe), so the GPTQ solve frees them once it has ``H⁻¹``: at an 8192-wide
+    ``down_proj`` that is two 512 MiB float64 matrices fewer during the column loop. ``diag`` (the damped
+    diagonal) stays for act-order and the group fit."""
+
+    H: torch.Tensor | None
+    L: torch.Tensor | None
     dead: torch.Tensor
     damp: float
+    diag: torch.Tensor | None = None
+    disposable: bool = False
+
+    def __post_init__(self):
+        if self.diag is None:
+            self.diag = self.H.diagonal().clone()
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
         """``H⁻¹ B`` for ``B`` of shape [N, k] (float64)."""
-        return torch.cholesky_solve(B.double(), self.L)
+        return torch.cholesky_solve(B.double(), self._factor())
 
     def inverse(self) -> torch.Tensor:
-        return torch.cholesky_inverse(self.L)
+        return torch.cholesky_inverse(self._factor())
+
+    def _factor(self) -> torch.Tensor:
+        if self.L is None:
+            raise RuntimeError("this factor was released by the GPTQ solve (disposable=True); factorize H again")
+        return self.L
+
+    def release(self, L: bool = True) -> None:
+        """Free ``H`` (and ``L`` unless ``L=False``); ``diag``, ``dead`` and ``damp`` stay."""
+        self.H = None
+        if L:
+            self.L = None
+
+    def take_inverse(self) -> torch.Tensor:
+        """``H⁻¹``, formed in the memory of ``L`` when the factor is disposable (``H`` and ``L`` are freed:
+        one ``n × n`` float64 matrix alive instead of three), else a new tensor."""
+        if not self.disposable:
+            return self.inverse()
+        L = self._factor()
+        self.release()
+        return torch.cholesky_inverse(L, out=L)
 
 
 def factorize(H: torch.Tensor, percdamp: float, name: str = "", max_tries: int = 12, inplace: bool = False) -> Factor:
@@ -100,10 +131,10 @@ def _columns(W: torch.Tensor, U: torch.Tensor, col_scale: torch.Tensor, col_zero
 
     With GPTAQ's ``P`` each column ``i`` also feeds ``w_i · P[i, j]`` forward to the columns ``j > i``,
     where ``w_i`` is the column as it stood just before it was quantized (inside a block and across
-    blocks alike, so the result does not depend on ``blocksize``). Returns (codes, Q).
+    blocks alike, so the result does not depend on ``blocksize``). Returns (codes, Q). ``W`` is the caller's
+    working copy and is overwritten (both callers pass a fresh tensor: no second copy at the solve's peak).
     """
-    W = W.clone()
-    codes = torch.zeros_like(W)
+    codes = torch.zeros(W.shape, dtype=torch.uint8, device=W.device)  # 0..maxq, exact
     Q = torch.zeros_like(W)
     n = W.shape[1]
     for i1 in range(0, n, blocksize):
@@ -133,28 +164,57 @@ def _columns(W: torch.Tensor, U: torch.Tensor, col_scale: torch.Tensor, col_zero
 class _Prepared:
     W: torch.Tensor          # target, permuted columns, dead columns zeroed
     perm: torch.Tensor
-    U: torch.Tensor          # upper Cholesky factor of the permuted H⁻¹ (float64)
+    U: torch.Tensor | None   # upper Cholesky factor of the permuted H⁻¹ (float64)
     scales: torch.Tensor
     zeros: torch.Tensor
     col_scale: torch.Tensor  # per permuted column
     col_zero: torch.Tensor
 
 
-def _prepare(W: torch.Tensor, factor: Factor, spec: GridSpec, opts: SolverOptions) -> _Prepared:
+def _permute_symmetric_(A: torch.Tensor, perm: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``A[perm][:, perm]`` written into ``A`` itself (the same values; one ``rows × n`` buffer, not two
+    ``n × n`` copies): columns a block of rows at a time, then rows along the permutation's cycles."""
+    n = A.shape[0]
+    for i in range(0, n, rows):
+        A[i : i + rows] = A[i : i + rows][:, perm]
+    p = perm.tolist()
+    seen = [False] * n
+    for start in range(n):
+        if seen[start]:
+            continue
+        first, j = A[start].clone(), start
+        while True:
+            seen[j] = True
+            k = p[j]
+            if k == start:
+                A[j] = first
+                break
+            A[j] = A[k]
+            j = k
+    return A
+
+
+def _prepare(W: torch.Tensor, factor: Factor, spec: GridSpec, opts: SolverOptions, keep: bool = False) -> _Prepared:
+    """Target in processing order, group parameters and the upper Cholesky factor ``U`` of the permuted ``H⁻¹``.
+
+    ``U`` is formed in the memory of ``H⁻¹`` (in-place permutation and factorization: the same numbers as
+    ``cholesky(H⁻¹[perm][:, perm])``), and a disposable ``factor`` (unless ``keep``: Qronos reads ``H``
+    after) gives ``H⁻¹`` in the memory of ``L`` (:meth:`Factor.take_inverse`)."""
     W = W.float().clone()
     in_f = W.shape[1]
     W[:, factor.dead] = 0
-    scales, zeros = fit_groups(W, spec, torch.diag(factor.H))
+    scales, zeros = fit_groups(W, spec, factor.diag)
     groups = column_groups(in_f, spec).to(W.device)
-    perm = (torch.argsort(torch.diag(factor.H), descending=True, stable=True) if opts.act_order
+    perm = (torch.argsort(factor.diag, descending=True, stable=True) if opts.act_order
             else torch.arange(in_f, device=W.device))
-    U = torch.linalg.cholesky(factor.inverse()[perm][:, perm], upper=True)
+    Hinv = factor.inverse() if keep else factor.take_inverse()
+    U = torch.linalg.cholesky(_permute_symmetric_(Hinv, perm), upper=True, out=Hinv)
     return _Prepared(W[:, perm], perm, U, scales, zeros, scales[:, groups[perm]], zeros[:, groups[perm]])
 
 
 def _finish(prep: _Prepared, codes: torch.Tensor, Q: torch.Tensor) -> QuantResult:
     inv = torch.argsort(prep.perm)
-    return QuantResult(codes[:, inv].to(torch.uint8), prep.scales, prep.zeros, Q[:, inv].contiguous())
+    return QuantResult(codes[:, inv], prep.scales, prep.zeros, Q[:, inv].contiguous())
 
 
 def gptq_solve(W: torch.Tensor, factor: Factor, spec: GridSpec, opts: SolverOptions = SolverOptions(),
@@ -172,7 +232,9 @@ def gptq_solve(W: torch.Tensor, factor: Factor, spec: GridSpec, opts: SolverOpti
         D[:, factor.dead] = 0
         D = D[prep.perm][:, prep.perm]
         P = (gptaq_alpha * torch.triu(D @ prep.U.T, diagonal=1) @ prep.U).float()
-    codes, Q = _columns(prep.W, prep.U.float(), prep.col_scale, prep.col_zero, spec.maxq, opts.blocksize, P)
+        del D
+    U, prep.U = prep.U.float(), None  # the column loop reads the float32 factor only
+    codes, Q = _columns(prep.W, U, prep.col_scale, prep.col_zero, spec.maxq, opts.blocksize, P)
     return _finish(prep, codes, Q)
 
 
@@ -189,7 +251,7 @@ def qronos_solve(W: torch.Tensor, factor: Factor, C: torch.Tensor, spec: GridSpe
        the trailing block of the full ``U``.
     ``λ`` is the shared solver's damping (Qronos' own code uses ``1e-6 σ_max(H)``).
     """
-    prep = _prepare(W, factor, spec, opts)
+    prep = _prepare(W, factor, spec, opts, keep=True)
     p = prep.perm
     Hd = factor.H[p][:, p]
     H = Hd - factor.damp * torch.eye(Hd.shape[0], dtype=Hd.dtype, device=Hd.device)
@@ -208,4 +270,4 @@ def qronos_solve(W: torch.Tensor, factor: Factor, C: torch.Tensor, spec: GridSpe
     v1 = (rhs @ iH1).float()
     codes, Q = _columns(v1, prep.U[1:, 1:].float(), prep.col_scale[:, 1:], prep.col_zero[:, 1:], spec.maxq,
                         opts.blocksize)
-    return _finish(prep, torch.cat([c0[:, None], codes], 1), torch.cat([q0[:, None], Q], 1))
+    return _finish(prep, torch.cat([c0[:, None].to(torch.uint8), codes], 1), torch.cat([q0[:, None], Q], 1))

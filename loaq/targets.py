@@ -20,21 +20,19 @@ from __future__ import annotations
 import torch
 
 from loaq.solver import Factor
+from loaq.stats import Projected
 
 
-def output_target(W: torch.Tensor, factor: Factor, C: torch.Tensor | None, alpha: float,
+def output_target(W: torch.Tensor, factor: Factor, C: torch.Tensor | Projected | None, alpha: float,
                   B: torch.Tensor | None = None, beta: float = 0.0) -> torch.Tensor:
     """``W̃ = (I + α H⁻¹C) W + β H⁻¹ B`` in [out, in] layout (eqs. 8, 10, 12)."""
     if (alpha == 0 or C is None) and (beta == 0 or B is None):
         return W.float().clone()
     Wt = W.double().T
     rhs = torch.zeros_like(Wt)
-    if alpha and C is not None:
-        C = C.clone()
-        C[factor.dead] = 0
-        rhs += alpha * (C @ Wt)
+    if alpha and C is not None:  # C, or C Wᵀ already formed (loaq.stats.Projected)
+        rhs += alpha * (C.CW if isinstance(C, Projected) else C.double() @ Wt)
     if beta and B is not None:
-        B = B.clone()
-        B[factor.dead] = 0
         rhs += beta * B
+    rhs[factor.dead] = 0  # dead inputs' rows of C and B count as zero (no n × n copy of C to zero them in)
     return (Wt + factor.solve(rhs)).T.float().contiguous()

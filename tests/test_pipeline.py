@@ -10,6 +10,7 @@ import loaq.pipeline as pipeline
 from loaq.arch import arch_of
 from loaq.checkpoint import LayerStore, load_native, save_native
 from loaq.shards import quantized_tensors
+from loaq.stats import Projected
 from loaq.config import Method, QuantConfig
 from loaq.metrics import hidden_mse, layer_outputs
 from loaq.grids import GridSpec
@@ -114,14 +115,16 @@ def _load_without_tokenizer(path):
 # --- What the pipeline feeds the solver for W_out, recomputed from scratch ---------------------------------------
 
 def spy_solver(monkeypatch):
-    """{label: (H, C, B)} of every group the pipeline solves; the real solver still runs."""
+    """{label: (H, C, B)} of every group the pipeline solves; the real solver still runs. ``C`` is a
+    :class:`loaq.stats.Projected` ``C Wᵀ`` where the pipeline kept that product (LLOA/LoaQ's ``down_proj``)."""
     seen, real = {}, pipeline.solve_group
     sig = inspect.signature(real)
 
     def spy(*args, **kwargs):
         a = sig.bind(*args, **kwargs).arguments
         st, B = a["stats"], a.get("B")
-        seen[a["label"]] = (st.H.clone(), None if st.C is None else st.C.clone(), None if B is None else B.clone())
+        C = Projected(st.CW.clone()) if st.CW is not None else None if st.C is None else st.C.clone()
+        seen[a["label"]] = (st.H.clone(), C, None if B is None else B.clone())
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "solve_group", spy)
@@ -192,8 +195,11 @@ def test_w_out_statistics_match_an_independent_computation(monkeypatch, shat):
         W = fp_model.model.layers[0].get_submodule(w_out).weight
         H, C, B = loaq_stats(h, h_hat, X, X_hat, W, eps, shat)
         got = seen[f"model.layers.0.{w_out}"]
-        assert rel(got[0], H) < 1e-5 and rel(got[1], C) < 1e-5 and rel(got[2], B) < 1e-5, \
-            (w_out, rel(got[0], H), rel(got[1], C), rel(got[2], B))
+        # down_proj (out ≤ in/2) keeps C Wᵀ instead of C (loaq.stats.Projected); o_proj keeps C
+        assert isinstance(got[1], Projected) == (sublayer == "mlp")
+        C_got, C_ref = (got[1].CW, C @ W.double().T) if sublayer == "mlp" else (got[1], C)
+        assert rel(got[0], H) < 1e-5 and rel(C_got, C_ref) < 1e-5 and rel(got[2], B) < 1e-5, \
+            (w_out, rel(got[0], H), rel(C_got, C_ref), rel(got[2], B))
         if sublayer == "mlp":  # the streams entering the MLP differ (the quantized attention), so ŝ does too
             assert rel(h_hat, h) > 1e-3
             other = loaq_stats(h, h_hat, X, X_hat, W, eps, "alg" if shat == "text" else "text")

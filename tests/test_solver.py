@@ -229,3 +229,68 @@ def test_loaq_solve_releases_C_before_the_gptq_solve(monkeypatch):
     lin = torch.nn.Linear(16, 8, bias=False)
     pipeline.solve_group(["l"], [lin], st, QuantConfig(spec=GridSpec(3, 0), method=Method("loaq", alpha=0.5)), "l")
     assert seen == {"alive": False} and st.C is None
+
+
+def test_symmetric_permutation_in_place_is_indexing():
+    """``_permute_symmetric_`` writes ``A[perm][:, perm]`` into ``A`` (chunked columns, row cycles), bit for bit,
+    for permutations with fixed points, one long cycle and several cycles."""
+    from loaq.solver import _permute_symmetric_
+
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(37, 37, generator=g, dtype=torch.float64)
+    A = A + A.T
+    for perm in (torch.randperm(37, generator=g), torch.arange(37), torch.roll(torch.arange(37), 5),
+                 torch.tensor([1, 0] + list(range(2, 37)))):
+        assert torch.equal(_permute_symmetric_(A.clone(), perm, rows=8), A[perm][:, perm])
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptaq", "qronos", "loaq"])
+def test_disposable_factor_gives_the_same_codes_and_frees_H_and_L(method, monkeypatch):
+    """The pipeline marks a probe-less factor disposable: the solve frees ``H`` and ``L`` once it has ``H⁻¹``
+    and factors ``H⁻¹`` in its own memory. Codes, scales and ``Q`` equal a kept factor's bit for bit;
+    ``H``/``L`` are gone (a weak reference is dead) by the column loop, except for Qronos (reads ``H`` after)."""
+    import weakref
+
+    from loaq import methods, solver
+    from loaq.config import Method, QuantConfig
+
+    g = torch.Generator().manual_seed(2)
+    X = correlated(512, 48, seed=4)
+    W = torch.randn(24, 48, generator=g)
+    spec = GridSpec(3, 16, False)
+    m = Method(method, **({"alpha": 0.5, "beta": 0.0} if method == "loaq" else {}))
+    st = Stats(48, cross=True)
+    st.add(X, X + 0.05 * torch.randn(X.shape, generator=g))
+    rule = methods.rule(method)
+    C = st.C.clone()
+    ref = rule.solve(W, factorize(st.H, 0.01), C.clone(), None, m, spec, SolverOptions())
+    f = factorize(st.H, 0.01)
+    f.disposable = True
+    H_ref, L_ref = weakref.ref(f.H), weakref.ref(f.L)
+    seen = {}
+    real = solver._columns
+
+    def spy(*a, **k):
+        seen.setdefault("alive", H_ref() is not None)
+        return real(*a, **k)
+
+    monkeypatch.setattr(solver, "_columns", spy)
+    res = rule.solve(W, f, C.clone(), None, m, spec, SolverOptions())
+    for a, b in ((res.codes, ref.codes), (res.scales, ref.scales), (res.zeros, ref.zeros), (res.Q, ref.Q)):
+        assert torch.equal(a, b)
+    assert res.codes.dtype == torch.uint8
+    if method == "qronos":
+        assert seen == {"alive": True}
+    else:
+        assert seen == {"alive": False} and L_ref() is None and f.H is None and f.L is None
+        with pytest.raises(RuntimeError, match="released"):
+            f.solve(torch.zeros(48, 1))
+    # the pipeline marks it: nothing holds the statistics' H after a probe-less solve_group
+    from loaq import pipeline
+
+    st2 = Stats(48, cross=True)
+    st2.add(X, X)
+    lin = torch.nn.Linear(48, 24, bias=False)
+    lin.weight.data.copy_(W)
+    pipeline.solve_group(["l"], [lin], st2, QuantConfig(spec=spec, method=Method("gptq")), "l")
+    assert st2.H is None
