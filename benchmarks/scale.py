@@ -195,19 +195,22 @@ def run_row(row: dict) -> dict:
 def layer_flops(s: dict, tokens: int, method: str) -> dict:
     """Multiply-adds ×2 of one decoder layer at ``tokens`` calibration tokens, by part (the cost model of
     the projection): forwards (the quantized one, plus the float one for two-stream methods), statistics
-    (``H``; LoaQ adds ``C``), the solve (GPTQ's column loop ``out · in²`` plus the float64 Cholesky
-    factor, inverse and factor of the inverse, ``≈ 1.5 in³``, per group) and LoaQ's target ``H⁻¹ C W``
-    (``2 in² out`` for ``C W``, ``2 in² out`` for the two triangular solves)."""
+    (``H``; LoaQ adds ``C``, or ``C Wᵀ`` where ``2·out ≤ in``: ``down_proj``, :class:`loaq.stats.Stats`),
+    the solve (GPTQ's column loop ``out · in²`` plus the float64 Cholesky factor, inverse and factor of the
+    inverse, ``≈ 1.5 in³``, per group) and LoaQ's target ``H⁻¹ C W`` (``2 in² out`` for ``C W`` unless
+    projected, ``2 in² out`` for the two triangular solves)."""
     lin = _linears(s)
     weights = sum(o * k for o, k in lin)
     attn = 2 * tokens * s["seqlen_for_flops"] * s["num_attention_heads"] * s["head_dim"] * 2
     fwd = 2 * tokens * weights + attn
     groups = [(sum(o for o, _ in lin[:3]), s["hidden_size"]), lin[3], (2 * s["intermediate_size"], s["hidden_size"]), lin[6]]
-    stats = sum(2 * tokens * k * k for _, k in groups)
-    solve = sum(o * k * k + 1.5 * k ** 3 for o, k in groups)
     two = method != "gptq"
-    target = sum(4 * o * k * k for o, k in groups) if two else 0
-    return dict(forward=fwd * (2 if two else 1), stats=stats * (2 if two else 1), solve=solve, target=target)
+    projected = [two and i in (1, 3) and 2 * o <= k for i, (o, k) in enumerate(groups)]  # W_out groups only
+    stats = sum(2 * tokens * k * k for _, k in groups)
+    cross = sum(4 * tokens * k * o if p else 2 * tokens * k * k for (o, k), p in zip(groups, projected)) if two else 0
+    solve = sum(o * k * k + 1.5 * k ** 3 for o, k in groups)
+    target = sum((2 if p else 4) * o * k * k for (o, k), p in zip(groups, projected)) if two else 0
+    return dict(forward=fwd * (2 if two else 1), stats=stats + cross, solve=solve, target=target)
 
 
 def projection(rows: list[dict], tokens_paper: int = 128 * 2048, seqlen_paper: int = 2048) -> list[dict]:
@@ -339,20 +342,27 @@ def markdown(doc: dict) -> str:
              f"Load paths measured: {', '.join(doc['load_paths'])}. Peak RSS is above the subprocess's RSS after its "
              "imports; each row stops after `layers_timed` layers (seconds per layer are over those).", "",
              *[f"- {n}" for n in doc.get("notes", [])], *([""] if doc.get("notes") else []),
-             "| model | layers | params (M) | method | path | device | peak RSS MB | peak device MB | s/layer | layers timed | tokens |",
-             "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|"]
+             "`bound MB`: the issue's goal for the lazy path, 1.5 × (two float32 copies of one decoder layer + the "
+             "streams + one batch's largest activations + the float32 embeddings) (`_memory_model`).", "",
+             "| model | layers | params (M) | method | path | device | peak RSS MB | bound MB | peak device MB | s/layer | layers timed | tokens |",
+             "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in doc["rows"]:
         f = lambda k: (r.get("failed") or "not measured") if r.get(k) is None else r[k]  # noqa: E731
+        bound = "-" if r["path"] != "lazy" or "seqlen" not in r else \
+            round(1.5 * _memory_model(SHAPES[r["model"]], r["tokens"], r["batch_size"], r["seqlen"], r["method"])["lazy_mb"])
         lines.append(f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.0f} | {r['method']} | {r['path']} | "
-                     f"{r['device']} | {f('peak_rss_mb')} | {f('peak_device_mb') if r['device'] != 'cpu' else '-'} | "
+                     f"{r['device']} | {f('peak_rss_mb')} | {bound} | {f('peak_device_mb') if r['device'] != 'cpu' else '-'} | "
                      f"{'-' if r.get('failed') else f('seconds_per_layer')} | {r.get('layers_timed', '-')} | {r['tokens']} |")
-    lines += ["", "LoaQ ÷ GPTQ seconds per layer (same run):", ""]
+    lines += ["", "LoaQ ÷ GPTQ seconds per layer (same run), beside the FLOP ratio of :func:`layer_flops`:", ""]
     for r in doc["rows"]:
         if r["method"] == "loaq" and r.get("seconds_per_layer"):
             g = next((x for x in doc["rows"] if x["method"] == "gptq" and x.get("seconds_per_layer") and
                       all(x[k] == r[k] for k in ("model", "layers", "path", "device"))), None)
             if g:
-                lines.append(f"- {r['model']} × {r['layers']} ({r['path']}): {r['seconds_per_layer'] / g['seconds_per_layer']:.2f}")
+                sh = dict(SHAPES[r["model"]], seqlen_for_flops=r.get("seqlen", 256))
+                flops = sum(layer_flops(sh, r["tokens"], "loaq").values()) / sum(layer_flops(sh, r["tokens"], "gptq").values())
+                lines.append(f"- {r['model']} × {r['layers']} ({r['path']}): {r['seconds_per_layer'] / g['seconds_per_layer']:.2f}"
+                             f" (FLOPs {flops:.2f})")
     if doc["projection"]:
         lines += ["", "## Projection to 8B and 70B (see `benchmarks/scale.py: projection`)", "",
                   "| model | method | tokens | s/layer | hours | lazy MB (model) | eager MB (model) | MB fitted (path) | from |",
