@@ -22,8 +22,9 @@ measured (--resume goes on from there):
 - Table 3: 2-bit per-channel with NeUQI (integer zero points), without and with Hadamard;
 - Table 5: LoaQ ablation at 2-bit: -NOA (no RMSNorm rescaling) without and with Hadamard, plus full
   LoaQ without Hadamard (with Hadamard it is Table 2's row; a setting that two tables share is measured
-  once and listed in both). With the default β = 0, -SOA is LoaQ itself
-  and -both is -NOA (the SOA term is β·H⁻¹B), so those rows are recorded as identical, not re-run.
+  once and listed in both), and -SOA and -both (no SOA; no SOA nor NOA) without and with Hadamard. At
+  β = 0 (``--loaq-ab x,0``) -SOA is LoaQ itself and -both is -NOA (the SOA term is β·H⁻¹B): those rows
+  are skipped then.
 Rows carry rotate, init and act_bits. α, β: the defaults from `loaq search` (loaq.config), never tuned
 on the evaluation split.
 With --zero-shot every row also gets the average zero-shot accuracy through lm-evaluation-harness
@@ -205,9 +206,22 @@ TABLES = {
     "4": [(W4, "hadamard", A4, [(m, Method(m)) for m in FOUR]), (W4, "none", A4, [(m, Method(m)) for m in FOUR])],
     "3": [(W2N, "hadamard", ActSpec(), [(m, Method(m)) for m in FOUR]),
           (W2N, "none", ActSpec(), [(m, Method(m)) for m in FOUR])],
-    "5": [(W2, "hadamard", ActSpec(), [("loaq -NOA", Method("loaq", rescale=False))]),
-          (W2, "none", ActSpec(), [("loaq", Method("loaq")), ("loaq -NOA", Method("loaq", rescale=False))])],
+    "5": [(W2, "hadamard", ActSpec(), [("loaq -NOA", Method("loaq", rescale=False)),
+                                        ("loaq -SOA", Method("loaq", soa=False)),
+                                        ("loaq -both", Method("loaq", soa=False, rescale=False))]),
+          (W2, "none", ActSpec(), [("loaq", Method("loaq")), ("loaq -NOA", Method("loaq", rescale=False)),
+                                   ("loaq -SOA", Method("loaq", soa=False)),
+                                   ("loaq -both", Method("loaq", soa=False, rescale=False))])],
 }
+
+
+def _loaq_method(method: Method, loaq_ab: str | None) -> Method | None:
+    """A table's LoaQ row with ``--loaq-ab``'s α, β; ``None`` for an -SOA row whose full LoaQ runs at β = 0
+    (the SOA term β·H⁻¹B vanishes: -SOA is LoaQ and -both is -NOA, bit for bit, so they are not run)."""
+    al, be = parse_ab(loaq_ab) if loaq_ab else (Method("loaq").alpha, Method("loaq").beta)
+    if not method.soa:
+        return None if be == 0 else dataclasses.replace(method, alpha=al)  # β has no meaning without SOA
+    return dataclasses.replace(method, alpha=al, beta=be)
 
 
 def run_tables(a) -> None:
@@ -238,9 +252,10 @@ def run_tables(a) -> None:
             for label, method in methods:
                 if a.table_methods and method.name not in a.table_methods.split(","):
                     continue
-                if a.loaq_ab and method.name == "loaq":
-                    al, be = parse_ab(a.loaq_ab)
-                    method = dataclasses.replace(method, alpha=al, beta=be)
+                if method.name == "loaq":
+                    method = _loaq_method(method, a.loaq_ab)
+                    if method is None:
+                        continue
                 cfg = QuantConfig(spec=spec, method=method, act=act, rotation=RotationSpec(rot, 0))
                 row = dict(table=t, method=label, bits=spec.bits, group=spec.group_size, rotate=rot, init=spec.init,
                            act_bits=act.bits, **_alpha_beta(cfg))
@@ -286,7 +301,7 @@ def _write_extended(doc: dict, a) -> None:
                      f"{_chosen(r, 'alpha')} | {_chosen(r, 'beta')} | "
                      f"{r['ppl']:.3f} | {r['ppl'] / fp:.3f} | {_acc(r)} | {r['quant_seconds']:.1f} |")
     lines += ["", "Table 5: at β = 0 the SOA term β·H⁻¹B vanishes, so LoaQ -SOA is LoaQ and -both is -NOA, bit for "
-              "bit (not re-run). `auto → x`: α or β chosen for that row on held-out calibration windows (loaq.auto)."]
+              "bit (not run at β = 0). `auto → x`: α or β chosen for that row on held-out calibration windows (loaq.auto)."]
     with open(md, "w") as fh:
         fh.write(head + "\n".join(lines) + "\n")
 

@@ -76,3 +76,20 @@ def test_benchmark_row_helpers():
     assert mixed_variant({"kind": "mixed"}) == "output"  # rows from before --alloc-criterion
     assert mixed_variant({"kind": "mixed", "criterion": "loss", "candidates": "2,3,4"}) == "loss"
     assert mixed_variant({"kind": "mixed", "criterion": "loss", "candidates": "2,2g64,3,4"}) == "loss, 2,2g64,3,4"
+
+
+def test_table5_ablation_rows_follow_the_loaq_beta():
+    """Table 5's -SOA / -both rows run where LoaQ's β can be non-zero (``auto`` or a number) and are skipped at
+    β = 0, where the SOA term β·H⁻¹B vanishes (bit-identical to LoaQ / -NOA); a no-SOA row never gets a β."""
+    from benchmarks.quality import TABLES, _loaq_method
+    from loaq.config import Method
+
+    labels = [label for _, _, _, methods in TABLES["5"] for label, _ in methods]
+    assert labels.count("loaq -SOA") == 2 and labels.count("loaq -both") == 2
+    nosoa = Method("loaq", soa=False)
+    assert _loaq_method(nosoa, "0.25,0") is None
+    for ab in (None, "auto,auto", "0.5,0.25"):
+        m = _loaq_method(nosoa, ab)
+        assert m is not None and m.beta == 0.0 and not m.soa
+    assert _loaq_method(Method("loaq"), "0.5,0.25") == Method("loaq", alpha=0.5, beta=0.25)
+    assert _loaq_method(Method("loaq", rescale=False), None) == Method("loaq", rescale=False)
