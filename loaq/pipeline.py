@@ -122,10 +122,10 @@ def _take_C(stats: Stats) -> torch.Tensor | Projected | None:
     return C
 
 
-def _projection(w_out: nn.Linear, master: nn.Linear, m, two: bool, probe) -> torch.Tensor | None:
+def _projection(w_out: nn.Linear, master: nn.Linear, m, probe) -> torch.Tensor | None:
     """``Wᵀ`` when ``W_out``'s statistics should keep ``C Wᵀ`` instead of ``C`` (:class:`loaq.stats.Stats`):
     the rule reads only that product, no probe reads ``C``, ``α ≠ 0``, and ``2·out ≤ in`` (``down_proj``)."""
-    if not (two and m.rule.reads_CW and probe is None and m.alpha and 2 * w_out.out_features <= w_out.in_features):
+    if not (m.rule.reads_CW and probe is None and m.alpha and 2 * w_out.out_features <= w_out.in_features):
         return None
     return master.weight.detach().T
 
@@ -198,7 +198,7 @@ def _quantize_sublayer(layer: nn.Module, fp_layer: nn.Module | None, sl: SubLaye
     fp_out = fp_layer.get_submodule(sl.module).get_submodule(sl.w_out) if two else None
     use_B = m.rule.output_stats and m.soa and m.beta != 0
     st = Stats(w_out.in_features, cross=two, n_res=w_out.out_features if use_B else 0, device=device,
-               project=_projection(w_out, masters([sl.w_out])[0], m, two, probe))
+               project=_projection(w_out, masters([sl.w_out])[0], m, probe))
     held = Stats(w_out.in_features, device=device) if streams.held else None
     with torch.no_grad():
         for b in range(len(streams)):

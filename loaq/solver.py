@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,12 +53,11 @@ class Factor:
     L: torch.Tensor | None
     dead: torch.Tensor
     damp: float
-    diag: torch.Tensor | None = None
     disposable: bool = False
+    diag: torch.Tensor = field(init=False)
 
     def __post_init__(self):
-        if self.diag is None:
-            self.diag = self.H.diagonal().clone()
+        self.diag = self.H.diagonal().clone()
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
         """``H⁻¹ B`` for ``B`` of shape [N, k] (float64)."""
