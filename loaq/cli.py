@@ -438,12 +438,19 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.set_verbosity_error()
     try:
         return a.func(a)
-    except LoaQError as exc:
+    except (LoaQError, KeyboardInterrupt) as exc:
+        if interrupted(exc):
+            print(_interrupted(a), file=sys.stderr)
+            return 130
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(_interrupted(a), file=sys.stderr)
-        return 130
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` ends the run as an interruption: a KeyboardInterrupt, or any error raised after a
+    SIGINT/SIGTERM (a signal that lands inside a C call, e.g. safetensors building a tensor, can surface as
+    that call's own error, which a reader then reports as a corrupted file)."""
+    return isinstance(exc, KeyboardInterrupt) or INTERRUPTED.is_set()
 
 
 def _interrupted(a) -> str:

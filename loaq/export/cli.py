@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from loaq.cli import interruptible
+from loaq.cli import interruptible, interrupted
 from loaq.errors import LoaQError
 
 
@@ -46,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return run(a)
-    except LoaQError as exc:
+    except (LoaQError, KeyboardInterrupt) as exc:
+        if interrupted(exc):  # the export's temporary directory is already removed
+            print("interrupted; nothing was written", file=sys.stderr)
+            return 130
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the export's temporary directory is already removed
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

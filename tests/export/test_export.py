@@ -210,11 +210,18 @@ def test_refusals_give_one_line_and_leave_nothing(native_dir, tmp_path, capsys, 
         assert os.listdir(out) == ["keep"]
 
 
-def test_interrupted_export_leaves_nothing(native_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("surfaces_as", ["KeyboardInterrupt", "LoaQError"])
+def test_interrupted_export_leaves_nothing(native_dir, tmp_path, monkeypatch, capsys, surfaces_as):
+    """Interrupted; also when the signal lands inside a C call and surfaces as that call's error (CI saw a
+    SIGINT during safetensors' read reported as a corrupted input file, exit 2): the interruption wins."""
     import loaq.export.writer as w
+    from loaq.errors import INTERRUPTED, LoaQError
 
     def boom(*a, **k):
-        raise KeyboardInterrupt
+        if surfaces_as == "KeyboardInterrupt":
+            raise KeyboardInterrupt
+        INTERRUPTED.set()  # what the CLI's signal handler does before the exception is swallowed
+        raise LoaQError("layer-00000.safetensors is truncated or corrupted (could not determine the shape)")
 
     monkeypatch.setattr(w, "model_card", boom)
     assert main([native_dir, str(tmp_path / "out")]) == 130
