@@ -13,10 +13,12 @@ points, asymmetric grids), over its ``out × in`` weights; ``weight_shape`` (16 
    ``H_held`` on a held-out slice of the calibration windows (:func:`loaq.holdout.split_windows`; never the
    evaluation text); the group is solved at every candidate width ``b`` and scored by its normalized output
    error on the held-out tokens, ``e(b) = tr((Q_b − W̃) H_held (Q_b − W̃)ᵀ) / tr(W̃ H_held W̃ᵀ)``, with ``W̃``
-   the method's GPTQ target (eqs. 8, 10, 12; ``W`` for GPTQ). With ``criterion="loss"`` (the default) ``e(b)``
-   is multiplied by the unit's loss gain (:func:`loaq.fisher.output_gains`, measured on the same held-out windows
-   of the float model), so a unit whose output the rest of the model amplifies (depth, the softmax behind q/k)
-   counts for more than one whose error the model absorbs. The quantized stream advances with the widest
+   the method's GPTQ target (eqs. 8, 10, 12; ``W`` for GPTQ) (``criterion="output"``). With
+   ``criterion="loss"`` (the default) each output row's own normalized error ``e_j(b)`` is weighted by that
+   channel's loss gain (:func:`loaq.fisher.output_gains`, measured on the same held-out windows of the float
+   model) and summed, ``Σ_j e_j(b) · gain_j`` (:func:`score`), so a unit whose output the rest of the model
+   amplifies (depth, the softmax behind q/k, the channels the residual stream reads) counts for more than one
+   whose error the model absorbs. The quantized stream advances with the widest
    solution, so each unit's error is that of it alone dropping a width. The pass reads ``windows`` of the
    calibration windows (default half). Its cost is the two-stream forwards over those windows plus one solve
    per unit and candidate: about 0.5 × a run's forwards + 3 × its solves (solves are ~10 % of a SmolLM2 run at
@@ -180,13 +182,14 @@ def knapsack(costs: list[list[int]], values: list[list[float]], capacity: int) -
 
 
 class Probe:
-    """The pipeline's per-group hook during :func:`measure`: solve the group at every candidate and keep its
-    normalized held-out output error ``tr((Q − W̃) H_held (Q − W̃)ᵀ) / tr(W̃ H_held W̃ᵀ)`` per candidate grid
-    (``cfg``: the run's config on the widest candidate's grid; ``spec``: the run's own grid, the candidates' base)."""
+    """The pipeline's per-group hook during :func:`measure`: solve the group at every candidate and keep, per
+    candidate grid and output row ``j``, the held-out squared output error ``num_j = ((Q − W̃) H_held (Q − W̃)ᵀ)_jj``
+    and the target's output energy ``den_j = (W̃ H_held W̃ᵀ)_jj`` (``cfg``: the run's config on the widest
+    candidate's grid; ``spec``: the run's own grid, the candidates' base). :func:`score` turns them into values."""
 
     def __init__(self, cfg, grids: tuple[str, ...], spec: GridSpec):
         self.cfg, self.grids = cfg, {c: grid_of(c, spec) for c in grids}
-        self.errors: dict[tuple[str, ...], dict[str, float]] = {}
+        self.rows: dict[tuple[str, ...], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def __call__(self, names, W, factor, stats, B, Q_wide, held) -> None:
         from loaq.targets import output_target
@@ -194,13 +197,24 @@ class Probe:
         m, spec = self.cfg.method, self.cfg.spec
         T = output_target(W, factor, stats.C, m.alpha, B, m.beta).double()
         Hh = held.H.double()
-        norm = float(((T @ Hh) * T).sum())
-        err = {}
+        den = ((T @ Hh) * T).sum(1).cpu()
+        rows = {}
         for c, g in self.grids.items():
             Q = Q_wide if g == spec else m.rule.solve(W, factor, stats.C, B, m, g, self.cfg.solver).Q
             D = Q.double() - T
-            err[c] = float(((D @ Hh) * D).sum()) / max(norm, 1e-30)
-        self.errors[tuple(names)] = err
+            rows[c] = (((D @ Hh) * D).sum(1).cpu(), den)
+        self.rows[tuple(names)] = rows
+
+
+def score(num: torch.Tensor, den: torch.Tensor, gain: torch.Tensor | None = None) -> float:
+    """A unit's value at one width from its per-row held-out errors (:class:`Probe`): without ``gain`` (the
+    ``"output"`` criterion) the normalized output error ``Σ num / Σ den``; with the per-row loss gains of
+    :func:`loaq.fisher.output_gains` (``"loss"``) the second-order loss estimate ``Σ_j (num_j / den_j) · gain_j``
+    (a row with no output energy counts 0)."""
+    if gain is None:
+        return float(num.sum()) / max(float(den.sum()), 1e-30)
+    e = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+    return float((e * gain).sum())
 
 
 def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, device: str = "cpu",
@@ -242,9 +256,8 @@ def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devic
             quantize_layer(layers[i], arch, streams, wide, eps, f"{arch.layers}.{i}.", probe=probe)
     finally:
         streams.close()
-    errors = probe.errors
-    if gains is not None:
-        errors = {u: {b: e * sum(gains[n] for n in u) for b, e in err.items()} for u, err in errors.items()}
+    gain = (lambda u: None) if gains is None else (lambda u: torch.cat([gains[n] for n in u]))
+    errors = {u: {c: score(num, den, gain(u)) for c, (num, den) in rows.items()} for u, rows in probe.rows.items()}
     return errors, {"fit": int(fit.shape[0]), "held": int(held.shape[0])}
 
 

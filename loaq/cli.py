@@ -84,7 +84,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alloc-windows", type=float, help="fraction of the calibration windows the sensitivity pass "
                    "reads (default: 0.5)")
     p.add_argument("--alloc-criterion", choices=("loss", "output"), help="how --target-bits scores a width: the "
-                   "unit's held-out output error times its loss gain (loss, default) or the output error alone")
+                   "held-out output error of each output channel times its loss gain, summed (loss, default) or the unit's "
+                   "output error alone")
     p.add_argument("--act-sym", action=argparse.BooleanOptionalAction, help="symmetric activation grid (default: asymmetric)")
 
 

@@ -254,15 +254,25 @@ def test_resume_reuses_the_allocation_bit_identically(mixed_run, model_dir, cali
     assert all(torch.equal(run.results[n].codes, r.codes) for n, r in mixed_run.results.items())
 
 
-def test_loss_criterion_weighs_each_units_output_error_by_its_gain(model_dir):
-    """``criterion="loss"``: every unit's errors are its ``"output"`` errors times the sum of its linears'
-    loss gains on the held-out windows (the same factor at every width); a reused sensitivity scored by the
-    other criterion is refused."""
+def test_loss_criterion_weighs_each_output_rows_error_by_its_channel_gain(model_dir, monkeypatch):
+    """``criterion="output"``: a unit's value is its held-out normalized output error ``Σ num / Σ den`` over its
+    rows; ``criterion="loss"``: every row's own normalized error weighted by its channel's loss gain on the
+    held-out windows (gains recomputed here), ``Σ_j num_j / den_j · gain_j``, which is not the output error
+    times one gain per unit; a reused sensitivity scored by the other criterion is refused."""
     from loaq.fisher import output_gains
     from loaq.holdout import split_windows
     from loaq.models import load_model, resolve
     from tests.tiny import tokens
 
+    probes = []
+    real = allocation.Probe
+
+    class Spy(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            probes.append(self)
+
+    monkeypatch.setattr(allocation, "Probe", Spy)
     model, _, arch, _ = load_model(resolve(model_dir))
     calib = tokens(8, 32, vocab=320)
     cfg = QuantConfig(spec=GridSpec(3, 32), allocation=Allocation(3.0, "2,4", windows=1.0, criterion="output"))
@@ -270,10 +280,16 @@ def test_loss_criterion_weighs_each_units_output_error_by_its_gain(model_dir):
     cfg = dataclasses.replace(cfg, allocation=dataclasses.replace(cfg.allocation, criterion="loss"))
     loss, _ = allocation.measure(model, arch, calib, cfg, batch_size=2, progress=False)
     gains = output_gains(model, [n for u in out for n in u], split_windows(calib, 0.25)[1])
+    rows = probes[1].rows
     for u in out:
+        gain = torch.cat([gains[n] for n in u])
         for b in ("2", "4"):
-            assert loss[u][b] == pytest.approx(out[u][b] * sum(gains[n] for n in u), rel=1e-9), (u, b)
-    assert len({round(loss[u]["2"] / out[u]["2"], 9) for u in out}) > 1
+            num, den = rows[u][b]
+            assert num.shape == den.shape == gain.shape and bool((den > 0).all())
+            assert out[u][b] == pytest.approx(float(num.sum() / den.sum()), rel=1e-9), (u, b)
+            assert loss[u][b] == pytest.approx(float((num / den * gain).sum()), rel=1e-9), (u, b)
+    isotropic = {u: out[u]["2"] * float(torch.cat([gains[n] for n in u]).sum()) for u in out}
+    assert any(abs(loss[u]["2"] / isotropic[u] - 1) > 0.05 for u in out)
     with pytest.raises(LoaQError, match="criterion"):
         allocation.errors_from_meta({"criterion": "output", "units": []}, ("2", "4"), "loss")
     with pytest.raises(LoaQError, match="--alloc-criterion"):
