@@ -192,16 +192,22 @@ class Probe:
         self.rows: dict[tuple[str, ...], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def __call__(self, names, W, factor, stats, B, Q_wide, held) -> None:
+        from loaq.solver import gptq_solve
         from loaq.targets import output_target
 
         m, spec = self.cfg.method, self.cfg.spec
-        T = output_target(W, factor, stats.C, m.alpha, B, m.beta).double()
-        Hh = held.H.double()
-        den = ((T @ Hh) * T).sum(1).cpu()
+        T = output_target(W, factor, stats.C, m.alpha, B, m.beta)
+        Hh, Td = held.H.double(), T.double()
+        den = ((Td @ Hh) * Td).sum(1).cpu()
         rows = {}
         for c, g in self.grids.items():
-            Q = Q_wide if g == spec else m.rule.solve(W, factor, stats.C, B, m, g, self.cfg.solver).Q
-            D = Q.double() - T
+            if g == spec:
+                Q = Q_wide
+            elif m.rule.towards_target:  # the rule's own solve, with the target formed once for every grid
+                Q = gptq_solve(T, factor, g, self.cfg.solver).Q
+            else:
+                Q = m.rule.solve(W, factor, stats.C, B, m, g, self.cfg.solver).Q
+            D = Q.double() - Td
             rows[c] = (((D @ Hh) * D).sum(1).cpu(), den)
         self.rows[tuple(names)] = rows
 

@@ -44,6 +44,8 @@ class MethodRule:
     - ``output_stats``: ``W_out`` statistics rescaled by the RMSNorm factors, with the residual ``B`` (LoaQ);
     - ``reads_CW``: the rule reads ``C`` only as ``C Wᵀ`` (LLOA/LoaQ's target), so the statistics may keep
       that product instead (:class:`loaq.stats.Stats`' ``project``);
+    - ``towards_target``: the rule is GPTQ towards :func:`loaq.targets.output_target` (``W`` itself for GPTQ),
+      so a caller solving one group on several grids (the allocation's sensitivity) forms the target once;
     - ``settings``: accepted settings and their defaults; any other setting away from its neutral value
       (:data:`NEUTRAL`) is refused.
     """
@@ -55,6 +57,7 @@ class MethodRule:
     resets_fp_stream: bool = False
     output_stats: bool = False
     reads_CW: bool = False
+    towards_target: bool = False
     settings: dict = field(default_factory=dict)
 
 
@@ -86,15 +89,16 @@ _LOAQ_SETTINGS = {"alpha": AUTO, "beta": AUTO, "rescale": True, "soa": True, "sh
 
 METHODS: dict[str, MethodRule] = {r.name: r for r in (
     MethodRule("rtn", "round to nearest, no calibration", None),
-    MethodRule("gptq", "GPTQ (Frantar et al. 2023) on the quantized stream", _gptq),
+    MethodRule("gptq", "GPTQ (Frantar et al. 2023) on the quantized stream", _gptq, towards_target=True),
     MethodRule("gptaq", "GPTAQ (Li et al. 2025): asymmetric calibration towards XWᵀ", _gptaq, two_stream=True,
                settings={"alpha": 0.25}),
     MethodRule("qronos", "Qronos (Zhang et al. 2025): correct the past, GPTQ the future", _qronos,
                two_stream=True, resets_fp_stream=True),
     MethodRule("lloa", "LoaQ's linear-layer output approximation alone (eq. 8)", _output_approx, two_stream=True,
-               reads_CW=True, settings={"alpha": 0.25}),
+               reads_CW=True, towards_target=True, settings={"alpha": 0.25}),
     MethodRule("loaq", "LoaQ (arXiv 2509.06297): LLOA on W_in, sub-layer + normalized output approximation on W_out",
-               _output_approx, two_stream=True, output_stats=True, reads_CW=True, settings=_LOAQ_SETTINGS),
+               _output_approx, two_stream=True, output_stats=True, reads_CW=True, towards_target=True,
+               settings=_LOAQ_SETTINGS),
 )}
 
 

@@ -294,3 +294,26 @@ def test_loss_criterion_weighs_each_output_rows_error_by_its_channel_gain(model_
         allocation.errors_from_meta({"criterion": "output", "units": []}, ("2", "4"), "loss")
     with pytest.raises(LoaQError, match="--alloc-criterion"):
         Allocation(2.5, criterion="kl")
+
+
+@pytest.mark.parametrize("method", ["loaq", "gptq"])
+def test_probe_forms_the_target_once_with_the_rules_own_result(model_dir, method, monkeypatch):
+    """A rule that is GPTQ towards ``output_target`` (``towards_target``) is probed on every grid from one
+    target: the errors equal those of calling the rule's own solve per grid."""
+    from loaq import methods
+    from loaq.config import Method
+    from loaq.models import load_model, resolve
+    from tests.tiny import tokens
+
+    model, _, arch, _ = load_model(resolve(model_dir))
+    calib = tokens(8, 32, vocab=320)
+    m = Method(method, alpha=0.5, beta=0.25) if method == "loaq" else Method(method)
+    cfg = QuantConfig(spec=GridSpec(3, 32), method=m, allocation=Allocation(3.0, "2,2g16,4", windows=1.0))
+    once, _ = allocation.measure(model, arch, calib, cfg, batch_size=2, progress=False)
+    assert methods.METHODS[method].towards_target
+    monkeypatch.setitem(methods.METHODS, method, dataclasses.replace(methods.METHODS[method], towards_target=False))
+    per_grid, _ = allocation.measure(model, arch, calib, cfg, batch_size=2, progress=False)
+    assert once.keys() == per_grid.keys()
+    for u in once:
+        for c in once[u]:
+            assert once[u][c] == pytest.approx(per_grid[u][c], rel=1e-12, abs=1e-300), (u, c)
