@@ -192,22 +192,24 @@ class Probe:
         self.rows: dict[tuple[str, ...], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def __call__(self, names, W, factor, stats, B, Q_wide, held) -> None:
-        from loaq.solver import gptq_solve
+        from loaq.solver import gptq_solve_grids
         from loaq.targets import output_target
 
         m, spec = self.cfg.method, self.cfg.spec
         T = output_target(W, factor, stats.C, m.alpha, B, m.beta)
         Hh = held.H.float()  # float32 quadratic forms: a ranking needs ~1e-5, and this is most of the probe's time
         den = ((T @ Hh) * T).sum(1).double().cpu()
+        Qs = {c: Q_wide for c, g in self.grids.items() if g == spec}
+        rest = [c for c in self.grids if c not in Qs]
+        if m.rule.towards_target and rest:  # the rule's own solve: one target, every grid in one column loop
+            Qs |= {c: r.Q for c, r in zip(rest, gptq_solve_grids(T, factor, [self.grids[c] for c in rest],
+                                                                    self.cfg.solver))}
+        for c in rest:
+            if c not in Qs:
+                Qs[c] = m.rule.solve(W, factor, stats.C, B, m, self.grids[c], self.cfg.solver).Q
         rows = {}
-        for c, g in self.grids.items():
-            if g == spec:
-                Q = Q_wide
-            elif m.rule.towards_target:  # the rule's own solve, with the target formed once for every grid
-                Q = gptq_solve(T, factor, g, self.cfg.solver).Q
-            else:
-                Q = m.rule.solve(W, factor, stats.C, B, m, g, self.cfg.solver).Q
-            D = Q.float() - T
+        for c in self.grids:
+            D = Qs[c].float() - T
             rows[c] = (((D @ Hh) * D).sum(1).double().cpu(), den)
         self.rows[tuple(names)] = rows
 

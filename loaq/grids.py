@@ -69,14 +69,18 @@ def fit_minmax(w: torch.Tensor, spec: GridSpec) -> tuple[torch.Tensor, torch.Ten
     return scale, zero
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Unsigned integer codes of ``w`` on the grid (broadcasting ``scale``/``zero``).
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int | torch.Tensor) -> torch.Tensor:
+    """Unsigned integer codes of ``w`` on the grid (broadcasting ``scale``/``zero``, and ``maxq`` when it is a
+    tensor: rows of several widths solved together, :func:`loaq.solver.gptq_solve_grids`).
 
     ``round(w / scale + zero)``; the integer part of ``zero`` is added after rounding, so integer zero
     points give exactly GPTQ's ``round(w / scale) + zero`` and real ones (NeUQI's continuous variant)
     still give integer codes."""
     zi = torch.round(zero)
-    return torch.clamp(torch.round(w / scale + (zero - zi)) + zi, 0, maxq)
+    q = torch.round(w / scale + (zero - zi)) + zi
+    if isinstance(maxq, torch.Tensor):
+        return torch.minimum(q.clamp_min(0), maxq)
+    return torch.clamp(q, 0, maxq)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -294,3 +294,27 @@ def test_disposable_factor_gives_the_same_codes_and_frees_H_and_L(method, monkey
     lin.weight.data.copy_(W)
     pipeline.solve_group(["l"], [lin], st2, QuantConfig(spec=spec, method=Method("gptq")), "l")
     assert st2.H is None
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_grids_in_one_column_loop_equal_one_solve_per_grid(act_order):
+    """``gptq_solve_grids``: every grid's codes, scales, zero points and Q equal :func:`gptq_solve` on that grid
+    (rows are independent given U; a dead column and NeUQI init included); the factor is left usable."""
+    from loaq.solver import gptq_solve_grids
+
+    X = correlated(512, 96, seed=7)
+    X[:, 5] = 0  # a dead input column
+    W = torch.randn(24, 96, generator=torch.Generator().manual_seed(8))
+    specs = [GridSpec(2, 32, False), GridSpec(2, 0, False), GridSpec(3, 48, True), GridSpec(4, 0, False, init="neuqi")]
+    st = Stats(96)
+    st.add(X)
+    factor = factorize(st.H, 0.01)
+    opts = SolverOptions(blocksize=32, act_order=act_order)
+    together = gptq_solve_grids(W, factor, specs, opts)
+    for spec, got in zip(specs, together):
+        want = gptq_solve(W, factor, spec, opts)
+        assert int(got.codes.max()) <= spec.maxq
+        assert torch.equal(got.scales, want.scales) and torch.equal(got.zeros, want.zeros), spec
+        assert (got.codes == want.codes).float().mean() >= 0.999, spec
+        torch.testing.assert_close(got.Q, want.Q, rtol=0, atol=float(want.scales.max()) * 1.001 + 1e-6)
+        assert (got.Q - want.Q).abs().max() == 0 or (got.codes != want.codes).any()
