@@ -20,9 +20,10 @@ points, asymmetric grids), over its ``out × in`` weights; ``weight_shape`` (16 
    amplifies (depth, the softmax behind q/k, the channels the residual stream reads) counts for more than one
    whose error the model absorbs. The quantized stream advances with the widest
    solution, so each unit's error is that of it alone dropping a width. The pass reads ``windows`` of the
-   calibration windows (default half). Its cost is the two-stream forwards over those windows plus one solve
-   per unit and candidate: about 0.5 × a run's forwards + 3 × its solves (solves are ~10 % of a SmolLM2 run at
-   64 × 512, so ~0.8 × a run: an estimate, not measured); where solves dominate (a tiny model) it is ~2.4 × a run.
+   calibration windows (default half). Its cost is the two-stream forwards over those windows plus, per unit,
+   the target and one GPTQ column loop over every candidate's rows (:func:`loaq.solver.gptq_solve_grids`); the
+   solves dominate on SmolLM2: ``benchmarks/results/mixed.md`` has 1.8 × a LoaQ run and 2.2 × a GPTQ run with
+   five candidates (measured under load, before the candidates shared one column loop).
 3. **Allocation** (:func:`knapsack`): one width per unit minimizing ``Σ e(b)`` subject to the written bytes
    ``≤ B · n_weights / 8``: an exact multiple-choice knapsack by dynamic programming over sizes in units of
    ``ceil(budget / resolution)`` bytes, each size rounded *up*, so the budget holds exactly for the written bytes.
@@ -202,11 +203,10 @@ class Probe:
         Qs = {c: Q_wide for c, g in self.grids.items() if g == spec}
         rest = [c for c in self.grids if c not in Qs]
         if m.rule.towards_target and rest:  # the rule's own solve: one target, every grid in one column loop
-            Qs |= {c: r.Q for c, r in zip(rest, gptq_solve_grids(T, factor, [self.grids[c] for c in rest],
-                                                                    self.cfg.solver))}
-        for c in rest:
-            if c not in Qs:
-                Qs[c] = m.rule.solve(W, factor, stats.C, B, m, self.grids[c], self.cfg.solver).Q
+            solved = gptq_solve_grids(T, factor, [self.grids[c] for c in rest], self.cfg.solver)
+        else:
+            solved = [m.rule.solve(W, factor, stats.C, B, m, self.grids[c], self.cfg.solver) for c in rest]
+        Qs |= {c: r.Q for c, r in zip(rest, solved)}
         rows = {}
         for c in self.grids:
             D = Qs[c].float() - T

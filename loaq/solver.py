@@ -202,13 +202,19 @@ def _prepare(W: torch.Tensor, factor: Factor, spec: GridSpec, opts: SolverOption
     W = W.float().clone()
     in_f = W.shape[1]
     W[:, factor.dead] = 0
-    scales, zeros = fit_groups(W, spec, factor.diag)
-    groups = column_groups(in_f, spec).to(W.device)
     perm = (torch.argsort(factor.diag, descending=True, stable=True) if opts.act_order
             else torch.arange(in_f, device=W.device))
     Hinv = factor.inverse() if keep else factor.take_inverse()
     U = torch.linalg.cholesky(_permute_symmetric_(Hinv, perm), upper=True, out=Hinv)
-    return _Prepared(W[:, perm], perm, U, scales, zeros, scales[:, groups[perm]], zeros[:, groups[perm]])
+    return _Prepared(W[:, perm], perm, U, *_grid(W, spec, factor, perm))
+
+
+def _grid(W: torch.Tensor, spec: GridSpec, factor: Factor, perm: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(scales, zeros) of target ``W`` (original column order, dead columns zeroed) on ``spec``, and the same
+    per permuted column."""
+    scales, zeros = fit_groups(W, spec, factor.diag)
+    groups = column_groups(W.shape[1], spec).to(W.device)[perm]
+    return scales, zeros, scales[:, groups], zeros[:, groups]
 
 
 def _finish(prep: _Prepared, codes: torch.Tensor, Q: torch.Tensor) -> QuantResult:
@@ -244,25 +250,20 @@ def gptq_solve_grids(W: torch.Tensor, factor: Factor, specs: list[GridSpec],
     GPTQ quantizes every row on its own given ``U`` (eq. 32: the error feedback of a row reads only that row),
     and ``U`` and the act-order permutation depend on ``H`` alone, so the grids' copies of ``W`` are stacked
     (``len(specs) · out`` rows, each with its grid's scales, zero points and ``maxq``) and share one loop:
-    the per-column overhead is paid once instead of once per grid (the allocation's sensitivity probe: 1.1–2.3×
-    faster than four separate solves at SmolLM2's shapes on an idle 2-core CPU)."""
+    the per-column overhead is paid once instead of once per grid (the allocation's sensitivity probe;
+    ``benchmarks/solve_grids.py`` times it against one solve per grid)."""
     prep = _prepare(W, factor, specs[0], opts)
-    out_f, in_f = W.shape
-    Wd = W.float().clone()
-    Wd[:, factor.dead] = 0
-    fits, col_s, col_z = [(prep.scales, prep.zeros)], [prep.col_scale], [prep.col_zero]
-    for spec in specs[1:]:
-        sc, ze = fit_groups(Wd, spec, factor.diag)
-        g = column_groups(in_f, spec).to(W.device)[prep.perm]
-        fits.append((sc, ze))
-        col_s.append(sc[:, g])
-        col_z.append(ze[:, g])
-    del Wd
+    W0 = prep.W[:, torch.argsort(prep.perm)]  # the target as _prepare fits it: original order, dead columns zeroed
+    grids = [(prep.scales, prep.zeros, prep.col_scale, prep.col_zero)]
+    grids += [_grid(W0, spec, factor, prep.perm) for spec in specs[1:]]
+    del W0
+    out_f = W.shape[0]
     maxq = torch.cat([torch.full((out_f,), float(s.maxq), device=W.device) for s in specs])
     U, prep.U = prep.U.float(), None
-    codes, Q = _columns(prep.W.repeat(len(specs), 1), U, torch.cat(col_s), torch.cat(col_z), maxq, opts.blocksize)
+    codes, Q = _columns(prep.W.repeat(len(specs), 1), U, torch.cat([g[2] for g in grids]),
+                        torch.cat([g[3] for g in grids]), maxq, opts.blocksize)
     out = []
-    for k, (sc, ze) in enumerate(fits):
+    for k, (sc, ze, _, _) in enumerate(grids):
         rows = slice(k * out_f, (k + 1) * out_f)
         out.append(_finish(replace(prep, scales=sc, zeros=ze), codes[rows], Q[rows]))
     return out

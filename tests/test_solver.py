@@ -299,7 +299,8 @@ def test_disposable_factor_gives_the_same_codes_and_frees_H_and_L(method, monkey
 @pytest.mark.parametrize("act_order", [True, False])
 def test_grids_in_one_column_loop_equal_one_solve_per_grid(act_order):
     """``gptq_solve_grids``: every grid's codes, scales, zero points and Q equal :func:`gptq_solve` on that grid
-    (rows are independent given U; a dead column and NeUQI init included); the factor is left usable."""
+    bit for bit (rows are independent given U; a dead column and NeUQI init included), solved after it from
+    the same factor."""
     from loaq.solver import gptq_solve_grids
 
     X = correlated(512, 96, seed=7)
@@ -315,6 +316,4 @@ def test_grids_in_one_column_loop_equal_one_solve_per_grid(act_order):
         want = gptq_solve(W, factor, spec, opts)
         assert int(got.codes.max()) <= spec.maxq
         assert torch.equal(got.scales, want.scales) and torch.equal(got.zeros, want.zeros), spec
-        assert (got.codes == want.codes).float().mean() >= 0.999, spec
-        torch.testing.assert_close(got.Q, want.Q, rtol=0, atol=float(want.scales.max()) * 1.001 + 1e-6)
-        assert (got.Q - want.Q).abs().max() == 0 or (got.codes != want.codes).any()
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.Q, want.Q), spec
