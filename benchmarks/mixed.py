@@ -6,7 +6,8 @@
     flock /tmp/loaq-vllm.lock python -m benchmarks.mixed --serve-only     # tokens/s of the exports it wrote
 
 Rows: uniform LoaQ W2, W3, W4 (per channel, asymmetric), then for each budget (average bits per quantized
-weight as written: packed codes + float32 scales + packed zero points, :func:`loaq.allocation.written_bits`)
+weight as written: packed codes + scales (``--scale-dtype``, default float16) + packed zero points,
+:func:`loaq.allocation.written_bits`)
 mixed LoaQ and mixed GPTQ over the candidates {2, 3, 4} per channel (:mod:`loaq.allocation`). The sensitivity
 of each method is measured once (by its first budget's run, on the first half of the calibration windows, a quarter of those held out)
 and reused for its other budgets, so ``alloc_s`` is the measurement + knapsack of that first run and
@@ -81,7 +82,8 @@ def render(doc: dict, out: Path, stem: str = "mixed") -> None:
              f"asymmetric; sensitivity measured on {doc.get('alloc_windows', 0.5):g} of the calibration windows, a "
              f"quarter of those held out for scoring; perplexity on the first {doc.get('eval_tokens', 16384)} tokens of "
              "the DATA.md evaluation split in windows of 512 (16384: ppl16k as quality.md).", "",
-             "avg bits: per quantized weight as written (packed codes + float32 scales + packed zero points); "
+             f"avg bits: per quantized weight as written (packed codes + {doc.get('scale_dtype', 'float32')} scales + "
+             "packed zero points); "
              "size: the export's safetensors (bf16 embeddings and norms included).", "",
              "| budget | kind | method | avg bits | size MB | ppl | quant s | alloc s | overhead |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["budget_bits"] or r["avg_bits"], r["kind"] != "uniform", r["method"],
@@ -169,6 +171,8 @@ def main() -> int:
     ap.add_argument("--alloc-windows", type=float, default=0.5, help="Allocation.windows (default 0.5)")
     ap.add_argument("--criterion", default="loss", choices=("loss", "output"),
                     help="Allocation.criterion of the mixed rows (rows of both are kept apart by --resume)")
+    ap.add_argument("--scale-dtype", default="float16", choices=("float16", "float32"),
+                    help="GridSpec.scale_dtype of every row (default float16; rows of both are kept apart by --resume)")
     ap.add_argument("--candidates", default="2,3,4", help="Allocation.candidates of the mixed rows, e.g. 2g64,3,4")
     ap.add_argument("--loaq-ab", default="0.25,0", help="α,β of every LoaQ row (default: the values the uniform rows "
                                                         "have always used, so the rows stay comparable)")
@@ -197,8 +201,10 @@ def main() -> int:
         return 0
     doc = json.loads(path.read_text()) if a.resume and path.exists() else {"rows": []}
     doc |= {"command": command(), "machine": machine(), "date": utc_date(), "nsamples": a.nsamples, "seqlen": a.seqlen,
-            "eval_tokens": a.eval_tokens, "alloc_windows": a.alloc_windows}
-    done = {(r["kind"], r["method"], r["budget_bits"], r.get("grid", r.get("bits")), mixed_variant(r)) for r in doc["rows"]}
+            "eval_tokens": a.eval_tokens, "alloc_windows": a.alloc_windows, "scale_dtype": a.scale_dtype}
+    done = {(r["kind"], r["method"], r["budget_bits"], r.get("grid", r.get("bits")), mixed_variant(r),
+             r.get("scale_dtype", "float32")) for r in doc["rows"]}
+    base = GridSpec(3, 0, False, scale_dtype=a.scale_dtype)
     al, be = parse_ab(a.loaq_ab)
     method_of = lambda name: Method(name, alpha=al, beta=be) if name == "loaq" else Method(name)  # noqa: E731
     fp = api.load(a.model)
@@ -222,26 +228,28 @@ def main() -> int:
     jobs[1:1] = [("uniform", "loaq", None, g) for g in a.uniform_extra.split(",") if g]
     for kind, method, budget, bits in jobs:
         variant = mixed_variant({"kind": kind, "criterion": a.criterion, "candidates": a.candidates})
-        if (kind, method, budget, bits, variant) in done or (kind == "mixed" and method not in methods) or \
+        if (kind, method, budget, bits, variant, a.scale_dtype) in done or (kind == "mixed" and method not in methods) or \
                 (kind == "uniform" and a.no_uniform):
             continue
         if kind == "uniform":
-            spec = grid_of(str(bits), GridSpec(3, 0, False))
+            spec = grid_of(str(bits), base)
             cfg = QuantConfig(spec=spec, method=method_of("loaq"))
             row, _ = run_row(fp.model, fp.tokenizer, calib, windows, cfg, work, f"uniform-w{bits}")
             extra = {"grid": bits, "group": spec.group_size} if isinstance(bits, str) else {}
-            add({"budget_bits": None, "kind": "uniform", "bits": spec.bits, **extra, **row})
+            add({"budget_bits": None, "kind": "uniform", "bits": spec.bits, **extra, "scale_dtype": a.scale_dtype, **row})
             continue
         sens = next((r["allocation"] for r in doc["rows"] if r["kind"] == "mixed" and r["method"] == method
-                     and r.get("measured") and mixed_variant(r) == variant), None)
-        cfg = QuantConfig(spec=GridSpec(3, 0, False), method=method_of(method),
+                     and r.get("measured") and mixed_variant(r) == variant
+                     and r.get("scale_dtype", "float32") == a.scale_dtype), None)
+        cfg = QuantConfig(spec=base, method=method_of(method),
                           allocation=Allocation(budget, a.candidates, windows=a.alloc_windows, criterion=a.criterion))
         row, alloc = run_row(fp.model, fp.tokenizer, calib, windows, cfg, work, f"mixed-{method}-{budget:g}", sens)
         widths = {}
         for u in alloc["units"]:
             g = unit_grid(u)
             widths[g] = widths.get(g, 0) + len(u["linears"])
-        add({"budget_bits": budget, "kind": "mixed", "criterion": a.criterion, "candidates": a.candidates, **row, "measured": sens is None,
+        add({"budget_bits": budget, "kind": "mixed", "criterion": a.criterion, "candidates": a.candidates,
+             "scale_dtype": a.scale_dtype, **row, "measured": sens is None,
              "alloc_s": alloc["seconds"]["total"], "widths": widths, "allocation": alloc if sens is None else None})
         if budget != 2.5:  # the 2.5-bit export is served (--serve); the others are measured, not kept
             shutil.rmtree(work / f"mixed-{method}-{budget:g}-ct", ignore_errors=True)

@@ -2,7 +2,9 @@
 
 ``--target-bits B`` asks for an average of ``B`` bits per quantized weight *as the export writes it*
 (:func:`avg_bits`): per linear, the bytes of ``weight_packed`` (int32 words of ``32 // b`` codes),
-``weight_scale`` (float32, one per row and group) and ``weight_zero_point`` (int32 words of packed zero
+``weight_scale`` (one per row and group, in the grid's ``scale_dtype``: float32, or float16 with
+``--scale-dtype float16``, which makes small groups affordable: 2 bits in groups of 64 cost 2.28 bits instead
+of 2.53) and ``weight_zero_point`` (int32 words of packed zero
 points, asymmetric grids), over its ``out × in`` weights; ``weight_shape`` (16 bytes of metadata) is not counted.
 
 1. **Units.** Linears that read one input are solved together by the pipeline and are fused by vLLM into
@@ -139,7 +141,8 @@ def units(arch, n_layers: int) -> list[list[str]]:
 
 
 def linear_bytes(out_features: int, in_features: int, spec: GridSpec) -> int:
-    """Bytes the export writes for one [out, in] linear: packed codes + float32 scales + packed zero points."""
+    """Bytes the export writes for one [out, in] linear: packed codes + scales (``spec.scale_dtype``) + packed zero
+    points."""
     from loaq.export.pack import packed_shapes
 
     return sum(math.prod(shape) * dtype.itemsize for k, (shape, dtype) in

@@ -45,6 +45,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, help="default: 3")
     p.add_argument("--group-size", type=int, help="0 = per output channel (default)")
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, help="symmetric grid (default: asymmetric)")
+    p.add_argument("--scale-dtype", choices=("float32", "float16"), help="dtype the export writes weight scales in "
+                   "(default float32; float16 halves their size, e.g. 0.25 instead of 0.5 bit per weight at group 64)")
     p.add_argument("--alpha", type=_weight, help="α of LLOA/LoaQ (eq. 8) or GPTAQ's weighting; 'auto' (LLOA/LoaQ): "
                                                  "chosen on held-out calibration windows")
     p.add_argument("--beta", type=_weight, help="β of LoaQ's sub-layer term (eq. 10/12), or 'auto'")
@@ -97,7 +99,7 @@ def _recipe(a):
         raise LoaQError("--neuqi-continuous needs --init neuqi")
     flags = {
         "spec": {"bits": a.bits, "group_size": a.group_size, "symmetric": a.sym,
-                 "init": "neuqi-continuous" if a.neuqi_continuous else a.init},
+                 "init": "neuqi-continuous" if a.neuqi_continuous else a.init, "scale_dtype": a.scale_dtype},
         "method": {"name": a.method, "alpha": a.alpha, "beta": a.beta, "rescale": a.rescale, "soa": a.soa,
                    "shat": a.shat},
         "solver": {"blocksize": a.blocksize, "act_order": a.act_order, "percdamp": a.percdamp},

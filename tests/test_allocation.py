@@ -71,27 +71,28 @@ def mixed_run(model_dir, calib, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def grouped_run(model_dir, calib, tmp_path_factory):
-    """A tiny model quantized to 3.6 bits from the candidates 2 bits in groups of 32 and 4 bits per channel."""
+    """A tiny model quantized to 3.6 bits from the candidates 2 bits in groups of 32 and 4 bits per channel, with
+    float16 scales (``GridSpec.scale_dtype``; what makes small groups cheap)."""
     d = tmp_path_factory.mktemp("grouped")
-    cfg = QuantConfig(spec=GridSpec(3, 0), allocation=Allocation(3.6, "2g32,4"))
+    cfg = QuantConfig(spec=GridSpec(3, 0, scale_dtype="float16"), allocation=Allocation(3.6, "2g32,4"))
     return api.quantize(model_dir, cfg, Calibration(calib, nsamples=8, seqlen=32), out=str(d / "n"),
                         export=str(d / "x"), export_dtype="float32", batch_size=2, progress=False)
 
 
 def test_group_size_candidates(grouped_run):
-    """A candidate's group size reaches the linears, the export's config groups and ``loaq.json``; the budget holds
-    as written; the reused sensitivity is keyed by the candidates' labels."""
+    """A candidate's group size and the run's scale dtype reach the linears, the export's config groups and
+    ``loaq.json``; the budget holds as written; the reused sensitivity is keyed by the candidates' labels."""
     a = grouped_run.meta["allocation"]
     assert a["candidates"] == ["2g32", "4"] and {u["grid"] for u in a["units"]} == {"2g32", "4"}
     specs = layer_specs(grouped_run.meta, sorted(grouped_run.results))
-    assert {(s.bits, s.group_size) for s in specs.values()} == {(2, 32), (4, 0)}
+    assert {(s.bits, s.group_size, s.scale_dtype) for s in specs.values()} == {(2, 32, "float16"), (4, 0, "float16")}
     got, nbytes = allocation.written_bits(grouped_run.export)
     assert nbytes == a["bytes"] and got <= 3.6
     qc = json.load(open(os.path.join(grouped_run.export, "config.json")))["quantization_config"]
-    assert sorted((g["weights"]["num_bits"], g["weights"]["group_size"]) for g in qc["config_groups"].values()) == \
-        [(2, 32), (4, None)]
+    assert sorted((g["weights"]["num_bits"], g["weights"]["group_size"], g["weights"]["scale_dtype"])
+                  for g in qc["config_groups"].values()) == [(2, 32, "torch.float16"), (4, None, "torch.float16")]
     assert all(set(u["error"]) == {"2g32", "4"} and u["error"]["2g32"] > u["error"]["4"] for u in a["units"])
-    assert allocation.specs_from_meta(a, GridSpec(3, 0)) == specs
+    assert allocation.specs_from_meta(a, GridSpec(3, 0, scale_dtype="float16")) == specs
     with pytest.raises(LoaQError, match="candidates"):
         allocation.errors_from_meta(a, ("2", "4"), a["criterion"])
 

@@ -155,10 +155,12 @@ def test_quantize_with_export_writes_a_checked_compressed_tensors_dir(model_dir,
 
     out, exp = tmp_path / "n", tmp_path / "ct"
     assert quantize(model_dir, calib, out, "--method", "gptq", "--bits", "3", "--export", str(exp),
-                    "--export-dtype", "float32") == 0
+                    "--export-dtype", "float32", "--scale-dtype", "float16") == 0
     check_export(str(exp))
     cfg = json.load(open(exp / "config.json"))["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
+    assert {g["weights"]["scale_dtype"] for g in cfg["config_groups"].values()} == {"torch.float16"}
+    assert json.load(open(out / "loaq.json"))["config"]["spec"]["scale_dtype"] == "float16"  # a recipe keeps it
     exp.mkdir(exist_ok=True)
     other = tmp_path / "n2"
     assert quantize(model_dir, calib, other, "--export", str(exp)) == 2  # export target exists: refused up front

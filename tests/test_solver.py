@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from loaq.grids import GridSpec, dequantize, expand, fit_groups, rtn
+from loaq.errors import LoaQError
+from loaq.grids import GridSpec, dequantize, expand, fit_groups, representable, rtn
 from loaq.solver import SolverOptions, factorize, gptq_solve, qronos_solve
 from loaq.stats import Stats
 from loaq.targets import output_target
@@ -34,13 +35,30 @@ def test_gptq_beats_rtn_on_correlated_inputs():
 def test_codes_reproduce_Q_and_stay_on_grid():
     X = correlated(512, 96, seed=3)
     W = torch.randn(16, 96)
-    for spec in (GridSpec(2, 32, False), GridSpec(4, 0, True), GridSpec(3, 48, True)):
+    for spec in (GridSpec(2, 32, False), GridSpec(4, 0, True), GridSpec(3, 48, True), GridSpec(2, 32, scale_dtype="float16")):
         st = Stats(96)
         st.add(X)
         res = gptq_solve(W, factorize(st.H, 0.01), spec, SolverOptions(blocksize=32))
         assert res.codes.dtype == torch.uint8 and int(res.codes.max()) <= spec.maxq
         Q = dequantize(res.codes.float(), expand(res.scales, spec, 96), expand(res.zeros, spec, 96))
         assert torch.equal(Q, res.Q)
+        assert torch.equal(res.scales.to(spec.scale_torch_dtype).float(), res.scales)  # solved on the written scales
+
+
+def test_float16_scales_round_to_nearest_and_never_to_zero():
+    spec = GridSpec(2, 32, scale_dtype="float16")
+    s = torch.tensor([0.0123456789, 1e-9, 0.0, 3.3e-5])
+    got = representable(s, spec)
+    want = torch.cat([torch.tensor([0.0123456789]).half().float(), torch.full((2,), 2.0**-24),
+                      torch.tensor([3.3e-5]).half().float()])
+    assert torch.equal(got, want)
+    assert (got > 0).all() and torch.equal(representable(s, GridSpec(2, 32)), s)
+    W = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 1e-3
+    s32, z32 = fit_groups(W, GridSpec(4, 32))
+    s16, z16 = fit_groups(W, GridSpec(4, 32, scale_dtype="float16"))
+    assert torch.allclose(s16, s32, rtol=2.0**-11, atol=0) and not torch.equal(s16, s32)
+    with pytest.raises(LoaQError, match="--scale-dtype"):
+        GridSpec(4, scale_dtype="bfloat16")
 
 
 def test_blocksize_changes_only_the_order_of_work():

@@ -192,6 +192,7 @@ def decompress_export(path: str) -> dict[str, torch.Tensor]:
                 with _safe_open(os.path.join(path, weight_map[key])) as f:
                     local[key.removeprefix(name + ".")] = f.get_tensor(key)
             if layout == layouts.library_layout():
+                local["weight_scale"] = local["weight_scale"].float()  # float16 scales: an exact float32 product
                 out[name] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
             else:
                 out[name] = dequantize_layer(local, scheme.weights, layout)

@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", metavar="DIR", help="validate an export instead of writing one")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
-                   help="dtype of the unquantized tensors (default bfloat16; weight scales stay float32)")
+                   help="dtype of the unquantized tensors (default bfloat16; weight scales keep the run's --scale-dtype)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     return p
 

@@ -129,9 +129,11 @@ def repack(packed: torch.Tensor, bits: int, n: int, src: str, dst: str, dim: int
 def dequantize(local: dict[str, torch.Tensor], bits: int, group_size: int | None, symmetric: bool,
                layout: str) -> torch.Tensor:
     """One layer's dense weight from its ``weight_packed``/``weight_scale``/``weight_shape``[/
-    ``weight_zero_point``], as compressed-tensors computes it: ``(q - z).to(scale.dtype) * scale``."""
+    ``weight_zero_point``], as compressed-tensors computes it, ``(q - z).to(scale.dtype) * scale``, but always in
+    float32: float16 scales (``GridSpec.scale_dtype``) are read as the float32 numbers they are, so the product is
+    exact and equals the native weight, where the library's float16 product would round it."""
     n, k = local["weight_shape"].tolist()
-    scale = local["weight_scale"]
+    scale = local["weight_scale"].float()
     q = unpack(local["weight_packed"], bits, k, layout)
     if symmetric:
         z = torch.zeros_like(scale, dtype=torch.int8)

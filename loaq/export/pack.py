@@ -3,9 +3,11 @@
 Native codes and zero points are unsigned (``0..2^b-1``); compressed-tensors stores signed ones
 (``code - 2^(b-1)``), packs ``32 // b`` of them per int32 along the input dim (3 bits: 10 per word,
 2 high bits unused) and the zero points along the output dim. Symmetric grids have signed zero 0
-and store none. ``weight_scale`` stays float32: the library dequantizes as
-``(q - z).to(scale.dtype) * scale``, so with the native float32 scales the result is bit-identical
-to :func:`loaq.checkpoint.dequantized`; bf16/fp16 scales would round them.
+and store none. ``weight_scale`` is written in the grid's ``scale_dtype``: float32 by default, or float16,
+whose values the solver already rounded to float16 (:func:`loaq.grids.representable`), so the cast is exact.
+The library dequantizes as ``(q - z).to(scale.dtype) * scale``: with float32 scales that is bit-identical to
+:func:`loaq.checkpoint.dequantized`; with float16 ones its float16 product rounds, so LoaQ's readers (``--check``,
+:func:`loaq.export.load.load_export`, the serving kernels) multiply in float32 and stay bit-identical.
 
 Other compressed-tensors versions pack differently (0.19 packs 3-bit codes densely across words), so an
 export names its layout in ``quantization_config.loaq_format`` (:func:`format_marker`):
@@ -39,7 +41,7 @@ def pack_layer(r: QuantResult, spec: GridSpec) -> dict[str, torch.Tensor]:
     """Local-name tensors (``weight_packed``, ``weight_scale``, ``weight_shape``[, ``weight_zero_point``])."""
     out = {
         "weight_packed": pack_to_int32(_signed(r.codes, spec.bits), spec.bits),
-        "weight_scale": r.scales.float().contiguous(),
+        "weight_scale": r.scales.to(spec.scale_torch_dtype).contiguous(),
         "weight_shape": torch.tensor(r.codes.shape, dtype=torch.int64),
     }
     if not spec.symmetric:
@@ -53,7 +55,7 @@ def packed_shapes(out_features: int, in_features: int, spec: GridSpec) -> dict[s
     n_groups = spec.n_groups(in_features)
     shapes = {
         "weight_packed": ((out_features, math.ceil(in_features / per_word)), torch.int32),
-        "weight_scale": ((out_features, n_groups), torch.float32),
+        "weight_scale": ((out_features, n_groups), spec.scale_torch_dtype),
         "weight_shape": ((2,), torch.int64),
     }
     if not spec.symmetric:

@@ -15,7 +15,8 @@ from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                              QuantizationStatus, QuantizationStrategy)
 
-from loaq.grids import GridSpec
+from loaq.errors import LoaQError
+from loaq.grids import SCALE_DTYPES, GridSpec
 
 FORMAT = CompressionFormat.pack_quantized.value
 IGNORE = ["lm_head"]
@@ -23,11 +24,22 @@ IGNORE = ["lm_head"]
 
 def weight_args(spec: GridSpec) -> QuantizationArgs:
     """compressed-tensors' weight arguments of one grid: int, static, channel (``group_size`` 0) or group,
-    float32 scales (see :mod:`loaq.export.pack`)."""
-    common = dict(num_bits=spec.bits, type="int", symmetric=spec.symmetric, dynamic=False, scale_dtype=torch.float32)
+    scales in ``spec.scale_dtype`` (see :mod:`loaq.export.pack`)."""
+    common = dict(num_bits=spec.bits, type="int", symmetric=spec.symmetric, dynamic=False,
+                  scale_dtype=spec.scale_torch_dtype)
     if spec.group_size:
         return QuantizationArgs(**common, strategy=QuantizationStrategy.GROUP, group_size=spec.group_size)
     return QuantizationArgs(**common, strategy=QuantizationStrategy.CHANNEL)
+
+
+def scale_dtype_name(dtype) -> str:
+    """``GridSpec.scale_dtype`` of compressed-tensors' ``scale_dtype`` (unset: float32, what LoaQ always wrote)."""
+    names = {v: k for k, v in SCALE_DTYPES.items()}
+    if dtype is None:
+        return "float32"
+    if dtype not in names:
+        raise LoaQError(f"weight scales in {dtype} are not LoaQ's; export again (scales are float32 or float16)")
+    return names[dtype]
 
 
 def act_args(act: dict) -> QuantizationArgs:
@@ -62,7 +74,8 @@ def layer_specs(config: QuantizationConfig) -> dict[str, GridSpec]:
     out = {}
     for scheme in config.config_groups.values():
         w = scheme.weights
-        spec = GridSpec(w.num_bits, w.group_size if w.strategy == QuantizationStrategy.GROUP.value else 0, w.symmetric)
+        spec = GridSpec(w.num_bits, w.group_size if w.strategy == QuantizationStrategy.GROUP.value else 0, w.symmetric,
+                        scale_dtype=scale_dtype_name(w.scale_dtype))
         out |= {t: spec for t in scheme.targets}
     return out
 

@@ -154,7 +154,7 @@ def _online_r4(path: str, meta: dict, config) -> tuple[list[str], int, torch.Ten
 
 def export_tensors(native: Native, dtype: torch.dtype, names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """The exported tensors of native tensor ``names`` (one group of :meth:`Native.groups`; default: all):
-    packed linears (float32 scales) and the other tensors in ``dtype``."""
+    packed linears (scales in each grid's scale_dtype) and the other tensors in ``dtype``."""
     names = list(native.tensors.weight_map) if names is None else names
     sd = {k: v.to(dtype) if v.is_floating_point() else v
           for k, v in native.tensors.read([n for n in names if not is_quantized_part(n)]).items()}

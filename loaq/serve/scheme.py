@@ -192,6 +192,7 @@ class LoaQLinearScheme(CompressedTensorsScheme):
         add("weight_packed", (n, layouts.packed_length(k, self.bits, self.layout)), torch.int32, parts,
             packed if sharded else None)
         add("weight_scale", (n, g), torch.float32, parts, scales if sharded else None)  # float32: bit-exact
+        # (float16 checkpoint scales widen to float32 exactly in the loader's copy_)
         add("weight_shape", (len(parts), 2), torch.int64, [1] * len(parts),  # the checkpoint's full shapes
             fused=self._split_shape)
         if not self.symmetric:

@@ -3,11 +3,13 @@ loading, the packed layout, refusals and ``--check``."""
 
 import copy
 import json
+import math
 import os
 import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from loaq.arch import arch_of
@@ -26,6 +28,7 @@ from loaq.solver import QuantResult
 from tests.tiny import tiny_model, tiny_tokenizer
 
 SPECS = [GridSpec(b, g, s) for b in (2, 3, 4) for g in (0, 32) for s in (False, True)]
+SPECS += [GridSpec(2, 32, False, scale_dtype="float16"), GridSpec(3, 0, True, scale_dtype="float16")]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +74,33 @@ def test_round_trip_is_bit_exact(bases, kind, spec, tmp_path):
     assert got.keys() == results.keys() and len(got) == 14
     for name, r in results.items():
         assert got[name].dtype == torch.float32 and torch.equal(got[name], dequantized(r, spec)), name
+        assert torch.equal(r.scales.to(spec.scale_torch_dtype).float(), r.scales), name  # solved on written scales
+
+
+def test_float16_scales_are_written_smaller_and_load_like_the_native_model(bases, tmp_path):
+    """``scale_dtype="float16"``: the export stores F16 scales (half the bytes of float32 ones, nothing else moves),
+    ``--check`` passes, and :func:`loaq.export.load.load_export` computes the native model's logits exactly: it
+    multiplies in float32, where compressed-tensors' own float16 product would round the weights."""
+    from loaq.export.load import load_export
+
+    spec16 = GridSpec(4, 32, False, scale_dtype="float16")
+    native = make_native(bases, "qwen3", spec16, tmp_path / "n")
+    assert main([native, str(tmp_path / "x"), "--dtype", "float32"]) == 0
+    assert main(["--check", str(tmp_path / "x")]) == 0
+    with safe_open(str(tmp_path / "x" / "model.safetensors"), "pt") as f:
+        scales = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".weight_scale")}
+    assert len(scales) == 14 and {t.dtype for t in scales.values()} == {torch.float16}
+    b16, b32 = (sum(math.prod(s) * d.itemsize for s, d in packed_shapes(64, 128, g).values())
+                for g in (spec16, GridSpec(4, 32, False)))
+    assert b32 - b16 == 64 * 4 * 2  # 64 rows × 4 groups × 2 bytes saved
+    ref, _, _ = load_native(native)
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_export(str(tmp_path / "x"))[0](ids).logits, ref(ids).logits)
+    r = QuantResult(*rtn(torch.randn(64, 128, generator=torch.Generator().manual_seed(0)), spec16))
+    groups = torch.arange(128) // 32
+    library = ((r.codes.float() - r.zeros[:, groups]).half() * r.scales.half()[:, groups]).float()
+    assert not torch.equal(library, dequantized(r, spec16))  # what a float16 product would have rounded
 
 
 def test_mixed_specs_export_as_groups(bases, tmp_path):
