@@ -99,8 +99,9 @@ def render(doc: dict, out: Path, stem: str = "mixed") -> None:
                     key=lambda r: (mixed_variant(r), r["budget_bits"])):
         b = r["budget_bits"]
         bigger = [u for u in uni if u["size_mb"] >= r["size_mb"]]
+        smaller = [u for u in uni if u["size_mb"] < r["size_mb"]]  # the allocation's floor: same bits spent better
         g = [f"vs uniform {uname(u)} ({u['size_mb']:.1f} MB, ppl {u['ppl']:.2f}): "
-             f"{'beats' if r['ppl'] < u['ppl'] else 'LOSES'}" for u in bigger[:1]]
+             f"{'beats' if r['ppl'] < u['ppl'] else 'LOSES'}" for u in smaller[-1:] + bigger[:1]]
         gq = next((q for q in rows if q["kind"] == "mixed" and q["method"] == "gptq" and q["budget_bits"] == b
                    and mixed_variant(q) == mixed_variant(r)), None)
         if gq:

@@ -168,3 +168,24 @@ def test_server_binds_one_core_set_per_parallel_rank(monkeypatch):
     monkeypatch.setattr(server, "_cuda", lambda: False)
     assert server.server_env(ranks=2)["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
     assert "VLLM_CPU_OMP_THREADS_BIND" not in server.server_env(ranks=1)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_float16_scales_load_as_their_exact_float32_values(tp, monkeypatch):
+    """``--scale-dtype float16`` exports: the plugin's float32 ``weight_scale`` takes the F16 tensor exactly, so the
+    layer computes the export's float32 dequantization (what the native model computes)."""
+    n, k = 48, 256
+    t, _ = checkpoint(2, n, k, 32, True, layouts.WORDS, seed=7)
+    t["weight_scale"] = t["weight_scale"].half()
+    W = layouts.dequantize(t, 2, 32, False, layouts.WORDS)
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(2))
+    total = 0
+    for rank in range(tp):
+        layer = rank_layer(RowParallelLinear, tp, rank)
+        scheme = S.LoaQLinearScheme(weight_args(2, 32, True), None, False, "m.down_proj", layouts.WORDS)
+        load(scheme, layer, [(None, t)], n, k, [n], k // tp, monkeypatch)
+        sl = slice(rank * k // tp, (rank + 1) * k // tp)
+        total = total + scheme.apply_weights(layer, x[:, sl], None)
+    ref = x @ W.T
+    assert (total - ref).abs().max() < 1e-5 * ref.abs().max()
+    assert (x @ (W.half().float()).T - ref).abs().max() > 1e-5 * ref.abs().max()  # a rounded weight would show
