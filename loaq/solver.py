@@ -138,24 +138,28 @@ def _columns(W: torch.Tensor, U: torch.Tensor, col_scale: torch.Tensor, col_zero
     n = W.shape[1]
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
-        W1 = W[:, i1:i2].clone()
+        # the block transposed ([columns, rows]): each column a contiguous row of memory, so the per-column
+        # quantization and rank-1 updates stream instead of striding (the loop's cost at hundreds of rows)
+        W1 = W[:, i1:i2].t().contiguous()
+        s1, z1 = col_scale[:, i1:i2].t().contiguous(), col_zero[:, i1:i2].t().contiguous()
+        q1, Q1 = torch.empty_like(W1, dtype=torch.uint8), torch.empty_like(W1)
         Wpre = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            w = W1[:, i]
-            s, z = col_scale[:, i1 + i], col_zero[:, i1 + i]
-            q = quantize(w, s, z, maxq)
-            qd = dequantize(q, s, z)
-            codes[:, i1 + i], Q[:, i1 + i], Wpre[:, i] = q, qd, w
+            w = W1[i]
+            q = quantize(w, s1[i], z1[i], maxq)
+            qd = dequantize(q, s1[i], z1[i])
+            q1[i], Q1[i], Wpre[i] = q, qd, w
             err = (w - qd) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            W1[i:] -= U1[i, i:, None] * err[None, :]
             if P is not None:
-                W1[:, i:] += Wpre[:, i, None] * P[i1 + i, i1 + i : i2][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+                W1[i:] += P[i1 + i, i1 + i : i2, None] * Wpre[i][None, :]
+            Err1[i] = err
+        codes[:, i1:i2], Q[:, i1:i2] = q1.t(), Q1.t()
+        W[:, i2:] -= Err1.t() @ U[i1:i2, i2:]
         if P is not None:
-            W[:, i2:] += Wpre @ P[i1:i2, i2:]
+            W[:, i2:] += Wpre.t() @ P[i1:i2, i2:]
     return codes, Q
 
 
