@@ -195,26 +195,28 @@ class Probe:
         self.cfg, self.grids = cfg, {c: grid_of(c, spec) for c in grids}
         self.rows: dict[tuple[str, ...], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def __call__(self, names, W, factor, stats, B, Q_wide, held) -> None:
+    def __call__(self, names, W, factor, stats, B, spec: GridSpec, held):
+        """Solve the group on every candidate, record its rows' errors, and return the solution on ``spec`` (the
+        widest candidate: what the pass advances the quantized stream with)."""
         from loaq.solver import gptq_solve_grids
         from loaq.targets import output_target
 
-        m, spec = self.cfg.method, self.cfg.spec
+        m = self.cfg.method
         T = output_target(W, factor, stats.C, m.alpha, B, m.beta)
         Hh = held.H.float()  # float32 quadratic forms: a ranking needs ~1e-5, and this is most of the probe's time
         den = ((T @ Hh) * T).sum(1).double().cpu()
-        Qs = {c: Q_wide for c, g in self.grids.items() if g == spec}
-        rest = [c for c in self.grids if c not in Qs]
-        if m.rule.towards_target and rest:  # the rule's own solve: one target, every grid in one column loop
-            solved = gptq_solve_grids(T, factor, [self.grids[c] for c in rest], self.cfg.solver)
+        labels = list(self.grids)
+        if m.rule.towards_target:  # the rule's own solve: one target, every grid (the widest too) in one column loop
+            solved = gptq_solve_grids(T, factor, [self.grids[c] for c in labels], self.cfg.solver)
         else:
-            solved = [m.rule.solve(W, factor, stats.C, B, m, self.grids[c], self.cfg.solver) for c in rest]
-        Qs |= {c: r.Q for c, r in zip(rest, solved)}
+            solved = [m.rule.solve(W, factor, stats.C, B, m, self.grids[c], self.cfg.solver) for c in labels]
+        results = dict(zip(labels, solved))
         rows = {}
-        for c in self.grids:
-            D = Qs[c].float() - T
+        for c in labels:
+            D = results[c].Q.float() - T
             rows[c] = (((D @ Hh) * D).sum(1).double().cpu(), den)
         self.rows[tuple(names)] = rows
+        return next(r for c, r in results.items() if self.grids[c] == spec)
 
 
 def score(num: torch.Tensor, den: torch.Tensor, gain: torch.Tensor | None = None) -> float:

@@ -137,8 +137,8 @@ def solve_group(names: list[str], linears: list[nn.Linear], stats: Stats, cfg: Q
     on ``specs[names[0]]`` (a per-linear allocation, shared by the group) or ``cfg.spec``.
 
     ``masters``: the float32 linears of the model when ``linears`` are a cast working copy; the solver
-    reads their weights and both get ``Q``. ``probe`` (the allocation's sensitivity measurement) sees the
-    group's problem, its solution and the held-out ``H``. Results come back on CPU."""
+    reads their weights and both get ``Q``. ``probe`` (the allocation's sensitivity measurement) is given the
+    group's problem and the held-out ``H`` and solves it (:class:`loaq.allocation.Probe`). Results come back on CPU."""
     m = cfg.method
     spec = (specs or {}).get(names[0], cfg.spec)
     masters = masters or linears
@@ -147,10 +147,10 @@ def solve_group(names: list[str], linears: list[nn.Linear], stats: Stats, cfg: Q
     factor = factorize(stats.H, cfg.solver.percdamp, label, inplace=True)  # stats.H becomes the damped H
     if probe is None:  # nothing reads H after the solve: it may free H and L once it has H⁻¹ (loaq.solver.Factor)
         stats.H, factor.disposable = None, True
-    # without a probe the rule holds the only reference to C, and LLOA/LoaQ free it once the target is formed
-    res = m.rule.solve(W, factor, stats.C if probe is not None else _take_C(stats), B, m, spec, cfg.solver)
-    if probe is not None:
-        probe(names, W, factor, stats, B, res.Q, held)
+    if probe is not None:  # the probe solves every candidate and hands back the one at ``spec``
+        res = probe(names, W, factor, stats, B, spec, held)
+    else:  # the rule holds the only reference to C, and LLOA/LoaQ free it once the target is formed
+        res = m.rule.solve(W, factor, _take_C(stats), B, m, spec, cfg.solver)
     out, row = {}, 0
     for name, lin, master in zip(names, linears, masters):
         n = lin.out_features

@@ -310,7 +310,18 @@ def test_probe_forms_the_target_once_with_the_rules_own_result(model_dir, method
     calib = tokens(8, 32, vocab=320)
     m = Method(method, alpha=0.5, beta=0.25) if method == "loaq" else Method(method)
     cfg = QuantConfig(spec=GridSpec(3, 32), method=m, allocation=Allocation(3.0, "2,2g16,4", windows=1.0))
+    real, handed = allocation.Probe.__call__, []
+
+    def spy(self, names, W, factor, stats, B, spec, held):  # the solution the pass advances with is the rule's own
+        res = real(self, names, W, factor, stats, B, spec, held)
+        own = self.cfg.method.rule.solve(W, factor, stats.C, B, self.cfg.method, spec, self.cfg.solver)
+        handed.append(torch.equal(res.codes, own.codes) and torch.allclose(res.Q, own.Q, rtol=0, atol=1e-6))
+        return res
+
+    monkeypatch.setattr(allocation.Probe, "__call__", spy)
     once, _ = allocation.measure(model, arch, calib, cfg, batch_size=2, progress=False)
+    assert len(handed) == 8 and all(handed)
+    monkeypatch.setattr(allocation.Probe, "__call__", real)
     assert methods.METHODS[method].towards_target
     monkeypatch.setitem(methods.METHODS, method, dataclasses.replace(methods.METHODS[method], towards_target=False))
     per_grid, _ = allocation.measure(model, arch, calib, cfg, batch_size=2, progress=False)
