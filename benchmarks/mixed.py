@@ -9,7 +9,7 @@ Rows: uniform LoaQ W2, W3, W4 (per channel, asymmetric), then for each budget (a
 weight as written: packed codes + scales (``--scale-dtype``, default float16) + packed zero points,
 :func:`loaq.allocation.written_bits`)
 mixed LoaQ and mixed GPTQ over the candidates {2, 3, 4} per channel (:mod:`loaq.allocation`). The sensitivity
-of each method is measured once (by its first budget's run, on the first half of the calibration windows, a quarter of those held out)
+of each method is measured once (by its first budget's run, on the first 0.375 of the calibration windows, a quarter of those held out)
 and reused for its other budgets, so ``alloc_s`` is the measurement + knapsack of that first run and
 ``overhead`` = ``alloc_s`` / the quantization seconds of the same run. Every row is exported (bfloat16
 embeddings, as ``loaq quantize --export`` writes by default); ``size_mb`` is the export's safetensors bytes,
@@ -79,7 +79,7 @@ def render(doc: dict, out: Path, stem: str = "mixed") -> None:
     lines = [f"# Mixed precision under a size budget on {doc.get('model') or 'SmolLM2-135M'}", "",
              f"Command: `{doc['command']}`  ", f"Machine: {doc['machine']}  ", f"Date: {doc['date']}  ",
              f"Calibration: {doc['nsamples']} × {doc['seqlen']} tokens (all rows); candidates {{2, 3, 4}} per channel unless a row names others (`2g64`: 2 bits in groups of 64), "
-             f"asymmetric; sensitivity measured on {doc.get('alloc_windows', 0.5):g} of the calibration windows, a "
+             f"asymmetric; sensitivity measured on {doc.get('alloc_windows', 0.375):g} of the calibration windows, a "
              f"quarter of those held out for scoring; perplexity on the first {doc.get('eval_tokens', 16384)} tokens of "
              "the DATA.md evaluation split in windows of 512 (16384: ppl16k as quality.md).", "",
              f"avg bits: per quantized weight as written (packed codes + {doc.get('scale_dtype', 'float32')} scales + "
@@ -169,7 +169,7 @@ def main() -> int:
     ap.add_argument("--serve-only", action="store_true", help="only the serving rows, from an earlier run's exports")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--eval-tokens", type=int, default=16384, help="perplexity tokens (default 16384: ppl16k)")
-    ap.add_argument("--alloc-windows", type=float, default=0.5, help="Allocation.windows (default 0.5)")
+    ap.add_argument("--alloc-windows", type=float, default=Allocation.windows, help="Allocation.windows (default %(default)s)")
     ap.add_argument("--criterion", default="loss", choices=("loss", "output"),
                     help="Allocation.criterion of the mixed rows (rows of both are kept apart by --resume)")
     ap.add_argument("--scale-dtype", default="float16", choices=("float16", "float32"),

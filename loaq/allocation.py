@@ -22,10 +22,11 @@ points, asymmetric grids), over its ``out × in`` weights; ``weight_shape`` (16 
    amplifies (depth, the softmax behind q/k, the channels the residual stream reads) counts for more than one
    whose error the model absorbs. The quantized stream advances with the widest
    solution, so each unit's error is that of it alone dropping a width. The pass reads ``windows`` of the
-   calibration windows (default half). Its cost is the two-stream forwards over those windows plus, per unit,
-   the target and one GPTQ column loop over every candidate's rows (:func:`loaq.solver.gptq_solve_grids`); the
-   solves dominate on SmolLM2: ``benchmarks/results/mixed.md`` has 1.8 × a LoaQ run and 2.2 × a GPTQ run with
-   five candidates (measured under load, before the candidates shared one column loop).
+   calibration windows (default 0.375: 12 of 32, 9 to fit and 3 held out). Its cost is the loss gains (one
+   forward and backward per held-out window), the two-stream forwards over those windows and, per unit, the
+   target, one GPTQ column loop over every candidate's rows, the widest's included, whose solution the pass
+   advances with (:func:`loaq.solver.gptq_solve_grids`), and the held-out quadratic forms;
+   ``benchmarks/results/mixed.md`` has its seconds against the LoaQ run's.
 3. **Allocation** (:func:`knapsack`): one width per unit minimizing ``Σ e(b)`` subject to the written bytes
    ``≤ B · n_weights / 8``: an exact multiple-choice knapsack by dynamic programming over sizes in units of
    ``ceil(budget / resolution)`` bytes, each size rounded *up*, so the budget holds exactly for the written bytes.
@@ -67,7 +68,7 @@ class Allocation:
     target_bits: float | None = None
     candidates: str = "2,3,4"
     holdout: float = 0.25
-    windows: float = 0.5
+    windows: float = 0.375
     criterion: str = "loss"
 
     def __post_init__(self):
@@ -81,7 +82,7 @@ class Allocation:
         if not 0 < self.holdout < 1:
             raise LoaQError(f"--alloc-holdout {self.holdout} is not a fraction strictly between 0 and 1; e.g. 0.25")
         if not 0 < self.windows <= 1:
-            raise LoaQError(f"--alloc-windows {self.windows} is not a fraction in (0, 1]; e.g. 0.5 reads half")
+            raise LoaQError(f"--alloc-windows {self.windows} is not a fraction in (0, 1]; e.g. 0.375 (the default)")
         if self.criterion not in CRITERIA:
             raise LoaQError(f"--alloc-criterion {self.criterion!r} is not one of {', '.join(CRITERIA)}; e.g. loss")
 

@@ -84,7 +84,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alloc-holdout", type=float, help="fraction of the measured calibration windows held out to "
                    "score each width (default: 0.25)")
     p.add_argument("--alloc-windows", type=float, help="fraction of the calibration windows the sensitivity pass "
-                   "reads (default: 0.5)")
+                   "reads (default: 0.375)")
     p.add_argument("--alloc-criterion", choices=("loss", "output"), help="how --target-bits scores a width: the "
                    "held-out output error of each output channel times its loss gain, summed (loss, default) or the unit's "
                    "output error alone")
