@@ -25,7 +25,7 @@ from loaq.stats import Stats
 
 # (unit, out, in) of one SmolLM2-135M decoder layer
 SHAPES = [("q,k,v", 960, 576), ("o_proj", 576, 576), ("gate,up", 3072, 576), ("down_proj", 576, 1536)]
-GRIDS = "2g192,2g96,2g64,3"  # the non-widest candidates of benchmarks/results/mixed.md's rows
+GRIDS = "2g192,2g96,2g64,3"  # the non-widest candidates of benchmarks/results/mixed-float32.md (float32 scales)
 
 
 def timed(fn, repeats: int) -> float:
