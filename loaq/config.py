@@ -122,6 +122,8 @@ class QuantConfig:
         d = dataclasses.asdict(self)
         if not self.allocation.enabled:  # uniform runs keep the digest and loaq.json they always had
             del d["allocation"]
+        if self.spec.scale_dtype == "float32":  # so do runs with the scales they always wrote
+            del d["spec"]["scale_dtype"]
         return d
 
     @classmethod

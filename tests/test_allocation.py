@@ -55,6 +55,7 @@ def test_settings_are_checked():
     with pytest.raises(LoaQError, match="calibrated weight-only"):
         QuantConfig(method=Method("rtn"), allocation=Allocation(2.5))
     assert "allocation" not in QuantConfig().to_dict()  # uniform runs keep their digest
+    assert "scale_dtype" not in QuantConfig().to_dict()["spec"]  # and so do float32 scales
     d = QuantConfig(allocation=Allocation(2.5, "2,3")).to_dict()
     assert QuantConfig.from_dict(d).allocation == Allocation(2.5, "2,3")
 
