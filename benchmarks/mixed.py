@@ -37,7 +37,7 @@ from loaq import api
 from loaq.allocation import Allocation, grid_of, unit_grid, written_bits
 from loaq.bench import command, machine, mixed_variant, parse_ab, utc_date
 from loaq.config import Calibration, Method, QuantConfig
-from loaq.grids import GridSpec
+from loaq.grids import SCALE_DTYPES, GridSpec
 from loaq.metrics import perplexity
 
 BUDGETS = "2.25,2.5,2.75,3.0,3.5"
@@ -172,7 +172,7 @@ def main() -> int:
     ap.add_argument("--alloc-windows", type=float, default=Allocation.windows, help="Allocation.windows (default %(default)s)")
     ap.add_argument("--criterion", default="loss", choices=("loss", "output"),
                     help="Allocation.criterion of the mixed rows (rows of both are kept apart by --resume)")
-    ap.add_argument("--scale-dtype", default="float16", choices=("float16", "float32"),
+    ap.add_argument("--scale-dtype", default="float16", choices=tuple(SCALE_DTYPES),
                     help="GridSpec.scale_dtype of every row (default float16; rows of both are kept apart by --resume)")
     ap.add_argument("--candidates", default="2,3,4", help="Allocation.candidates of the mixed rows, e.g. 2g64,3,4")
     ap.add_argument("--loaq-ab", default="0.25,0", help="α,β of every LoaQ row (default: the values the uniform rows "

@@ -38,6 +38,7 @@ def _weight(s: str) -> float | str:
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     """Every flag defaults to None ("not given"), so a --recipe's value stands unless a flag overrides it."""
+    from loaq.grids import SCALE_DTYPES
     from loaq.methods import METHODS
 
     p.add_argument("--recipe", help="YAML/JSON recipe, or a finished run's loaq.json / directory (flags override it)")
@@ -45,7 +46,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, help="default: 3")
     p.add_argument("--group-size", type=int, help="0 = per output channel (default)")
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, help="symmetric grid (default: asymmetric)")
-    p.add_argument("--scale-dtype", choices=("float32", "float16"), help="dtype the export writes weight scales in "
+    p.add_argument("--scale-dtype", choices=tuple(SCALE_DTYPES), help="dtype the export writes weight scales in "
                    "(default float32; float16 halves their size, e.g. 0.25 instead of 0.5 bit per weight at group 64)")
     p.add_argument("--alpha", type=_weight, help="α of LLOA/LoaQ (eq. 8) or GPTAQ's weighting; 'auto' (LLOA/LoaQ): "
                                                  "chosen on held-out calibration windows")
