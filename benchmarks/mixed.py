@@ -244,7 +244,9 @@ def main() -> int:
                      and r.get("scale_dtype", "float32") == a.scale_dtype), None)
         cfg = QuantConfig(spec=base, method=method_of(method),
                           allocation=Allocation(budget, a.candidates, windows=a.alloc_windows, criterion=a.criterion))
-        row, alloc = run_row(fp.model, fp.tokenizer, calib, windows, cfg, work, f"mixed-{method}-{budget:g}", sens)
+        name = f"mixed-{method}-{budget:g}" + ("" if a.candidates == Allocation.candidates else
+                                                f"-{a.candidates.replace(',', '_')}")  # variants keep their exports apart
+        row, alloc = run_row(fp.model, fp.tokenizer, calib, windows, cfg, work, name, sens)
         widths = {}
         for u in alloc["units"]:
             g = unit_grid(u)
@@ -253,8 +255,8 @@ def main() -> int:
              "scale_dtype": a.scale_dtype, **row, "measured": sens is None,
              "alloc_s": alloc["seconds"]["total"], "widths": widths, "allocation": alloc if sens is None else None})
         if budget != 2.5:  # the 2.5-bit export is served (--serve); the others are measured, not kept
-            shutil.rmtree(work / f"mixed-{method}-{budget:g}-ct", ignore_errors=True)
-        shutil.rmtree(work / f"mixed-{method}-{budget:g}", ignore_errors=True)
+            shutil.rmtree(work / f"{name}-ct", ignore_errors=True)
+        shutil.rmtree(work / name, ignore_errors=True)
     if a.serve:
         doc["serve"] = serve(doc, work, a.prompts, 128, 128)
         render(doc, out)

@@ -34,7 +34,8 @@ at decode, Python overhead is a large part of a small layer's time.
 Activations are bf16 or fp32 (fp16 is computed via fp32). W4A4 on CPU quantizes
 activations in C++ (bit-identical to the reference quantizer); without VNNI it runs
 the fp32 GEMV on the integer codes (products and sums of integers below 2**24 are
-exact in fp32), and for large M a bf16 GEMM on them (the weight rounded to bf16).
+exact in fp32), and for large M an fp32 GEMM on them with the dequantized fp32 weight (a bf16 weight would
+put the result 0.4 % off the reference).
 """
 
 from __future__ import annotations
@@ -264,8 +265,8 @@ def cpu_w4a4_matmul(act: ActQuant, w: CpuWeight, out_dtype: torch.dtype) -> torc
         _check(rc, "loaq_w4a4_gemv")
         return y.to(out_dtype)
     xq = act.codes.float() - act.zero.float()[:, None]
-    if m >= DEQUANT_MIN_M:  # integers |xq| <= 16 are exact in bf16
-        y = torch.nn.functional.linear(xq.bfloat16(), _dequantize(w, torch.bfloat16)).float()
+    if m >= DEQUANT_MIN_M:  # float32 weights: bfloat16's would round (q - z) * s to 8 bits, 0.4 % off the reference
+        y = torch.nn.functional.linear(xq, _dequantize(w, torch.float32))
     else:
         y = _gemv(xq, w, torch.float32)
     return (y * act.scale[:, None]).to(out_dtype)

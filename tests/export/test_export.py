@@ -257,3 +257,16 @@ def test_interrupted_export_leaves_nothing(native_dir, tmp_path, monkeypatch, ca
     assert main([native_dir, str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err == "interrupted; nothing was written\n"
     assert os.listdir(tmp_path) == []
+
+
+def test_scale_dtypes_read_back_and_foreign_ones_are_refused_in_one_line():
+    from loaq.errors import LoaQError
+    from loaq.export import scheme
+
+    specs = {"l.0": GridSpec(3, 0, False), "l.1": GridSpec(2, 64, False, scale_dtype="float16")}
+    qc = quantization_config(specs)
+    assert scheme.layer_specs(qc) == specs
+    qc.config_groups["group_0"].weights.scale_dtype = torch.bfloat16  # a checkpoint LoaQ did not write
+    with pytest.raises(LoaQError, match=r"^weight scales in torch.bfloat16 are not LoaQ's; export again") as e:
+        scheme.layer_specs(qc)
+    assert "\n" not in str(e.value)

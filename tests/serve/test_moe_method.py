@@ -1,6 +1,6 @@
 """The plugin's fused-MoE method (:mod:`loaq.serve.moe`) without an engine: vLLM's expert mapping names load through its
 weight loader, and its ``loaq::moe`` forward equals the dequantized experts, for 2/3/4-bit, per channel and grouped,
-and for W4A4 experts (int4 per-token inputs, the CPU W4A4 kernel) the experts with the activation fake quantizer."""
+float32 or float16 scales, and for W4A4 experts (int4 per-token inputs, the CPU W4A4 kernel) the experts with the activation fake quantizer."""
 
 import copy
 import types
@@ -28,11 +28,12 @@ def fp():
 
 
 def _name(spec: GridSpec, act: ActSpec = ActSpec()) -> str:
-    grid = f"w{spec.bits}g{spec.group_size}{'sym' if spec.symmetric else 'asym'}"
+    grid = f"w{spec.bits}g{spec.group_size}{'sym' if spec.symmetric else 'asym'}" + ("-f16" if spec.scale_dtype == "float16" else "")
     return grid + (f"-a4{'sym' if act.symmetric else 'asym'}" if act.enabled else "")
 
 
 CASES = [(GridSpec(2, 0, False), ActSpec()), (GridSpec(3, 32, True), ActSpec()), (GridSpec(4, 32, False), ActSpec()),
+         (GridSpec(2, 32, False, scale_dtype="float16"), ActSpec()),  # float16 scales widen exactly into float32
          (GridSpec(4, 0, False), ActSpec(4)), (GridSpec(4, 0, True), ActSpec(4, True))]
 
 
