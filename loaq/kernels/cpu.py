@@ -34,8 +34,8 @@ at decode, Python overhead is a large part of a small layer's time.
 Activations are bf16 or fp32 (fp16 is computed via fp32). W4A4 on CPU quantizes
 activations in C++ (bit-identical to the reference quantizer); without VNNI it runs
 the fp32 GEMV on the integer codes (products and sums of integers below 2**24 are
-exact in fp32), and for large M an fp32 GEMM on them with the dequantized fp32 weight (a bf16 weight would
-put the result 0.4 % off the reference).
+exact in fp32), and for large M an fp32 GEMM on them with the dequantized fp32 weight
+(:func:`cpu_wna16_matmul` on the codes; a bf16 weight would put the result 0.4 % off the reference).
 """
 
 from __future__ import annotations
@@ -264,11 +264,9 @@ def cpu_w4a4_matmul(act: ActQuant, w: CpuWeight, out_dtype: torch.dtype) -> torc
                                        torch.get_num_threads())
         _check(rc, "loaq_w4a4_gemv")
         return y.to(out_dtype)
-    xq = act.codes.float() - act.zero.float()[:, None]
-    if m >= DEQUANT_MIN_M:  # float32 weights: bfloat16's would round (q - z) * s to 8 bits, 0.4 % off the reference
-        y = torch.nn.functional.linear(xq, _dequantize(w, torch.float32))
-    else:
-        y = _gemv(xq, w, torch.float32)
+    # the float32 WNA16 product on the integer codes (GEMV, or dequantize + GEMM from DEQUANT_MIN_M): a bfloat16
+    # weight would round (q - z) * s to 8 bits, 0.4 % off the reference
+    y = cpu_wna16_matmul(act.codes.float() - act.zero.float()[:, None], w)
     return (y * act.scale[:, None]).to(out_dtype)
 
 

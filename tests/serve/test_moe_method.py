@@ -28,7 +28,8 @@ def fp():
 
 
 def _name(spec: GridSpec, act: ActSpec = ActSpec()) -> str:
-    grid = f"w{spec.bits}g{spec.group_size}{'sym' if spec.symmetric else 'asym'}" + ("-f16" if spec.scale_dtype == "float16" else "")
+    grid = f"w{spec.bits}g{spec.group_size}{'sym' if spec.symmetric else 'asym'}"
+    grid += "-f16" if spec.scale_dtype == "float16" else ""
     return grid + (f"-a4{'sym' if act.symmetric else 'asym'}" if act.enabled else "")
 
 
