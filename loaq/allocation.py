@@ -48,6 +48,7 @@ import torch
 
 from loaq.errors import LoaQError
 from loaq.grids import GridSpec
+from loaq.solver import QuantResult
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +193,10 @@ class Probe:
     and the target's output energy ``den_j = (W̃ H_held W̃ᵀ)_jj`` (``cfg``: the run's config on the widest
     candidate's grid; ``spec``: the run's own grid, the candidates' base). :func:`score` turns them into values."""
 
-    def __init__(self, cfg, grids: tuple[str, ...], spec: GridSpec):
+    def __init__(self, cfg, grids: tuple[str, ...], spec: GridSpec, kept: dict[str, dict] | None = None):
         self.cfg, self.grids = cfg, {c: grid_of(c, spec) for c in grids}
         self.rows: dict[tuple[str, ...], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.kept = kept or {}
 
     def __call__(self, names, W, factor, stats, B, spec: GridSpec, held):
         """Solve the group on every candidate, record its rows' errors, and return the solution on ``spec`` (the
@@ -217,6 +219,8 @@ class Probe:
             D = results[c].Q.float() - T
             rows[c] = (((D @ Hh) * D).sum(1).double().cpu(), den)
         self.rows[tuple(names)] = rows
+        for c, store in self.kept.items():  # codes, scales and zeros only: one byte per weight
+            store[tuple(names)] = QuantResult(results[c].codes, results[c].scales, results[c].zeros)
         return next(r for c, r in results.items() if self.grids[c] == spec)
 
 
@@ -232,9 +236,12 @@ def score(num: torch.Tensor, den: torch.Tensor, gain: torch.Tensor | None = None
 
 
 def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, device: str = "cpu",
-            progress: bool = True) -> tuple[dict[tuple[str, ...], dict[str, float]], dict]:
+            progress: bool = True, kept: dict[str, dict] | None = None
+            ) -> tuple[dict[tuple[str, ...], dict[str, float]], dict]:
     """Per-unit held-out errors at every candidate grid (module docstring, step 2), on a copy of ``model``;
-    returns (errors, the windows read: ``{"fit": n, "held": n}``)."""
+    returns (errors, the windows read: ``{"fit": n, "held": n}``). ``kept``: candidate label → a dict this
+    fills with each unit's solution on that grid (:class:`loaq.solver.QuantResult` without ``Q``; the
+    allocation diagnostics, ``benchmarks/mixed_diagnose.py``, put them into the float model)."""
     from tqdm.auto import tqdm
 
     from loaq.holdout import split_windows
@@ -262,7 +269,7 @@ def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devic
         _capture(m, arch, fit, batch_size, streams)
         _capture(m, arch, held, batch_size, streams, offset=n_fit)
         streams.held = len(streams) - n_fit
-        probe = Probe(wide, alloc.grids, cfg.spec)
+        probe = Probe(wide, alloc.grids, cfg.spec, kept)
         eps = m.config.rms_norm_eps
         layers = arch.decoder_layers(m)
         for i in tqdm(range(len(layers)), desc="sensitivity", disable=not progress, unit="layer"):

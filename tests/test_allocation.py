@@ -330,3 +330,28 @@ def test_probe_forms_the_target_once_with_the_rules_own_result(model_dir, method
     for u in once:
         for c in once[u]:
             assert once[u][c] == pytest.approx(per_grid[u][c], rel=1e-12, abs=1e-300), (u, c)
+
+
+def test_kept_solutions_are_the_probed_ones(model_dir, monkeypatch):
+    """``measure(kept=...)`` keeps each unit's solution on the asked grids (the diagnostics put them into the
+    float model): on the widest grid the very codes the pass advanced with, on a narrower one its own codes."""
+    from loaq.models import load_model, resolve
+    from tests.tiny import tokens
+
+    model, _, arch, _ = load_model(resolve(model_dir))
+    cfg = QuantConfig(spec=GridSpec(3, 32), allocation=Allocation(3.0, "2,4", windows=1.0))
+    real, handed = allocation.Probe.__call__, {}
+
+    def spy(self, names, W, factor, stats, B, spec, held):
+        handed[tuple(names)] = res = real(self, names, W, factor, stats, B, spec, held)
+        return res
+
+    monkeypatch.setattr(allocation.Probe, "__call__", spy)
+    kept = {"2": {}, "4": {}}
+    allocation.measure(model, arch, tokens(8, 32, vocab=320), cfg, batch_size=2, progress=False, kept=kept)
+    assert kept["2"].keys() == kept["4"].keys() == handed.keys() and len(handed) == 8
+    for u, res in handed.items():
+        rows = sum(model.get_submodule(n).weight.shape[0] for n in u)
+        assert torch.equal(kept["4"][u].codes, res.codes) and torch.equal(kept["4"][u].scales, res.scales)
+        assert kept["2"][u].codes.shape == (rows, res.codes.shape[1]) and int(kept["2"][u].codes.max()) <= 3
+        assert kept["2"][u].Q is None and not torch.equal(dequantized(kept["2"][u], GridSpec(2, 32)), res.Q)

@@ -19,30 +19,40 @@ def smol(smollm2):
     torch.manual_seed(0)
     model, tok, arch = smollm2
     calib = data.random_windows(data.tokenize(tok, data.default_split("calib")), 16, 256, seed=0)
-    evalw = data.eval_windows(data.tokenize(tok, data.default_split("eval")), 512, 4096)
+    evalw = data.eval_windows(data.tokenize(tok, data.default_split("eval")), 512, 2048)
     return model, arch, calib, evalw
 
 
-def quantized(smol, method):
+def quantized(smol, method, depth: int):
+    """A copy of SmolLM2 whose first ``depth`` decoder layers are quantized (the pipeline runs on that prefix,
+    as a whole run does on its first layers) and whose other layers stay float."""
     model, arch, calib, _ = smol
     m = copy.deepcopy(model)
+    every = m.model.layers
+    m.model.layers, m.config.num_hidden_layers = every[:depth], depth
     quantize_model(m, arch, calib, QuantConfig(spec=SPEC, method=method), batch_size=8, progress=False)
+    m.model.layers, m.config.num_hidden_layers = every, len(every)
     return m
 
 
-def test_smollm2_gptq_beats_rtn_and_loaq_beats_gptq_on_hidden_error(smol):
+def test_smollm2_gptq_beats_rtn_and_loaq_beats_gptq(smol):
+    """W3 per channel on the first 10 of 30 layers (a third of a whole run's solves; measured 2026-12-01:
+    ppl 7.27 float, 8.85 LoaQ, 9.56 GPTQ, 12.49 RTN on 4096 tokens; normalized hidden error after layer 10
+    0.014 LoaQ, 0.074 GPTQ, 0.21 RTN)."""
     model, arch, calib, evalw = smol
+    depth = 10
     fp_ppl = perplexity(model, evalw)
     assert 5 < fp_ppl < 30  # the dequantized GGUF loaded correctly
-    rtn, gptq, loaq = (quantized(smol, Method(n)) for n in ("rtn", "gptq", "loaq"))
-    ppl = {n: perplexity(m, evalw) for n, m in (("rtn", rtn), ("gptq", gptq))}
-    assert fp_ppl < ppl["gptq"] < ppl["rtn"], ppl
+    q = {n: quantized(smol, Method(n), depth) for n in ("rtn", "gptq", "loaq")}
+    ppl = {n: perplexity(m, evalw) for n, m in q.items()}
+    assert fp_ppl < ppl["loaq"] < ppl["gptq"] < ppl["rtn"], ppl
     probe = calib[:4]
     ref = layer_outputs(model, arch, probe)
     eps = model.config.rms_norm_eps
-    mse = {n: hidden_mse(ref, layer_outputs(m, arch, probe), eps) for n, m in (("gptq", gptq), ("loaq", loaq))}
-    assert mse["loaq"]["mse"][-1] < mse["gptq"]["mse"][-1], mse
-    assert mse["loaq"]["mse_normed"][-1] < mse["gptq"]["mse_normed"][-1], mse
+    mse = {n: hidden_mse(ref, layer_outputs(m, arch, probe), eps) for n, m in q.items()}
+    for key in ("mse", "mse_normed"):  # after the last quantized layer, and at the model's output
+        for at in (depth - 1, -1):
+            assert mse["loaq"][key][at] < mse["gptq"][key][at] < mse["rtn"][key][at], (key, at, mse)
 
 
 def test_rotated_smollm2_gives_the_same_logits(smol):
@@ -95,11 +105,12 @@ def test_group_128_is_refused_before_loading_smollm2(capsys):
 
 def test_api_quantizes_the_gguf_default_model_and_loads_it_back(tmp_path):
     """The GGUF input path end to end through loaq.quantize: the bundled SmolLM2 GGUF (dequantized on load),
-    GPTQ W4 g64 on 2 windows of 64 tokens, a native checkpoint whose loaded logits equal the in-memory model's."""
+    RTN W4 g64 (the input path, not the solver, is under test; the solvers run on SmolLM2 above) on 2 windows of
+    64 tokens, a native checkpoint whose loaded logits equal the in-memory model's."""
     import loaq
     from loaq.config import Calibration
 
-    run = loaq.quantize(None, QuantConfig(spec=GridSpec(4, 64), method=Method("gptq")), Calibration(nsamples=2, seqlen=64),
+    run = loaq.quantize(None, QuantConfig(spec=GridSpec(4, 64), method=Method("rtn")), Calibration(nsamples=2, seqlen=64),
                         out=str(tmp_path / "q"), progress=False)
     assert run.meta["source_model"].endswith(".gguf") and len(run.results) == 30 * 7
     back = loaq.load(str(tmp_path / "q"))
