@@ -19,7 +19,6 @@ loads see the same float32 weights.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -98,14 +97,6 @@ class SafetensorsReader:
         return out
 
 
-@functools.lru_cache(maxsize=2)
-def _gguf_file(path: str):
-    """The parsed (memory-mapped) GGUF file; parsing a large tokenizer table is slow, so it is kept."""
-    import gguf
-
-    return gguf.GGUFReader(path)
-
-
 class GGUFReader:
     """Tensors of a GGUF file by Hugging Face name, dequantized to float32 one at a time (memory-mapped file)."""
 
@@ -113,10 +104,13 @@ class GGUFReader:
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                               get_gguf_hf_weights_map, read_field)
 
-        self.reader = _gguf_file(path)
+        from loaq.models import gguf_file, one_parse
+
+        self.reader = gguf_file(path)
         arch = read_field(self.reader, "general.architecture")[0]
         self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())
-        to_hf = get_gguf_hf_weights_map(model, self.processor)
+        with one_parse():
+            to_hf = get_gguf_hf_weights_map(model, self.processor)
         self.tensors = {to_hf[t.name]: t for t in self.reader.tensors if t.name in to_hf}
 
     def names(self) -> set[str]:

@@ -12,6 +12,7 @@ local snapshot directory, so loading itself never touches the network.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -159,12 +160,62 @@ def check_gguf_header(path: str) -> None:
                         f"{', '.join(map(str, GGUF_VERSIONS))}); pass another .gguf file or a model directory")
 
 
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: str, size: int, mtime_ns: int):  # noqa: ARG001 - size, mtime: a changed file parses anew
+    return _GGUF_READER[0](path)
+
+
+_GGUF_READER: list = []  # gguf's own reader class and name-table function, kept while one_parse swaps them
+
+
+def gguf_file(path: str):
+    """The parsed (memory-mapped) GGUF file ``path``, parsed once while it is unchanged (size, mtime): the
+    metadata walk of a 49k-entry tokenizer table takes seconds, and transformers parses the file anew for the
+    config, the weights and the tokenizer."""
+    import gguf
+
+    if not _GGUF_READER:
+        _GGUF_READER.append(gguf.GGUFReader)
+    st = os.stat(path)
+    return _gguf_reader(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _tensor_name_map(arch, n_blocks: int):
+    return _GGUF_NAME_MAP[0](arch, n_blocks)
+
+
+_GGUF_NAME_MAP: list = []
+
+
+@contextmanager
+def one_parse():
+    """While open, transformers' GGUF loading (``from gguf import ...`` at each call) gets the file
+    :func:`gguf_file` already parsed instead of parsing it again, and gguf's tensor-name table of an
+    architecture built once (transformers builds it once per module of the model: 400 times, 10 s, for SmolLM2)."""
+    import gguf
+
+    real, names = gguf.GGUFReader, gguf.get_tensor_name_map
+    if not _GGUF_READER:
+        _GGUF_READER.append(real)
+    if not _GGUF_NAME_MAP:
+        _GGUF_NAME_MAP.append(names)
+    gguf.GGUFReader = lambda path, mode="r": gguf_file(os.fspath(path)) if mode == "r" else _GGUF_READER[0](path, mode)
+    gguf.get_tensor_name_map = _tensor_name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real, names
+
+
 @contextmanager
 def _parsing(path: str):
     """Turn whatever a third-party parser raises on a broken ``path`` (a GGUF file, or a directory's
-    ``config.json``) into one line naming the file: struct, value, JSON, OS errors and more."""
+    ``config.json``) into one line naming the file: struct, value, JSON, OS errors and more. A GGUF file is
+    parsed once for all of transformers' readers (:func:`one_parse`)."""
     try:
-        yield
+        with (one_parse() if path.endswith(".gguf") else nullcontext()):
+            yield
     except LoaQError:
         raise
     except Exception as e:  # noqa: BLE001 - the parsers' failure modes are many; the file is the problem
@@ -182,10 +233,28 @@ def _parsed_file(src: Source) -> str:
 
 
 def load_config(src: Source):
+    """The model's config (a fresh copy: callers edit it). A GGUF file's is converted once while the file is
+    unchanged (transformers walks all of its metadata, the tokenizer table included, for it)."""
+    import copy
+
+    path = _parsed_file(src)
+    if src.gguf_file:
+        with _parsing(path):
+            st = os.stat(path)
+        return copy.deepcopy(_gguf_config(src.directory, src.gguf_file, st.st_size, st.st_mtime_ns))
+    return _config(src)
+
+
+def _config(src: Source):
     from transformers import AutoConfig
 
     with _parsing(_parsed_file(src)):
         return AutoConfig.from_pretrained(src.directory, local_files_only=True, **src.kwargs())
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_config(directory: str, gguf_file: str, size: int, mtime_ns: int):  # noqa: ARG001 - a changed file anew
+    return _config(Source(directory=directory, gguf_file=gguf_file))
 
 
 def load_model(path: str | Source | None, dtype: torch.dtype = torch.float32):

@@ -117,3 +117,35 @@ def test_api_quantizes_the_gguf_default_model_and_loads_it_back(tmp_path):
     ids = torch.tensor([[1, 504, 3390, 314, 4053, 28, 30]])
     with torch.no_grad():
         assert torch.equal(back.model(ids).logits, run.model(ids).logits)
+
+
+def test_the_gguf_file_is_parsed_once(monkeypatch):
+    """Config (twice: resolve-time check and skeleton), tokenizer and the lazy weight reader of the bundled GGUF
+    share one parse of the file (each parse walks a 49k-entry tokenizer table: seconds), and gguf's own reader
+    is back in place afterwards."""
+    import os
+
+    import gguf
+
+    from loaq import models
+    from loaq.lazy import GGUFReader, skeleton
+
+    real, calls = gguf.GGUFReader, []
+
+    def counting(path, mode="r"):
+        calls.append(path)
+        return real(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)  # what transformers and loaq both construct
+    monkeypatch.setattr(models, "_GGUF_READER", [])
+    models._gguf_reader.cache_clear()
+    models._gguf_config.cache_clear()
+    src = models.resolve(None)
+    first, second = models.load_config(src), models.skeleton_config(src)
+    assert first is not second and first.num_hidden_layers == second.num_hidden_layers == 30
+    assert models.load_tokenizer(src)("LoaQ").input_ids
+    reader = GGUFReader(os.path.join(src.directory, src.gguf_file), skeleton(second))
+    assert len(reader.names()) > 30 * 9 and len(calls) == 1, calls
+    assert gguf.GGUFReader is counting
+    models._gguf_reader.cache_clear()
+    models._gguf_config.cache_clear()
