@@ -205,7 +205,7 @@ def output_bytes(config, cfg: QuantConfig, calib_tokens: int, export_dtype: str 
     other = 2 * config.vocab_size * h + (2 * n + 1) * h  # embeddings, lm_head, norms
     streams = 2 * calib_tokens * h * 4  # the float and the quantized stream of the store
     native = 2 * (weights + 8 * groups) + 4 * other + streams  # codes (uint8) in the checkpoint and the store
-    from loaq.export.writer import DTYPES
+    from loaq.export import DTYPES
 
     width = DTYPES[export_dtype].itemsize if export_dtype else 0
     export = (weights * cfg.spec.bits // 8 + 8 * groups + width * other) if width else 0
@@ -293,7 +293,7 @@ def quantize(model: str | nn.Module | None = None, config: QuantConfig | Recipe 
     cfg = rec.config
     check_batch_size(batch_size)
     check_load(load)
-    from loaq.export.writer import DTYPES
+    from loaq.export import DTYPES
 
     if export_dtype not in DTYPES:
         raise LoaQError(f"export dtype {export_dtype!r} is unknown; use {', '.join(DTYPES)}")

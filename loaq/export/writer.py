@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from loaq.arch import arch_of
 from loaq.checkpoint import atomic_dir, check_output, layer_specs, read_meta, tensors_to_results
 from loaq.errors import LoaQError
+from loaq.export import DTYPES  # noqa: F401 - callers import it from the writer too
 from loaq.export.manifest import write_manifest
 from loaq.export.pack import MARKER_KEY, format_marker, pack_layer, packed_shapes
 from loaq.export.scheme import quantization_config
@@ -37,7 +38,6 @@ from loaq.grids import GridSpec
 from loaq.shards import PARTS, NativeTensors, SafetensorsStream, is_quantized_part
 from loaq.solver import QuantResult
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 NATIVE_ONLY = {"loaq.json", "quantized.safetensors", "model.safetensors", "rotation.safetensors", "config.json"}
 
 
