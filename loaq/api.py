@@ -519,7 +519,8 @@ def _write_outputs(out, export, export_dtype, force, model, tok, results, meta, 
         save_native(out, model, tok, results, meta, force=True, rotation=rotation, store=store, rest=rest)
         timings["save"] = time.time() - t0
         if export:
-            from loaq.export.writer import DTYPES, export as write_export
+            from loaq.export import DTYPES
+            from loaq.export.writer import export as write_export
 
             t0 = time.time()
             write_export(out, export, dtype=DTYPES[export_dtype], force=force)

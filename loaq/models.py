@@ -160,32 +160,30 @@ def check_gguf_header(path: str) -> None:
                         f"{', '.join(map(str, GGUF_VERSIONS))}); pass another .gguf file or a model directory")
 
 
+@functools.cache
+def _originals():
+    """gguf's own reader class and tensor-name-table function (what :func:`one_parse` swaps and restores)."""
+    import gguf
+
+    return gguf.GGUFReader, gguf.get_tensor_name_map
+
+
 @functools.lru_cache(maxsize=2)
 def _gguf_reader(path: str, size: int, mtime_ns: int):  # noqa: ARG001 - size, mtime: a changed file parses anew
-    return _GGUF_READER[0](path)
-
-
-_GGUF_READER: list = []  # gguf's own reader class and name-table function, kept while one_parse swaps them
+    return _originals()[0](path)
 
 
 def gguf_file(path: str):
     """The parsed (memory-mapped) GGUF file ``path``, parsed once while it is unchanged (size, mtime): the
     metadata walk of a 49k-entry tokenizer table takes seconds, and transformers parses the file anew for the
     config, the weights and the tokenizer."""
-    import gguf
-
-    if not _GGUF_READER:
-        _GGUF_READER.append(gguf.GGUFReader)
     st = os.stat(path)
     return _gguf_reader(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=8)
 def _tensor_name_map(arch, n_blocks: int):
-    return _GGUF_NAME_MAP[0](arch, n_blocks)
-
-
-_GGUF_NAME_MAP: list = []
+    return _originals()[1](arch, n_blocks)
 
 
 @contextmanager
@@ -195,17 +193,13 @@ def one_parse():
     architecture built once (transformers builds it once per module of the model: 400 times, 10 s, for SmolLM2)."""
     import gguf
 
-    real, names = gguf.GGUFReader, gguf.get_tensor_name_map
-    if not _GGUF_READER:
-        _GGUF_READER.append(real)
-    if not _GGUF_NAME_MAP:
-        _GGUF_NAME_MAP.append(names)
-    gguf.GGUFReader = lambda path, mode="r": gguf_file(os.fspath(path)) if mode == "r" else _GGUF_READER[0](path, mode)
+    reader, names = _originals()
+    gguf.GGUFReader = lambda path, mode="r": gguf_file(os.fspath(path)) if mode == "r" else reader(path, mode)
     gguf.get_tensor_name_map = _tensor_name_map
     try:
         yield
     finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = real, names
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, names
 
 
 @contextmanager

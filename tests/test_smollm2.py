@@ -137,7 +137,7 @@ def test_the_gguf_file_is_parsed_once(monkeypatch):
         return real(path, mode)
 
     monkeypatch.setattr(gguf, "GGUFReader", counting)  # what transformers and loaq both construct
-    monkeypatch.setattr(models, "_GGUF_READER", [])
+    models._originals.cache_clear()
     models._gguf_reader.cache_clear()
     models._gguf_config.cache_clear()
     src = models.resolve(None)
@@ -147,5 +147,5 @@ def test_the_gguf_file_is_parsed_once(monkeypatch):
     reader = GGUFReader(os.path.join(src.directory, src.gguf_file), skeleton(second))
     assert len(reader.names()) > 30 * 9 and len(calls) == 1, calls
     assert gguf.GGUFReader is counting
-    models._gguf_reader.cache_clear()
-    models._gguf_config.cache_clear()
+    for cache in (models._originals, models._gguf_reader, models._gguf_config):  # nothing of `counting` is kept
+        cache.cache_clear()

@@ -33,7 +33,8 @@ def run(a) -> int:
         return 0
     if not (a.native and a.out):
         raise LoaQError("give NATIVE_DIR and OUT_DIR (or --check OUT_DIR)")
-    from loaq.export.writer import DTYPES, export
+    from loaq.export import DTYPES
+    from loaq.export.writer import export
 
     files = export(a.native, a.out, dtype=DTYPES[a.dtype], force=a.force, max_shard_size=a.max_shard_size)
     print(f"wrote {a.out} ({len(files)} safetensors file(s)); verify with `loaq-export --check {a.out}`")

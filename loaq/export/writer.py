@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 from loaq.arch import arch_of
 from loaq.checkpoint import atomic_dir, check_output, layer_specs, read_meta, tensors_to_results
 from loaq.errors import LoaQError
-from loaq.export import DTYPES  # noqa: F401 - callers import it from the writer too
 from loaq.export.manifest import write_manifest
 from loaq.export.pack import MARKER_KEY, format_marker, pack_layer, packed_shapes
 from loaq.export.scheme import quantization_config
