@@ -73,6 +73,14 @@ def label(r: dict) -> str:
     return f"{r['method']} {uname(r)}" if r["kind"] == "uniform" else f"{r['method']} ({mixed_variant(r)})"
 
 
+def same_size(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(uniform row, mixed LoaQ row) pairs whose budget is the uniform grid's average bits as written (to the
+    4 decimals a row records): the mix spends at most what the uniform grid spends."""
+    uni = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["avg_bits"])
+    return [(u, r) for u in uni for r in rows if r["kind"] == "mixed" and r["method"] == "loaq"
+            and r["budget_bits"] is not None and abs(r["budget_bits"] - u["avg_bits"]) < 5e-5]
+
+
 def render(doc: dict, out: Path, stem: str = "mixed") -> None:
     rows = doc["rows"]
     uni = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["avg_bits"])
@@ -112,6 +120,13 @@ def render(doc: dict, out: Path, stem: str = "mixed") -> None:
         if w3 and b == 3.0:
             g.append(f"below uniform W3 ({w3['ppl']:.2f}): {'yes' if r['ppl'] < w3['ppl'] else 'NO'}")
         lines.append(f"- {b:g} bits, {mixed_variant(r)} criterion (mixed LoaQ ppl {r['ppl']:.2f}, {r['size_mb']:.1f} MB): " + "; ".join(g))
+    same = same_size(rows)
+    if same:
+        lines += ["", "At the same size (the budget set to a uniform grid's average bits as written; the mix is at most "
+                  "that large):", ""]
+        lines += [f"- {uname(u)} ({u['avg_bits']:.4f} bits, ppl {u['ppl']:.2f}): mixed LoaQ {r['ppl']:.2f} at "
+                  f"{r['avg_bits']:.4f} bits ({mixed_variant(r)}): {'beats' if r['ppl'] < u['ppl'] else 'LOSES'}"
+                  for u, r in same]
     if doc.get("notes"):  # hand-written findings, kept in mixed.json across --resume
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     if doc.get("serve"):

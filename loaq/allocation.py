@@ -29,7 +29,9 @@ points, asymmetric grids), over its ``out × in`` weights; ``weight_shape`` (16 
    ``benchmarks/results/mixed.md`` has its seconds against the LoaQ run's.
 3. **Allocation** (:func:`knapsack`): one width per unit minimizing ``Σ e(b)`` subject to the written bytes
    ``≤ B · n_weights / 8``: an exact multiple-choice knapsack by dynamic programming over sizes in units of
-   ``ceil(budget / resolution)`` bytes, each size rounded *up*, so the budget holds exactly for the written bytes.
+   ``ceil(budget / resolution)`` bytes, each size rounded *down* and the choice checked (and, over budget, solved
+   again with less capacity) against the exact bytes, so the budget holds exactly for the written bytes and a budget
+   equal to a uniform grid's own size can choose that grid everywhere (:func:`solve`).
 4. The pipeline then quantizes every linear on its own grid (``quantize_model(specs=...)``), and ``loaq.json``
    records ``layer_specs`` (every linear) and ``allocation`` (budget, sizes, errors, seconds).
 """
@@ -284,13 +286,31 @@ def measure(model, arch, calib: torch.Tensor, cfg, *, batch_size: int = 8, devic
 
 def solve(shapes: dict[str, tuple[int, int]], groups: list[list[str]], errors: dict, spec: GridSpec,
           labels: tuple[str, ...], target_bits: float, resolution: int = RESOLUTION) -> dict[str, GridSpec]:
-    """Per-linear grids minimizing the summed errors with the written bytes ``≤ target_bits · n_weights / 8``."""
+    """Per-linear grids minimizing the summed errors with the written bytes ``≤ target_bits · n_weights / 8``.
+
+    The knapsack counts sizes in cells of ``ceil(budget / resolution)`` bytes, each unit's size rounded *down*,
+    so an allocation that fits the budget exactly in bytes (every unit on the narrowest candidate at a budget of
+    that grid's own size) is one the knapsack can choose; a choice whose exact bytes exceed the budget (the
+    rounding under-counts by less than a cell per unit) is solved again with the capacity lowered by the excess."""
     budget = math.floor(target_bits * sum(o * i for o, i in shapes.values()) / 8)
     cell = max(1, math.ceil(budget / resolution))
     grids = [grid_of(c, spec) for c in labels]
-    costs = [[math.ceil(sum(linear_bytes(*shapes[n], g) for n in u) / cell) for g in grids] for u in groups]
+    exact = [[sum(linear_bytes(*shapes[n], g) for n in u) for g in grids] for u in groups]
+    costs = [[b // cell for b in row] for row in exact]
     values = [[errors[tuple(u)][c] for c in labels] for u in groups]
-    choice = knapsack(costs, values, budget // cell)
+    cheapest = [min(range(len(grids)), key=row.__getitem__) for row in exact]
+    if sum(row[j] for row, j in zip(exact, cheapest)) > budget:
+        raise LoaQError("no allocation fits the size budget")
+    capacity = budget // cell
+    while True:
+        choice = knapsack(costs, values, capacity)
+        over = sum(row[j] for row, j in zip(exact, choice)) - budget
+        if over <= 0:
+            break
+        capacity -= math.ceil(over / cell)
+        if capacity < sum(row[j] for row, j in zip(costs, cheapest)):  # the narrowest allocation fits: take it
+            choice = cheapest
+            break
     return {n: grids[j] for u, j in zip(groups, choice) for n in u}
 
 

@@ -47,6 +47,30 @@ def test_knapsack_refuses_an_impossible_budget():
         knapsack([[3, 5], [4]], [[1, 0], [0]], 6)
 
 
+@pytest.mark.parametrize("resolution", [100_000, 7])
+def test_a_budget_of_a_uniform_grids_own_size_can_choose_it_everywhere(resolution):
+    """At a budget equal to a uniform grid's size as written the knapsack may pick that grid for every unit
+    (the benchmark's same-size rows, and the narrowest candidate's own size, which cost rounding used to refuse
+    with "no allocation fits"); every other choice spends no more than the budget in exact bytes."""
+    shapes = {f"l{i}.{n}": s for i in range(5) for n, s in (("a", (96, 576)), ("b", (576, 1536)))}
+    groups = [[n] for n in shapes]
+    labels = ("2g96", "2g64", "3g192", "4")
+    spec = GridSpec(3, 0, False, scale_dtype="float16")
+    size = lambda g: allocation.avg_bits(shapes, {n: allocation.grid_of(g, spec) for n in shapes})  # noqa: E731
+    rng = random.Random(0)
+    for g in labels[:3]:  # below g: costly; g and wider: free, so the exact-size budget must put g everywhere
+        errors = {tuple(u): {c: (0.0 if labels.index(c) >= labels.index(g) else 1 + rng.random()) for c in labels}
+                  for u in groups}
+        specs = allocation.solve(shapes, groups, errors, spec, labels, size(g), resolution)
+        assert set(specs.values()) == {allocation.grid_of(g, spec)}, g
+    errors = {tuple(u): {c: rng.random() / (1 + i) for i, c in enumerate(labels)} for u in groups}
+    for budget in (size("2g96"), 2.4, 3.0, size("3g192"), 3.7):
+        specs = allocation.solve(shapes, groups, errors, spec, labels, budget, resolution)
+        assert allocation.avg_bits(shapes, specs) <= budget
+    with pytest.raises(LoaQError, match="no allocation fits"):
+        allocation.solve(shapes, groups, errors, spec, labels, size("2g96") - 1e-3, resolution)
+
+
 def test_settings_are_checked():
     with pytest.raises(LoaQError, match="--candidates"):
         Allocation(2.5, "2,5")
