@@ -152,11 +152,16 @@ class Server:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 600.0, progress: Callable[[str], None] | None = None) -> "Server":
+    def launch(self) -> "Server":
+        """Start the process and return at once (:meth:`wait_healthy` waits for it; :meth:`start` does both)."""
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=self.env, start_new_session=True)
         log.close()
+        return self
+
+    def start(self, timeout: float = 600.0, progress: Callable[[str], None] | None = None) -> "Server":
+        self.launch()
         try:
             self.wait_healthy(timeout, progress)
         except BaseException:

@@ -4,8 +4,9 @@ One tiny checkpoint (:func:`tests.serve.checkpoints.build` with ``group=64, r4_b
 2/3/4-bit weights sym/asym per channel and in groups of 64 (g32 on the 3-bit down_proj: 96 inputs a rank),
 W4A4 with sym and asym activations (also on o_proj and down_proj, which TP splits along their inputs) and the
 block-diagonal online R4 of ``--r4-blocks 2`` on every down_proj; 4 heads and 2 KV heads split over two ranks.
-The module fixture serves it once with TP=1 (in-process engine), then with one TP=2 server and one PP=2 server
-(``loaq.serve.server.Server``, started once each, one after the other), 16 greedy tokens per prompt.
+The module fixture launches one TP=2 server and one PP=2 server (``loaq.serve.server.Server``) at once and runs
+the TP=1 in-process engine while they start (the starts overlap: the servers wait on each other's processes
+and on I/O for part of theirs), 16 greedy tokens per prompt.
 
 Tolerances. PP=2 runs every layer as TP=1 does, on another process: same tokens, logprobs within TOL[False]
 (1e-4, fp32 rounding). TP=2 sums the row-parallel layers' partial products across ranks (fp32 rounding), and
@@ -14,8 +15,9 @@ inputs, no communication: :mod:`loaq.serve.shard`), a finer grid than TP=1's, so
 own contract, the reference with per-shard activation fake-quant, with test_plugin's W4A4 tolerances (every
 token within TOL[True] = 0.3, mean within MEAN_TOL_W4A4 = 0.1 and below half the gap to the model without
 activation quantization; measured max 8.5e-6), and its first tokens against TP=1's within TOL[True] (measured
-max 0.11). Suite cost measured under heavy load (2 cores shared, load average > 20): 7 min (server starts 163 s
-TP=2, 181 s PP=2 with torch.compile); on a quiet machine about half.
+max 0.11). Suite cost on the 2-core AMD EPYC (2026-12-01, pytest --durations of two whole-suite runs): the
+fixture took 152 s with the TP=1 engine and the two servers one after the other, 139 s launched together (in a run
+whose other tests were 5-20 % slower, a noisier machine).
 """
 
 import gc
@@ -65,18 +67,27 @@ def tp1_runs(path: str) -> list:
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def served_runs(path: str, flags: list[str]) -> tuple[list, float]:
-    """(runs, start seconds) of one vLLM server with ``flags`` (e.g. ``--tensor-parallel-size 2``), always stopped."""
+def parallel_servers(path: str, flags: dict[str, list[str]]) -> dict:
+    """``{name: (runs, start seconds)}``: one vLLM server per entry of ``flags`` (e.g. ``--tensor-parallel-size
+    2``), all launched at once, then the TP=1 engine's runs in this process while they start (``"tp1"``: its runs,
+    no start time); the servers are always stopped."""
     from loaq.serve.server import Server
 
-    srv = Server(path, name="tiny", max_model_len=256, max_num_seqs=8, kv_cache_gib=1, extra=["--dtype", "float32", *flags])
+    servers = {name: Server(path, name="tiny", max_model_len=256, max_num_seqs=8, kv_cache_gib=1,
+                            extra=["--dtype", "float32", *f]) for name, f in flags.items()}
     t0 = time.time()
     try:
-        srv.start(timeout=600)
-        start = time.time() - t0
-        return [(p, *complete(srv.url, p)) for p in PROMPTS], start
+        for srv in servers.values():
+            srv.launch()
+        out = {"tp1": (tp1_runs(path), None)}
+        for name, srv in servers.items():
+            srv.wait_healthy(600)
+            start = time.time() - t0
+            out[name] = ([(p, *complete(srv.url, p)) for p in PROMPTS], start)
+        return out
     finally:
-        srv.stop()
+        for srv in servers.values():
+            srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +95,13 @@ def parallel(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("parallel"))
     path = build(root, True, group=64, r4_blocks=2)
     native = os.path.join(root, "native")
-    tp1 = tp1_runs(path)
-    tp2, tp2_start = served_runs(path, ["--tensor-parallel-size", "2", "--enforce-eager"])
-    # not eager: vLLM 0.32's CPU runner allocates a later pipeline stage's input buffers only in the compile
+    # PP=2 not eager: vLLM 0.32's CPU runner allocates a later pipeline stage's input buffers only in the compile
     # warm-up, which --enforce-eager skips (the first request then fails on `self.intermediate_tensors`)
-    pp2, pp2_start = served_runs(path, ["--pipeline-parallel-size", "2"])
-    print("server starts (s):", {"tp2": round(tp2_start), "pp2": round(pp2_start)})
-    return {"path": path, "native": native, "tp1": tp1, "tp2": tp2, "pp2": pp2,
-            "start_s": {"tp2": tp2_start, "pp2": pp2_start}}
+    got = parallel_servers(path, {"tp2": ["--tensor-parallel-size", "2", "--enforce-eager"],
+                                  "pp2": ["--pipeline-parallel-size", "2"]})
+    print("server starts (s, launched together):", {k: round(v[1]) for k, v in got.items() if v[1] is not None})
+    return {"path": path, "native": native, **{k: v[0] for k, v in got.items()},
+            "start_s": {k: v[1] for k, v in got.items() if v[1] is not None}}
 
 
 def test_pp2_equals_tp1(parallel):
