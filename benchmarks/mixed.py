@@ -124,9 +124,12 @@ def render(doc: dict, out: Path, stem: str = "mixed") -> None:
     if same:
         lines += ["", "At the same size (the budget set to a uniform grid's average bits as written; the mix is at most "
                   "that large):", ""]
-        lines += [f"- {uname(u)} ({u['avg_bits']:.4f} bits, ppl {u['ppl']:.2f}): mixed LoaQ {r['ppl']:.2f} at "
-                  f"{r['avg_bits']:.4f} bits ({mixed_variant(r)}): {'beats' if r['ppl'] < u['ppl'] else 'LOSES'}"
-                  for u, r in same]
+        for u, r in same:
+            verdict = "beats" if r["ppl"] < u["ppl"] else "LOSES"
+            if set(r.get("widths") or {}) == {uname(u)[1:]}:  # every unit on that grid: the uniform checkpoint itself
+                verdict = "the same allocation (the only one that fits: no candidate is narrower)"
+            lines.append(f"- {uname(u)} ({u['avg_bits']:.4f} bits, ppl {u['ppl']:.2f}): mixed LoaQ {r['ppl']:.2f} at "
+                         f"{r['avg_bits']:.4f} bits ({mixed_variant(r)}): {verdict}")
     if doc.get("notes"):  # hand-written findings, kept in mixed.json across --resume
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     if doc.get("serve"):
