@@ -421,6 +421,7 @@ def interruptible(main):
 @interruptible
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
+    own_process = argv is None  # a `loaq` command line, not a caller's main([...])
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:  # `loaq serve DIR [flags] -- VLLM_ARGS`
@@ -440,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
+    if own_process and a.cmd != "serve":
+        without_sklearn()
     try:
         return a.func(a)
     except (LoaQError, KeyboardInterrupt) as exc:
@@ -448,6 +451,20 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def without_sklearn() -> None:
+    """For a command-line process only: transformers imports scikit-learn with its generation utilities whenever it
+    is installed (lm-eval installs it), for assisted generation's confidence threshold alone: about 2 s of every
+    ``loaq`` and ``loaq-export`` start on a 2-core machine. No command here generates with an assistant model, so
+    transformers is told scikit-learn is absent before it imports those utilities (nothing once it has)."""
+    if "transformers.generation.candidate_generator" in sys.modules:
+        return
+    try:
+        import transformers.utils
+    except ImportError:
+        return
+    transformers.utils.is_sklearn_available = lambda: False
 
 
 def interrupted(exc: BaseException) -> bool:

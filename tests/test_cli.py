@@ -185,3 +185,22 @@ def test_quantize_rotated_w4a4_with_export_serves_what_it_evaluated(model_dir, c
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(load_export(str(exp))[0](ids).logits, load_native(str(out))[0](ids).logits)
+
+
+def test_a_command_line_process_skips_transformers_sklearn_import():
+    """transformers' generation utilities import scikit-learn (installed with lm-eval) at import; a `loaq` /
+    `loaq-export` process tells transformers it is absent first (loaq.cli.without_sklearn): ~1.2 s of every start.
+    The control process shows the import happens without it."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    assert importlib.util.find_spec("sklearn") is not None  # lm-eval's dependency: the control below needs it
+    code = ("import sys; from loaq.cli import without_sklearn; {}; "
+            "import transformers.generation.candidate_generator; print('sklearn' in sys.modules)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    procs = [subprocess.Popen([sys.executable, "-c", code.format(call)], stdout=subprocess.PIPE, text=True, env=env)
+             for call in ("without_sklearn()", "None")]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert outs == ["False", "True"], outs

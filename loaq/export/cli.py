@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from loaq.cli import interruptible, interrupted
+from loaq.cli import interruptible, interrupted, without_sklearn
 from loaq.errors import LoaQError
 
 
@@ -45,6 +45,8 @@ def run(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if argv is None:  # a process of its own
+        without_sklearn()
     try:
         return run(a)
     except (LoaQError, KeyboardInterrupt) as exc:

@@ -9,6 +9,7 @@ times out) and stops the whole group (SIGINT, then SIGTERM, then SIGKILL).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -134,6 +136,29 @@ def server_env(kv_cache_gib: int | None = None, ranks: int = 1) -> dict[str, str
     return env
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM that arrive inside the block are delivered when it ends. ``Popen`` can return after the
+    child already runs (it writes files, the caller's test sees them), and an interruption before its result is
+    assigned would leave the server running with nothing to stop it. Main thread only (signal handlers), and only
+    over handlers set from Python."""
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    saved = {s: signal.getsignal(s) for s in sigs}
+    if threading.current_thread() is not threading.main_thread() or None in saved.values():
+        yield
+        return
+    got: list[int] = []
+    for s in sigs:
+        signal.signal(s, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        for s in got:
+            signal.raise_signal(s)
+
+
 class Server:
     """One vLLM OpenAI server process (group); use as a context manager or call :meth:`stop`."""
 
@@ -155,14 +180,15 @@ class Server:
     def launch(self) -> "Server":
         """Start the process and return at once (:meth:`wait_healthy` waits for it; :meth:`start` does both)."""
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=self.env, start_new_session=True)
+        with _signals_held():  # an interruption lands once self.proc holds the process, so stop() can stop it
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=self.env, start_new_session=True)
         log.close()
         return self
 
     def start(self, timeout: float = 600.0, progress: Callable[[str], None] | None = None) -> "Server":
-        self.launch()
         try:
+            self.launch()
             self.wait_healthy(timeout, progress)
         except BaseException:
             self.stop()

@@ -2,6 +2,7 @@
 chat, streaming, 32 concurrent requests, malformed requests answered 4xx with the server staying up."""
 
 import json
+import os
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -154,3 +155,29 @@ def test_serve_prints_the_url_and_stops_on_ctrl_c(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "serving 'm' at http://127.0.0.1:1/v1" in out and "server stopped" in out
     assert events[0] == "start" and "stop" in events
+
+
+def test_an_interruption_while_launching_leaves_a_process_stop_can_stop(tmp_path, monkeypatch):
+    """Ctrl-C landing while Popen returns (the child already runs): the KeyboardInterrupt comes once ``proc`` holds
+    the child, so the caller's stop() stops it instead of leaving an orphan server."""
+    import signal
+    import subprocess
+
+    import loaq.serve.server as server
+
+    real = subprocess.Popen
+
+    def popen(cmd, **kw):
+        p = real(["sleep", "600"], **kw)
+        os.kill(os.getpid(), signal.SIGINT)  # the interruption, before Popen's result is assigned
+        return p
+
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 64}')
+    srv = server.Server(str(tmp_path), name="t")
+    monkeypatch.setattr(server.subprocess, "Popen", popen)
+    with pytest.raises(KeyboardInterrupt):
+        srv.launch()
+    monkeypatch.undo()
+    assert srv.proc is not None
+    srv.stop(timeout=5)
+    assert srv.proc.poll() is not None
